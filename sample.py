@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from repa_loss import encoder_features, load_encoder
@@ -346,12 +347,19 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-@torch.no_grad()
-def sample_latents(sit, noise, cond, args, generator, device):
-    """The paper's sampler on the SiT's velocity; float64 state, the network under bf16 autocast if asked."""
+def velocity_field(sit, compile=False):
+    """The SiT as the sampler's velocity v(x, t, c, drop). With `compile`, torch.compile fuses the
+    elementwise work between the matrix products (adaLN modulation, gates, GELU, LayerNorm: half of an
+    eager forward's time); dynamic=False compiles one graph per batch shape (B unguided, 2B guided)."""
     def velocity(x, t, c, drop=None):
         return sit(x, t, c, drop)[0]
 
+    return torch.compile(velocity, dynamic=False) if compile else velocity
+
+
+@torch.no_grad()
+def sample_latents(velocity, noise, cond, args, generator, device):
+    """The paper's sampler on the SiT's velocity; float64 state, the network under bf16 autocast if asked."""
     common = dict(cond=cond, num_steps=args.steps, cfg_scale=args.cfg_scale,
                   guidance_low=args.guidance_low, guidance_high=args.guidance_high)
     with autocast(device, args.precision):
@@ -374,7 +382,7 @@ def generate(m, source, jobs, args, device):
     shape = (len(jobs), m.sit.in_channels, m.sit.input_size, m.sit.input_size)
     noise = standard_normal(shape, gens, device)  # the first draw of every image's stream
     cond = batch_conditioning(source, jobs, device)
-    return decode(m, sample_latents(m.sit, noise, cond, args, gens, device))
+    return decode(m, sample_latents(m.velocity, noise, cond, args, gens, device))
 
 
 def build_source(args, m, device):
@@ -396,6 +404,7 @@ def build_source(args, m, device):
 
 def run(args, rank, world, device):
     m = load_models(args.ckpt, args.ema, device)
+    m.velocity = velocity_field(m.sit, args.compile)
     source = None if not (args.cond or args.features or args.interpolate) else build_source(args, m, device)
     jobs, grid_rows = make_jobs(args, source)
     os.makedirs(args.out, exist_ok=True)
@@ -426,24 +435,28 @@ def run(args, rank, world, device):
 #################################################################################
 
 def benchmark(args, device):
-    """Network evaluations per image and images/s at the given sampler settings, random weights."""
+    """Network evaluations per image, images/s and the sampling loop's model FLOPs utilisation at the given
+    sampler settings, random weights (the timings do not depend on them)."""
+    from train import peak_flops  # the GPU's dense bf16 peak
+
     torch.manual_seed(args.seed)
     vae = build_vae(args.vae).to(device).eval()
     sit = build_sit(args.model, input_size=args.image_size // vae.factor).to(device).eval()
     m = SimpleNamespace(sit=sit, vae=vae)
-    rows = [0]
+    velocity, rows = velocity_field(sit, args.compile), [0]
 
     def counting(x, t, c, drop=None):
         rows[0] += x.shape[0]
-        return sit(x, t, c, drop)
+        return velocity(x, t, c, drop)
 
     B = args.batch_size
     shape = (B, sit.in_channels, sit.input_size, sit.input_size)
     cond = torch.randn(B, sit.cond_dim, device=device)
     gen = torch.Generator(device).manual_seed(args.seed)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # warm-up: 2 steps visit both batch shapes (t = 1 unguided, then guided), which compiles both graphs
     warm = SimpleNamespace(**{**vars(args), "steps": 2})
-    decode(m, sample_latents(counting, standard_normal(shape, gen, device), cond, warm, gen, device))  # warm-up
+    decode(m, sample_latents(counting, standard_normal(shape, gen, device), cond, warm, gen, device))
     rows[0] = 0
     sync()
     t0 = time.perf_counter()
@@ -453,11 +466,20 @@ def benchmark(args, device):
     decode(m, x)
     sync()
     t2 = time.perf_counter()
+    # FLOPs per network evaluation (one row), counted on the eager SiT: FlopCounterMode cannot see into
+    # a compiled graph, and compiling changes the time, not the FLOPs.
+    with torch.no_grad(), autocast(device, args.precision), FlopCounterMode(display=False) as counter:
+        sit(torch.randn(shape, device=device), torch.rand(B, device=device), cond)
+    row_flops = counter.get_total_flops() / B
+    peak = peak_flops(device)
+    mfu = f", sampling MFU {rows[0] * row_flops / (t1 - t0) / peak:.1%}" if peak else ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"benchmark: {args.model} + VAE {args.vae}, {args.image_size} px, {args.precision}, {name}, batch {B}: "
+    print(f"benchmark: {args.model} + VAE {args.vae}, {args.image_size} px, {args.precision}, "
+          f"{'compiled' if args.compile else 'eager'}, {name}, batch {B}: "
           f"{args.mode} {args.steps} steps, cfg {args.cfg_scale} on [{args.guidance_low}, {args.guidance_high}] -> "
           f"{rows[0] / B:.0f} network evaluations per image; {B / (t2 - t0):.3g} images/s "
-          f"(sampling {t1 - t0:.2f} s, decoding {t2 - t1:.2f} s per batch)", flush=True)
+          f"(sampling {t1 - t0:.2f} s, decoding {t2 - t1:.2f} s per batch; "
+          f"{row_flops / 1e9:.1f} GFLOP per evaluation{mfu})", flush=True)
 
 
 #################################################################################
@@ -508,11 +530,14 @@ def parse_args(argv=None):
     p.add_argument("--guidance-high", type=float, default=0.75, help="guide only for t <= this (paper: 0.75)")
     p.add_argument("--seed", type=int, default=0, help="every image's noise comes from (seed, its index)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass, per process")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA SiT (its BatchNorm statistics decode the latents) and EMA VAE; --no-ema: "
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA SiT (its BatchNorm statistics decode the latents) and EMA VAE; --no-ema: "
                         "the raw ones throughout")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="network precision (auto: bf16 on GPU, fp32 on CPU); the sampler state is float64")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: the GPU when there is one")
+    p.add_argument("--compile", action="store_true", help="torch.compile the SiT (GPU: about a minute of "
+                                                          "compiling first; see the README's Performance)")
     p.add_argument("--benchmark", action="store_true", help="time the sampler with random weights (no --ckpt)")
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2", help="--benchmark only")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4", help="--benchmark only")
