@@ -165,6 +165,11 @@ class PhaseTimer:
         self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 
 
+def untimed(phase):
+    """The timer of an ordinary step: times nothing."""
+    return nullcontext()
+
+
 class PhaseFlops:
     """Same interface as PhaseTimer, but counts the FLOPs of each phase (matmuls, convolutions,
     attention) with PyTorch's FlopCounterMode: the numerator of the model FLOPs utilisation."""
@@ -192,27 +197,29 @@ def peak_flops(device):
 #                         One training step (SPEC §2)                           #
 #################################################################################
 
-def vae_update(m, opt, x, cond, target, t, eps, args, amp):
+def vae_update(m, opt, x, cond, target, t, eps, args, amp, timer=untimed):
     """Steps 1-2: VAE forward; VAE update through the frozen, eval-mode SiT (REPA-E §3; SPEC §2)."""
     sit = m.sit
     sit.eval()  # running BN statistics; no conditioning dropout
-    with frozen(sit), (frozen(m.disc) if m.disc is not None else nullcontext()), amp:
-        posterior, z, recon = m.vae_ddp(x)                                   # z (B, 4, h, w), recon (B, 3, H, W)
-        l1 = (recon.float() - x).abs().mean()
-        # NOTE: LPIPS sees [-1, 1] images, as LPIPS defines; REPA-E's loss rescales its [-1, 1] input once more
-        # (x * 2 - 1, written for [0, 1] input), so its LPIPS compares images in [-3, 1].
-        lpips = m.lpips(recon.float(), x).mean() if m.lpips is not None else x.new_zeros(())
-        kl = posterior.kl().float().mean()                                   # summed over C, H, W; batch mean
-        gan_g = hinge_g_loss(m.disc(recon).float()) if m.disc is not None else x.new_zeros(())
-        x_t = interpolate(sit.normalize(z.float()), eps, t)                  # (B, 4, h, w): (1 - t) x + t eps
-        _, proj = sit(x_t, t, cond, align_only=True)                         # (B, T, D), blocks 1..encoder_depth
-        proj_vae = repa_loss(proj, target)
-        loss = (args.l1_weight * l1 + args.lpips_weight * lpips + args.kl_weight * kl
-                + args.gan_weight * gan_g + args.vae_align_coeff * proj_vae)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = grad_norm(m.vae, args.max_grad_norm)
-    opt.step()
+    with timer("vae"):
+        with frozen(sit), (frozen(m.disc) if m.disc is not None else nullcontext()), amp:
+            posterior, z, recon = m.vae_ddp(x)                                   # z (B, 4, h, w), recon (B, 3, H, W)
+            l1 = (recon.float() - x).abs().mean()
+            # NOTE: LPIPS sees [-1, 1] images, as LPIPS defines; REPA-E's loss rescales its [-1, 1] input once more
+            # (x * 2 - 1, written for [0, 1] input), so its LPIPS compares images in [-3, 1].
+            lpips = m.lpips(recon.float(), x).mean() if m.lpips is not None else x.new_zeros(())
+            kl = posterior.kl().float().mean()                                   # summed over C, H, W; batch mean
+            gan_g = hinge_g_loss(m.disc(recon).float()) if m.disc is not None else x.new_zeros(())
+            x_t = interpolate(sit.normalize(z.float()), eps, t)                  # (B, 4, h, w): (1 - t) x + t eps
+            _, proj = m.sit_align(x_t, t, cond, align_only=True)                 # (B, T, D), blocks 1..encoder_depth
+            proj_vae = repa_loss(proj, target)
+            loss = (args.l1_weight * l1 + args.lpips_weight * lpips + args.kl_weight * kl
+                    + args.gan_weight * gan_g + args.vae_align_coeff * proj_vae)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    with timer("vae_opt"):
+        norm = grad_norm(m.vae, args.max_grad_norm)
+        opt.step()
     sit.train()
     terms = dict(l1=l1, lpips=lpips, kl=kl, gan_g=gan_g, proj_vae=proj_vae, grad_vae=norm)
     return z.detach(), recon.detach(), terms
@@ -231,19 +238,21 @@ def disc_update(m, opt, x, recon, args, amp):
     return dict(disc=loss, grad_disc=norm, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
 
 
-def sit_update(m, opt, z, cond, target, t, eps, args, amp):
+def sit_update(m, opt, z, cond, target, t, eps, args, amp, timer=untimed):
     """Step 4: SiT update on z.detach() with batch BN statistics: diffusion + 0.5 x REPA (REPA-E §3)."""
-    with amp:
-        x0 = m.sit.normalize(z.detach().float())          # (B, 4, h, w), batch statistics (train mode)
-        x_t = interpolate(x0, eps, t)                     # the same t and eps as the VAE-align pass
-        v, proj = m.sit_ddp(x_t, t, cond)                 # (B, 4, h, w), (B, T, D)
-        diff = diffusion_loss(v, velocity_target(x0, eps))
-        proj_sit = repa_loss(proj, target)
-        loss = diff + args.proj_coeff * proj_sit
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = grad_norm(m.sit, args.max_grad_norm)
-    opt.step()
+    with timer("sit"):
+        with amp:
+            x0 = m.sit.normalize(z.detach().float())      # (B, 4, h, w), batch statistics (train mode)
+            x_t = interpolate(x0, eps, t)                 # the same t and eps as the VAE-align pass
+            v, proj = m.sit_ddp(x_t, t, cond)             # (B, 4, h, w), (B, T, D)
+            diff = diffusion_loss(v, velocity_target(x0, eps))
+            proj_sit = repa_loss(proj, target)
+            loss = diff + args.proj_coeff * proj_sit
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    with timer("sit_opt"):
+        norm = grad_norm(m.sit, args.max_grad_norm)
+        opt.step()
     return dict(diffusion=diff, proj_sit=proj_sit, grad_sit=norm)
 
 
@@ -261,13 +270,11 @@ def train_step(m, opts, images, feats, args, device, amp, timer):
     t = sample_t(x.shape[0], device=device)                # (B,), shared by both passes
     z_shape = (x.shape[0], m.vae.z_channels, x.shape[2] // m.vae.factor, x.shape[3] // m.vae.factor)
     eps = torch.randn(z_shape, device=device)              # (B, 4, h, w), shared by both passes
-    with timer("vae"):
-        z, recon, terms = vae_update(m, opts["vae"], x, cond, target, t, eps, args, amp)
+    z, recon, terms = vae_update(m, opts["vae"], x, cond, target, t, eps, args, amp, timer)
     with timer("disc"):
         if m.disc is not None:
             terms.update(disc_update(m, opts["disc"], x, recon, args, amp))
-    with timer("sit"):
-        terms.update(sit_update(m, opts["sit"], z, cond, target, t, eps, args, amp))
+    terms.update(sit_update(m, opts["sit"], z, cond, target, t, eps, args, amp, timer))
     with timer("ema"):
         update_ema(m.sit_ema, m.sit, args.ema_decay)
         update_ema(m.vae_ema, m.vae, args.ema_decay)
@@ -483,7 +490,7 @@ def build_models(args, device, world, feature_dim_):
                                              heads=args.lpips_heads).to(device)
     grid = args.image_size // vae.factor // sit.patch_size
     return SimpleNamespace(sit=sit, sit_ema=sit_ema, vae=vae, vae_ema=vae_ema, disc=disc, lpips=lpips,
-                           encoder=encoder, grid=grid, sit_ddp=sit, vae_ddp=vae, disc_ddp=disc)
+                           encoder=encoder, grid=grid, sit_ddp=sit, vae_ddp=vae, disc_ddp=disc, sit_align=sit)
 
 
 def build_optimizers(args, m):
@@ -618,6 +625,7 @@ def run(args, rank, world, distributed, device, local_batch, amp):
             m.disc_ddp = DDP(m.disc, device_ids=ids)
     if args.compile:
         m.sit_ddp, m.vae_ddp = torch.compile(m.sit_ddp), torch.compile(m.vae_ddp)
+        m.sit_align = torch.compile(m.sit)  # the frozen, eval-mode pass of the VAE update: its own graph
     m.sit.train(), m.vae.train()
     if m.disc is not None:
         m.disc.train()
@@ -699,11 +707,15 @@ def benchmark(args, m, opts, device, local_batch, world, amp, log):
     for _ in range(args.benchmark_steps):
         train_step(m, opts, images, feats, args, device, amp, timer)
     per_step = (time.perf_counter() - start) / args.benchmark_steps
-    # FLOPs of one step, counted on the uncompiled modules (FlopCounterMode does not see inside compiled graphs)
-    flops, compiled = PhaseFlops(), (m.sit_ddp, m.vae_ddp)
-    m.sit_ddp, m.vae_ddp = m.sit, m.vae
-    train_step(m, opts, images, feats, args, device, amp, flops)
-    m.sit_ddp, m.vae_ddp = compiled
+    peak_mem = peak_memory_gb(device)
+    # FLOPs of one step, counted on the uncompiled modules (FlopCounterMode does not see inside compiled
+    # graphs) and on a few tiles: every counted operation is per image, so the count scales with the batch,
+    # and an eager step at the compiled run's batch may not fit in memory.
+    flops, compiled, n = PhaseFlops(), (m.sit_ddp, m.vae_ddp, m.sit_align), min(local_batch, 4)
+    m.sit_ddp, m.vae_ddp, m.sit_align = m.sit, m.vae, m.sit
+    train_step(m, opts, images[:n], feats, args, device, amp, flops)
+    m.sit_ddp, m.vae_ddp, m.sit_align = compiled
+    flops.totals = {k: v * local_batch / n for k, v in flops.totals.items()}
     peak = peak_flops(device)
     mfu = {}
     if peak:
@@ -717,7 +729,7 @@ def benchmark(args, m, opts, device, local_batch, world, amp, log):
               "sec_per_step": per_step,
               **{f"ms_{k}": 1000 * v / args.benchmark_steps for k, v in timer.totals.items()},
               **{f"tflop_{k}": v / 1e12 for k, v in flops.totals.items()}, **mfu,
-              "peak_mem_gb": peak_memory_gb(device)}
+              "peak_mem_gb": peak_mem}
     log.info("benchmark: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in result.items()))
     return result
