@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from perf import device_name, peak_flops
 from repa_loss import encoder_features, load_encoder
 from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
 from sit import SiT_models, build_sit
@@ -437,8 +438,6 @@ def run(args, rank, world, device):
 def benchmark(args, device):
     """Network evaluations per image, images/s and the sampling loop's model FLOPs utilisation at the given
     sampler settings, random weights (the timings do not depend on them)."""
-    from train import peak_flops  # the GPU's dense bf16 peak
-
     torch.manual_seed(args.seed)
     vae = build_vae(args.vae).to(device).eval()
     sit = build_sit(args.model, input_size=args.image_size // vae.factor).to(device).eval()
@@ -473,9 +472,8 @@ def benchmark(args, device):
     row_flops = counter.get_total_flops() / B
     peak = peak_flops(device)
     mfu = f", sampling MFU {rows[0] * row_flops / (t1 - t0) / peak:.1%}" if peak else ""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"benchmark: {args.model} + VAE {args.vae}, {args.image_size} px, {args.precision}, "
-          f"{'compiled' if args.compile else 'eager'}, {name}, batch {B}: "
+          f"{'compiled' if args.compile else 'eager'}, {device_name(device)}, batch {B}: "
           f"{args.mode} {args.steps} steps, cfg {args.cfg_scale} on [{args.guidance_low}, {args.guidance_high}] -> "
           f"{rows[0] / B:.0f} network evaluations per image; {B / (t2 - t0):.3g} images/s "
           f"(sampling {t1 - t0:.2f} s, decoding {t2 - t1:.2f} s per batch; "
@@ -536,8 +534,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="network precision (auto: bf16 on GPU, fp32 on CPU); the sampler state is float64")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: the GPU when there is one")
-    p.add_argument("--compile", action="store_true", help="torch.compile the SiT (GPU: about a minute of "
-                                                          "compiling first; see the README's Performance)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the SiT (GPU; compiling comes first: "
+                                                          "worth it for long runs, see the README's Performance)")
     p.add_argument("--benchmark", action="store_true", help="time the sampler with random weights (no --ckpt)")
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2", help="--benchmark only")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4", help="--benchmark only")

@@ -35,7 +35,6 @@ import math
 import os
 import random
 import re
-import resource
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -47,10 +46,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.data import DataLoader
 
 from data import ResumableSampler, TileFolder, TileShards, batches, feature_dim, find_tiles
+from perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb, untimed
 from repa_loss import diffusion_loss, encoder_features, interpolate, load_encoder, repa_loss, sample_t, velocity_target
 from sampler import euler_sampler
 from sit import SiT_models, build_sit
@@ -145,54 +144,6 @@ def grad_norm(module, max_norm):
     return torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
 
 
-class PhaseTimer:
-    """Wall time per phase of a step; synchronises the GPU only when enabled (--benchmark)."""
-
-    def __init__(self, device, enabled):
-        self.device, self.enabled, self.totals = device, enabled, {}
-
-    @contextmanager
-    def __call__(self, name):
-        if not self.enabled:
-            yield
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-
-def untimed(phase):
-    """The timer of an ordinary step: times nothing."""
-    return nullcontext()
-
-
-class PhaseFlops:
-    """Same interface as PhaseTimer, but counts the FLOPs of each phase (matmuls, convolutions,
-    attention) with PyTorch's FlopCounterMode: the numerator of the model FLOPs utilisation."""
-
-    def __init__(self):
-        self.totals = {}
-
-    @contextmanager
-    def __call__(self, name):
-        with FlopCounterMode(display=False) as counter:
-            yield
-        self.totals[name] = self.totals.get(name, 0) + counter.get_total_flops()
-
-
-# Dense bf16 tensor-core peaks per GPU (vendor data sheets, SXM parts), the denominator of MFU.
-BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in name), None)
-
-
 #################################################################################
 #                         One training step (SPEC §2)                           #
 #################################################################################
@@ -256,7 +207,7 @@ def sit_update(m, opt, z, cond, target, t, eps, args, amp, timer=untimed):
     return dict(diffusion=diff, proj_sit=proj_sit, grad_sit=norm)
 
 
-def train_step(m, opts, images, feats, args, device, amp, timer):
+def train_step(m, opts, images, feats, args, device, amp, timer=untimed):
     """One REPA-E step on a batch of uint8 tiles -> the loss terms of this rank (tensors)."""
     images = images.to(device, non_blocking=True)
     with timer("encoder"):
@@ -429,12 +380,6 @@ def sample_grid(m, real, cond, args, path, device):
     grid.paste(rows[1], (0, rows[0].height))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grid.save(path)
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
 
 #################################################################################
@@ -641,10 +586,9 @@ def run(args, rank, world, distributed, device, local_batch, amp):
 
     # Train.
     step, window, sums, t0 = start_step, 0, None, time.perf_counter()
-    timer = PhaseTimer(device, enabled=False)
     while step < args.max_steps:
         images, feats = next(data)
-        terms = train_step(m, opts, images, feats, args, device, amp, timer)
+        terms = train_step(m, opts, images, feats, args, device, amp)
         step += 1
         keys, values = reduce_and_check(terms, step, distributed, world, args.results_dir)
         sums = values if sums is None else [a + b for a, b in zip(sums, values)]
@@ -697,9 +641,9 @@ def benchmark(args, m, opts, device, local_batch, world, amp, log):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (local_batch, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
     feats = torch.empty(0)
-    timer = PhaseTimer(device, enabled=True)
+    timer = PhaseTimer(device)
     for _ in range(args.benchmark_warmup):
-        train_step(m, opts, images, feats, args, device, amp, PhaseTimer(device, enabled=False))
+        train_step(m, opts, images, feats, args, device, amp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -722,8 +666,7 @@ def benchmark(args, m, opts, device, local_batch, world, amp, log):
         seconds = {k: v / args.benchmark_steps for k, v in timer.totals.items()}
         mfu = {f"mfu_{k}": flops.totals[k] / seconds[k] / peak for k in seconds if flops.totals.get(k)}
         mfu["mfu_step"] = sum(flops.totals.values()) / per_step / peak
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    result = {"device": name, "world_size": world, "model": args.model, "vae": args.vae, "encoder": args.encoder,
+    result = {"device": device_name(device), "world_size": world, "model": args.model, "vae": args.vae, "encoder": args.encoder,
               "image_size": args.image_size, "batch_per_process": local_batch, "compile": args.compile,
               "bf16": device.type == "cuda" and args.bf16, "img_per_s": world * local_batch / per_step,
               "sec_per_step": per_step,
@@ -788,7 +731,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance-high", type=float, default=0.75)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the SiT and the VAE (GPU; see the README's "
+                                                          "Performance)")
     p.add_argument("--benchmark", action="store_true",
                    help="time training steps on synthetic tiles with random weights; no data, no checkpoints")
     p.add_argument("--benchmark-steps", type=int, default=10)

@@ -2,7 +2,7 @@
 
 Real data: tests/data/cmu_small_region.svs (OpenSlide's CMU-1-Small-Region, CC0, Aperio SVS,
 2220 x 2967 px at 0.499 µm/px, one level). Synthetic data: a two-level pyramidal TIFF written
-here with tiling.write_pyramid_tiff -- Pillow cannot write tiled TIFFs and tifffile is not a
+here with synthetic_slide.write_pyramid_tiff -- Pillow cannot write tiled TIFFs and tifffile is not a
 dependency, so the TIFF bytes are laid out by hand; the test checks that OpenSlide really reads it
 as a generic-tiff pyramid with its MPP before trusting it. Everything runs on the CPU in seconds.
 """
@@ -16,6 +16,7 @@ import openslide
 import pytest
 from PIL import Image
 
+import synthetic_slide
 import tiling
 
 DATA = Path(__file__).parent / "data"
@@ -91,7 +92,7 @@ def small_slide(tmp_path_factory):
     real H&E that is cheap to read, for the tests that tile several slides."""
     path = tmp_path_factory.mktemp("small") / "small.tiff"
     region = openslide.OpenSlide(str(CMU)).read_region((896, 1120), 0, (1344, 1344)).convert("RGB")
-    tiling.write_pyramid_tiff(path, np.asarray(region), 0.499, downsamples=(1,))
+    synthetic_slide.write_pyramid_tiff(path, np.asarray(region), 0.499, downsamples=(1,))
     return path
 
 
@@ -99,7 +100,7 @@ def small_slide(tmp_path_factory):
 def pyramid(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pyramid") / "slides"
     folder.mkdir()
-    tiling.write_pyramid_tiff(folder / "stripes.tiff", stripes_image(), MPP0, downsamples=(1, 4))
+    synthetic_slide.write_pyramid_tiff(folder / "stripes.tiff", stripes_image(), MPP0, downsamples=(1, 4))
     return folder
 
 
@@ -358,7 +359,7 @@ def test_bad_input_is_reported_per_slide(tmp_path, capsys):
     (folder / "corrupt.svs").write_bytes(np.random.default_rng(0).bytes(5000))
     (folder / "notes.txt").write_text("not a slide\n")
     Image.fromarray(stripes_image()[:CELL, :CELL]).save(folder / "no_mpp.png")
-    tiling.write_pyramid_tiff(folder / "blank.tiff", np.full((1792, 1792, 3), 250, np.uint8), MPP0)
+    synthetic_slide.write_pyramid_tiff(folder / "blank.tiff", np.full((1792, 1792, 3), 250, np.uint8), MPP0)
     assert run(folder, tmp_path / "out") == 0
     err = capsys.readouterr().err
     assert {r["slide_id"] for r in read_manifest(tmp_path / "out")} == {"good"}
