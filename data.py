@@ -1,12 +1,14 @@
-"""Training data for CytoSyn: tiles from a folder, a tiling.py manifest, or tar shards (CytoSyn §3.2-3.3).
+"""Tiles in: the one tile decoder of the repo, and CytoSyn's training data (CytoSyn §3.2-3.3).
 
+    open_tile     every tool's tile decoder (training, sampling, metrics): one rule each for grey-scale,
+                  alpha, palette, 16-bit, truncated files and whole slides passed as tiles;
     TileFolder    tiles listed up front (a folder searched recursively, or a manifest's `train` rows),
                   read through a DistributedSampler that can start an epoch part way (exact resume);
     TileShards    tiles streamed from .tar shards with the standard library, for tens of millions of
                   files without an index, split by rank and data worker.
 
-Each item is (uint8 tile (3, H, W), precomputed H0-mini tokens (1 + T, D) or an empty tensor). Tiles
-must be the training size; another size is an error unless the caller asks for a centre crop or a
+Each training item is (uint8 tile (3, H, W), precomputed H0-mini tokens (1 + T, D) or an empty tensor).
+Tiles must be the training size; another size is an error unless the caller asks for a centre crop or a
 rescale. Left out: data augmentation (neither the paper nor REPA-E states any), and decoding on the GPU.
 """
 import csv
@@ -19,9 +21,12 @@ import tarfile
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # tiles: the one list of the repo
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".czi", ".isyntax")  # never tiles
+MAX_TILE_PX = 2048  # a larger image is a slide or a region, not a tile (CytoSyn's are 224 px)
+
 
 def read_manifest(path):
     """A manifest CSV written by tiling.py -> tile paths of its `train` rows (all rows without `split`).
@@ -72,34 +77,100 @@ def find_tiles(data):
     return ("files", files) if files else ("shards", shards)
 
 
-def decode_tile(src, name, size, resize=None):
-    """An image file (path or file object) -> uint8 tensor (3, size, size)."""
+class TileError(ValueError):
+    """A file that is not a usable tile; the message names it and says what to do."""
+
+
+def error_line(err):
+    """The one line a user sees for an error. An error raised in a DataLoader worker comes back with the
+    worker's traceback folded into its message: keep its last line, the error itself."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
+def open_tile(src, name=None, decode=True):
+    """The one tile decoder of the repo (training, sampling, metrics): an image file (path or file
+    object) -> an 8-bit RGB PIL image, or a TileError naming the file. The rules:
+
+        grey-scale (1, L, I;16, F ...)      refused: H&E tiles are RGB
+        RGBA, LA, palette with transparency alpha dropped when every pixel is opaque, else refused
+        palette, CMYK, YCbCr                converted to RGB
+        16-bit RGB                          Pillow reads it as 8-bit RGB
+        truncated or not an image           refused, named
+        a whole slide (SVS, ..., a multi-page TIFF, a side over MAX_TILE_PX)   refused: use tiling.py
+
+    decode=False checks the header only (fast; the pixels are read later)."""
+    name = str(name if name is not None else src)
+    if name.lower().endswith(SLIDE_EXTENSIONS):
+        raise TileError(f"{name} is a whole-slide file, not a tile: cut it into tiles with tiling.py")
     try:
-        return _decode_tile(src, name, size, resize)
-    except OSError as err:  # truncated or corrupt file: say which one, a long run stops on it
-        raise ValueError(f"{name} could not be decoded ({type(err).__name__}: {err}); remove it from the data "
-                         f"or re-export it") from err
+        im = Image.open(src)
+    except Image.DecompressionBombError as err:
+        raise TileError(f"{name} is a huge image ({err}), a whole slide rather than a tile: cut it into tiles "
+                        f"with tiling.py") from err
+    except (OSError, ValueError) as err:  # Pillow's UnidentifiedImageError is an OSError
+        raise TileError(f"{name} is not an image Pillow can read ({type(err).__name__}); give PNG/JPEG/TIFF "
+                        f"H&E tiles, or remove it") from err
+    if getattr(im, "n_frames", 1) > 1 or max(im.size) > MAX_TILE_PX:
+        raise TileError(f"{name} is {im.size[0]}x{im.size[1]} px{' with several pages' if getattr(im, 'n_frames', 1) > 1 else ''}: "
+                        f"a whole slide or a region, not a tile (at most {MAX_TILE_PX} px); cut it into tiles "
+                        f"with tiling.py")
+    if im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;") or im.mode == "LA":
+        raise TileError(f"{name} is grey-scale (mode {im.mode}); H&E tiles are RGB: re-export it in colour, or "
+                        f"remove it")
+    if not decode:
+        return im
+    try:
+        im.load()
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "RGBa", "PA"):
+            alpha = im.getchannel("A")
+            if alpha.getextrema()[0] < 255:
+                raise TileError(f"{name} has transparent pixels (mode {im.mode}), whose colour is undefined: "
+                                f"save the tile as opaque RGB")
+        return im.convert("RGB") if im.mode != "RGB" else im
+    except OSError as err:  # truncated or corrupt data
+        raise TileError(f"{name} could not be decoded ({type(err).__name__}: {err}); is it truncated? Remove "
+                        f"it or re-export it") from err
 
 
-def _decode_tile(src, name, size, resize):
-    with Image.open(src) as im:
-        if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
-            raise ValueError(f"{name} is not an RGB image (mode {im.mode}); H&E tiles are RGB: re-export it "
-                             f"in colour or remove it from the data")
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            if resize is None:
-                raise ValueError(f"{name} is {im.size[0]}x{im.size[1]} px but --image-size is {size}: tile "
-                                 f"the slides at {size} px, or pass --resize crop (centre crop) or --resize scale")
-            if resize == "crop":
-                if min(im.size) < size:
-                    raise ValueError(f"{name} ({im.size[0]}x{im.size[1]} px) is smaller than {size} px: cannot crop")
-                left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-            else:
-                im = im.resize((size, size), Image.BICUBIC)
-        arr = np.array(im)                          # (H, W, 3) uint8
-    return torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
+def decode_tile(src, name, size, resize=None):
+    """A training tile -> uint8 tensor (3, size, size). Another size is an error unless `resize` says
+    "crop" (centre crop) or "scale" (bicubic)."""
+    im = open_tile(src, name)
+    if im.size != (size, size):
+        if resize is None:
+            raise TileError(f"{name} is {im.size[0]}x{im.size[1]} px but --image-size is {size}: tile "
+                            f"the slides at {size} px, or pass --resize crop (centre crop) or --resize scale")
+        if resize == "crop":
+            im = centre_crop(im, size, name)
+        else:
+            im = im.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def centre_crop(im, size, name):
+    """The size x size square at the centre (a 256 px tile -> the 224 px tile inside it, paper §4.3)."""
+    if min(im.size) < size:
+        raise TileError(f"{name} ({im.size[0]}x{im.size[1]} px) is smaller than {size} px: cannot crop")
+    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def list_images(folder, recursive=True):
+    """Image files under a folder, sorted (so every rank and every run agrees)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder")
+    found = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs.sort()
+        found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        if not recursive:
+            break
+    return found
 
 
 def load_features(features_dir, stem, tokens):
@@ -211,3 +282,37 @@ def batches(dataset, sampler, loader, step, steps_per_epoch):
     for epoch in itertools.count(first_epoch):
         sampler.set_epoch(epoch, skip=done_in_epoch * loader.batch_size if epoch == first_epoch else 0)
         yield from loader
+
+
+def training_batches(tiles, *, size, resize, features, tokens, rank, world, local_batch, seed, num_workers,
+                     shuffle_buffer, start_step, pin_memory):
+    """--data's tiles -> (dataset, endless (uint8 images (B, 3, H, W), features) batches for this rank),
+    starting where `start_step` left the data order (exact resume for tile lists)."""
+    kind, items = tiles
+    common = dict(size=size, resize=resize, features=features, tokens=tokens)
+    loader_kw = dict(batch_size=local_batch, num_workers=num_workers, pin_memory=pin_memory, drop_last=True,
+                     persistent_workers=num_workers > 0,
+                     # Its own generator: a new epoch's iterator must not draw from the training RNG,
+                     # or a resumed run (which starts its iterator at another step) would diverge.
+                     generator=torch.Generator().manual_seed(seed * world + rank))
+    if kind == "shards":
+        dataset = TileShards(items, **common, rank=rank, world=world, seed=seed, shuffle_buffer=shuffle_buffer,
+                             start_pass=start_step)  # NOTE: a resumed stream starts a fresh shuffle, not mid-pass
+        return dataset, batches(dataset, None, DataLoader(dataset, **loader_kw), start_step, None)
+    dataset = TileFolder(items, **common)
+    if len(dataset) < local_batch * world:
+        raise ValueError(f"{len(dataset)} tiles is less than one global batch ({local_batch * world})")
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(dataset, sampler=sampler, **loader_kw)
+    return dataset, batches(dataset, sampler, loader, start_step, len(dataset) // world // local_batch)
+
+
+def first_tiles(dataset, n):
+    """The first n tiles of the data, in file order (not shuffled) -> (uint8 (n, 3, H, W), features)."""
+    if isinstance(dataset, TileShards):
+        stream = TileShards(dataset.shards, dataset.size, dataset.resize, dataset.features, dataset.tokens,
+                            shuffle_buffer=1)
+        items = list(itertools.islice(iter(stream), n))
+    else:
+        items = [dataset[i] for i in range(min(n, len(dataset)))]
+    return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])

@@ -7,7 +7,7 @@ generated samples). Every preprocessing step is an explicit option and is writte
 in the JSON report.
 
     python metrics.py --real VAL_DIR --fake GEN_DIR --extractors inception,h-optimus-0,uni2-h,virchow2
-    python metrics.py --benchmark          # our FD vs the scipy.linalg.sqrtm formula, 100k x 1536
+    python bench.py fd                     # our FD vs the scipy.linalg.sqrtm formula, 100k x 1536
 
 Definitions:
     FD     |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)                          (Heusel et al. 2017)
@@ -16,25 +16,20 @@ Definitions:
     FLD    100 x [NLL(test | MoG centred on generated, variances fit on train) - train-split baseline]
            and its generalisation gap 100 x [NLL(train) - NLL(test)]           (Jiralerspong et al. 2023)
 
-Left out: KID, AuthPct, the C_T test; CONCH-v1 (needs the `conch` package) and Phikon-v2 (a
-`transformers` model), which are registered but say they are unavailable; the TF-Inception "FID
-weights" (timm's torchvision Inception is used: absolute Inception FD is not comparable with published
-FIDs); multi-GPU extraction.
+The extractors and what each sees of a tile: features.py. Left out: KID, AuthPct, the C_T test;
+multi-GPU extraction.
 """
 import argparse
-import contextlib
 import functools
 import hashlib
-import inspect
 import io
 import json
 import math
 import os
 import re
 import sys
-import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
@@ -44,16 +39,10 @@ import scipy.linalg
 import timm
 import torch
 from PIL import Image
-from timm.layers import SwiGLUPacked
 from tqdm import tqdm
 
-from repa_loss import H0_MINI_MEAN, H0_MINI_STD, encoder_features, load_encoder
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # timm's inception_v3.tv_in1k takes [-1, 1] inputs
-HOPTIMUS_MEAN, HOPTIMUS_STD = H0_MINI_MEAN, H0_MINI_STD  # H0-mini, distilled from H-optimus-0, shares them
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-GATED = "gated: accept its licence on https://huggingface.co/{}, then `hf auth login` (or set HF_TOKEN)"
+from data import TileError, error_line, list_images, open_tile
+from features import EXTRACTORS, ExtractorUnavailable, build_extractor, spec_record, weights_id
 
 PR_K = 3  # nearest neighbours that set a sample's radius (Kynkaanniemi et al. 2019)
 FD_FAKE_SIZE = 50_000  # generated samples FD uses; Jiralerspong et al.'s FID code (the paper's) keeps 50k
@@ -64,144 +53,7 @@ FLD_LOGVAR_RANGE = (-40.0, 20.0)  # clamp, so components on duplicated points ca
 DIST_BUDGET = 2**28  # bytes of float32 distances held at once (P/R, FLD); float64 stats chunks likewise
 
 
-# -------- Extractors: name -> how to build it, what it eats, what it returns -------------------
-@dataclass(frozen=True)
-class ExtractorSpec:
-    hub: str | None  # what pretrained=True loads: a timm name, "hf-hub:org/repo", or a hub repo
-    arch: str | None  # the timm architecture pretrained=False builds, with the same kwargs
-    kwargs: dict = field(default_factory=dict)
-    input_size: int = 224
-    kernel: str = "bicubic"  # resize kernel when a tile is not input_size px
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-    pooling: str = "cls"  # "cls" | "cls+patch_mean" | "head" (timm's own global pool)
-    dim: int = 0
-    backend: str = "timm"  # "timm" | "repa_loss" (H0-mini, shared with training) | "none"
-    access: str = "public weights: check the network or the Hugging Face cache (HF_HOME)"  # or how to get them
-    bf16_ok: bool = True  # may run under bf16 autocast on GPU
-
-
-_SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
-EXTRACTORS = {
-    # NOTE: the paper's Inception is pytorch-fid's TF graph (bilinear resize to 299); timm has the
-    # torchvision weights only, so Inception FD here is comparable with itself, not with Table 2.
-    "inception": ExtractorSpec("inception_v3.tv_in1k", "inception_v3", dict(num_classes=0), 299,
-                               "bilinear", INCEPTION_MEAN, INCEPTION_STD, "head", 2048, bf16_ok=False),
-    "dinov2": ExtractorSpec("vit_base_patch14_dinov2.lvd142m", "vit_base_patch14_dinov2",
-                            dict(img_size=224, num_classes=0), dim=768),
-    "h-optimus-0": ExtractorSpec(
-        "hf-hub:bioptimus/H-optimus-0", "vit_giant_patch14_reg4_dinov2",
-        dict(img_size=224, init_values=1e-5, dynamic_img_size=False, num_classes=0),
-        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, dim=1536, access=GATED.format("bioptimus/H-optimus-0")),
-    "uni2-h": ExtractorSpec(
-        "hf-hub:MahmoodLab/UNI2-h", "vit_giant_patch14_224",  # the kwargs fix every shape
-        dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
-             mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8,
-             dynamic_img_size=True, **_SWIGLU),
-        dim=1536, access=GATED.format("MahmoodLab/UNI2-h")),
-    "virchow2": ExtractorSpec(
-        "hf-hub:paige-ai/Virchow2", "vit_huge_patch14_224",
-        dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
-             global_pool="", dynamic_img_size=True, **_SWIGLU),
-        pooling="cls+patch_mean", dim=2560, access=GATED.format("paige-ai/Virchow2")),
-    "uni": ExtractorSpec(
-        "hf-hub:MahmoodLab/uni", "vit_large_patch16_224",
-        dict(img_size=224, init_values=1e-5, dynamic_img_size=True, num_classes=0),
-        dim=1024, access=GATED.format("MahmoodLab/UNI")),
-    # NOTE: Phikon-v2 is a transformers Dinov2Model, not a timm model, and no weight mapping onto timm's
-    # ViT-L/16 has been checked here; it stays unavailable rather than approximated.
-    "phikon-v2": ExtractorSpec("owkin/phikon-v2", None, dim=1024, backend="none", access="needs "
-                               "`transformers` (owkin/phikon-v2: CLS of last_hidden_state), not wired in"),
-    "conch-v1": ExtractorSpec("MahmoodLab/CONCH", None, input_size=448, mean=CLIP_MEAN, std=CLIP_STD,
-                              dim=512, backend="none", access="needs the `conch` package "
-                              "(github.com/mahmoodlab/CONCH) and " + GATED.format("MahmoodLab/CONCH")),
-    # H0-mini is built and normalised by repa_loss.py, as in training (its mean/std are H-optimus-0's)
-    "h0-mini": ExtractorSpec("hf-hub:bioptimus/H0-mini", None, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-                             dim=768, backend="repa_loss", access=GATED.format("bioptimus/H0-mini")),
-    "tiny": ExtractorSpec(None, "vit_tiny_patch16_224",  # random weights only: pipeline tests
-                          dict(img_size=224, depth=2, embed_dim=32, num_heads=2, num_classes=0), dim=32),
-}
-
-
-class ExtractorUnavailable(RuntimeError):
-    """The weights or the package an extractor needs are not here; the message says how to get them."""
-
-
-def spec_record(spec):
-    """The registry entry as plain JSON (layer classes by name)."""
-    record = asdict(spec)
-    record["kwargs"] = {k: getattr(v, "__name__", v) for k, v in spec.kwargs.items()}
-    return record
-
-
-def pool_tokens(tokens, pooling, num_prefix):
-    """Final-norm tokens (B, T, D), T = CLS + registers + patches -> (B, D) or (B, 2D)."""
-    if pooling == "cls":
-        return tokens[:, 0]  # (B, D)
-    if pooling == "cls+patch_mean":  # Virchow 2: CLS ‖ mean of the patch tokens, registers left out
-        return torch.cat([tokens[:, 0], tokens[:, num_prefix:].mean(1)], dim=1)  # (B, 2D)
-    raise ValueError(f"unknown pooling {pooling!r}")
-
-
-class Extractor:
-    """A frozen model with its normalisation and pooling: embed(x in [0, 1], (B, 3, S, S)) -> (B, dim)."""
-
-    def __init__(self, name, model, encode=None):
-        self.name, self.spec, self.model, self.encode = name, EXTRACTORS[name], model, encode
-        device = next(model.parameters()).device
-        self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
-                               for v in (self.spec.mean, self.spec.std))
-
-    @torch.no_grad()
-    def embed(self, x, bf16=False):
-        with torch.autocast("cuda", torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
-            if self.encode is not None:  # H0-mini via repa_loss: normalises inside, returns (cls, patches)
-                return self.encode(self.model, x)[0].float()
-            x = (x - self.mean) / self.std
-            if self.spec.pooling == "head":
-                out = self.model(x)  # (B, D) timm global pool, num_classes=0
-            else:
-                out = pool_tokens(self.model.forward_features(x), self.spec.pooling,
-                                  self.model.num_prefix_tokens)
-        return out.float()
-
-
-def build_extractor(name, pretrained=True, device="cpu"):
-    """Build a registered extractor; pretrained=False gives the same architecture with random weights
-    (device="meta" builds it without memory, for shape checks)."""
-    if name not in EXTRACTORS:
-        raise ValueError(f"unknown extractor {name!r}; choose from {', '.join(EXTRACTORS)}")
-    spec, device = EXTRACTORS[name], torch.device(device)
-    if spec.backend == "none":
-        raise ExtractorUnavailable(f"{name}: not available in this build: {spec.access}")
-    if pretrained and spec.hub is None:
-        raise ExtractorUnavailable(f"{name}: has no pretrained weights; use --random-weights")
-    try:
-        encode = None
-        if spec.backend == "repa_loss":
-            model, encode = _load_h0_mini(pretrained)
-        elif pretrained:
-            model = timm.create_model(spec.hub, pretrained=True, **spec.kwargs)
-        else:
-            with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
-                model = timm.create_model(spec.arch, pretrained=False, **spec.kwargs)
-    except ExtractorUnavailable:
-        raise
-    except Exception as e:
-        if not pretrained:
-            raise
-        raise ExtractorUnavailable(f"{name}: could not load {spec.hub} ({type(e).__name__}); "
-                                   f"{spec.access}; or use --random-weights to test the pipeline") from e
-    return Extractor(name, model.eval().requires_grad_(False).to(device), encode)
-
-
-def _load_h0_mini(pretrained):
-    """H0-mini as training builds and normalises it (repa_loss.py): one definition for both."""
-    return load_encoder("h0-mini", pretrained=pretrained), encoder_features
-
-
 # -------- Tiles -> features, cached on disk ----------------------------------------------------
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 KERNELS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
            "box": Image.Resampling.BOX}
@@ -215,24 +67,11 @@ class Preprocess:
     kernel: str | None = None  # 3. PIL resize kernel to the input size (None: the extractor's own)
 
 
-def list_images(folder):
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no images ({' '.join(IMAGE_SUFFIXES)}) inside")
-    return files
-
-
 def load_tile(path, prep, size, kernel):
     """One tile as (size, size, 3) uint8 after JPEG, crop and resize."""
-    im = Image.open(path)
-    if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
-        warnings.warn(f"{path}: grey-scale tile (mode {im.mode}) converted to RGB; H&E tiles are RGB")
-    im = im.convert("RGB")
+    im = open_tile(path)
     if im.width != im.height:
-        raise ValueError(f"{path} is {im.width}x{im.height} px, not a square tile: keep only tiles in the folder")
+        raise TileError(f"{path} is {im.width}x{im.height} px, not a square tile: keep only tiles in the folder")
     if prep.jpeg is not None:
         buffer = io.BytesIO()
         im.save(buffer, format="JPEG", quality=prep.jpeg)
@@ -265,12 +104,14 @@ def cache_key(files, folder, name, prep, weights, bf16):
     return h.hexdigest()
 
 
-def extract_features(folder, name, prep, get_extractor, *, weights="pretrained", bf16=False,
+def extract_features(folder, name, prep, get_extractor, *, weights, bf16=False,
                      device="cpu", batch_size=64, workers=0, cache_dir=None):
     """Features of every tile under `folder` in sorted path order -> (stems, (N, dim) float32).
 
     `get_extractor()` is called only on a cache miss, so cached folders need neither the model nor the hub."""
-    files, spec = list_images(folder), EXTRACTORS[name]
+    files, spec = [Path(p) for p in list_images(folder)], EXTRACTORS[name]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no tiles (PNG, JPEG or TIFF) inside")
     stems = [p.stem for p in files]
     cache = None
     if cache_dir is not None:
@@ -509,57 +350,12 @@ def fld(train, test, gen, gen_size=FLD_GEN_SIZE, epochs=FLD_EPOCHS, seed=0, devi
                 nll_train=nll_train, nll_baseline=baseline, n_gen=len(gen), n_dims=int(keep.sum()))
 
 
-# -------- Benchmark: our FD against the scipy.linalg.sqrtm formula of pytorch-fid / clean-fid ----
-def scipy_sqrtm(a):
-    """scipy.linalg.sqrtm as pytorch-fid / clean-fid call it (disp=False), where SciPy still has `disp`."""
-    if "disp" in inspect.signature(scipy.linalg.sqrtm).parameters:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return scipy.linalg.sqrtm(a, disp=False)[0]
-    return scipy.linalg.sqrtm(a)  # SciPy >= 1.18: no `disp`, one return value
-
-
-def fd_sqrtm_reference(mu1, s1, mu2, s2, eps=1e-6):
-    """FD the pytorch-fid way from (np.mean, np.cov) statistics: sqrtm of the non-symmetric S1 S2, then
-    drop the imaginary part."""
-    covmean = scipy_sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(s1)) * eps
-        covmean = scipy_sqrtm((s1 + offset) @ (s2 + offset))
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
-
-
-def benchmark(n=100_000, d=1536, seed=0):
-    """Time both FD implementations on the same random features (two correlated Gaussians)."""
-    rng = np.random.default_rng(seed)
-    mix = rng.standard_normal((d, d), dtype=np.float32) / np.sqrt(d)
-    x = rng.standard_normal((n, d), dtype=np.float32) @ mix + 0.5
-    y = rng.standard_normal((n, d), dtype=np.float32) @ (mix + 0.1 * np.eye(d, dtype=np.float32)) + 0.45
-    t = [time.perf_counter()]
-    s1, s2 = feature_stats(x), feature_stats(y)  # ours: streaming float64 sums
-    t.append(time.perf_counter())
-    ours = fd(s1, s2)
-    t.append(time.perf_counter())
-    ref_stats = (np.mean(x, axis=0), np.cov(x, rowvar=False), np.mean(y, axis=0), np.cov(y, rowvar=False))
-    t.append(time.perf_counter())
-    ref = fd_sqrtm_reference(*ref_stats)
-    t.append(time.perf_counter())
-    ours_s, ref_s = t[2] - t[0], t[4] - t[2]
-    return dict(n=n, d=d, fd_ours=ours, fd_sqrtm=ref, abs_diff=abs(ours - ref), rel_diff=abs(ours - ref) / ref,
-                ours_s=ours_s, ours_stats_s=t[1] - t[0], ours_fd_s=t[2] - t[1], sqrtm_s=ref_s,
-                sqrtm_stats_s=t[3] - t[2], sqrtm_fd_s=t[4] - t[3], speedup=ref_s / ours_s,
-                fd_only_speedup=(t[4] - t[3]) / (t[2] - t[1]),
-                scipy=scipy.__version__, numpy=np.__version__, threads=torch.get_num_threads(),
-                cpus=os.cpu_count(), date=str(date.today()))
-
-
 # -------- Command line -------------------------------------------------------------------------
 def evaluate(name, args, preps, device):
     """Every requested metric for one extractor -> rows {extractor, metric, value, ..., settings}."""
-    spec, weights = EXTRACTORS[name], "random" if args.random_weights else "pretrained"
+    spec, weights = EXTRACTORS[name], weights_id(name, not args.random_weights, args.seed)
     bf16 = device.type == "cuda" and (args.precision == "bf16" or (args.precision == "auto" and spec.bf16_ok))
-    get = functools.cache(lambda: build_extractor(name, not args.random_weights, device))
+    get = functools.cache(lambda: build_extractor(name, not args.random_weights, device, args.seed))
     feats = functools.partial(extract_features, name=name, get_extractor=get, weights=weights, bf16=bf16,
                               device=device, batch_size=args.batch_size, workers=args.workers,
                               cache_dir=None if args.no_cache else args.cache_dir)
@@ -618,11 +414,6 @@ def write_json(path, obj):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.benchmark:
-        result = benchmark(args.bench_n, args.bench_d, args.seed)
-        print(json.dumps(result, indent=2))
-        write_json(args.out or Path("results/benchmark_fd.json"), result)
-        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.random_weights:
         print("WARNING: --random-weights: untrained extractors; the numbers only test the pipeline",
@@ -637,7 +428,7 @@ def main(argv=None):
             print(f"skipped: {e}", file=sys.stderr)
             skipped.append(dict(extractor=name, error=str(e)))
         except (FileNotFoundError, ValueError) as e:  # a missing folder, a non-square tile, unpaired names
-            sys.exit(f"metrics.py: error: {e}")
+            sys.exit(f"metrics.py: error: {error_line(e)}")
     print_table(rows, skipped)
     report = dict(date=str(date.today()), argv=sys.argv if argv is None else argv, results=rows,
                   skipped=skipped, versions=dict(torch=torch.__version__, timm=timm.__version__,
@@ -676,18 +467,15 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", type=Path, default=Path("results/features"))
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="JSON report (default results/metrics.json or benchmark_fd.json)")
-    p.add_argument("--benchmark", action="store_true", help="time our FD against scipy sqrtm, then exit")
-    p.add_argument("--bench-n", type=int, default=100_000)
-    p.add_argument("--bench-d", type=int, default=1536)
+    p.add_argument("--out", type=Path, help="JSON report (default results/metrics.json)")
     args = p.parse_args(argv)
     args.extractors, args.metrics = args.extractors.split(","), args.metrics.split(",")
     for given, known in ((args.extractors, EXTRACTORS), (args.metrics, METRICS)):
         if set(given) - set(known):
             p.error(f"unknown {', '.join(sorted(set(given) - set(known)))}; choose from {', '.join(known)}")
-    if not args.benchmark and (args.real is None or args.fake is None):
-        p.error("--real and --fake are required (or --benchmark)")
-    if "fld" in args.metrics and not args.benchmark and args.train is None:
+    if args.real is None or args.fake is None:
+        p.error("--real and --fake are required")
+    if "fld" in args.metrics and args.train is None:
         p.error("--metrics fld needs --train TRAIN_DIR (training or guidance tiles)")
     return args
 

@@ -1,4 +1,4 @@
-"""Measuring speed for the `--benchmark` modes of train.py and sample.py: wall time and FLOPs per
+"""Measuring speed for bench.py (and the per-step peak memory train.py logs): wall time and FLOPs per
 phase, peak memory, and the GPU's dense bf16 peak, so that model FLOPs utilisation (MFU) is
 
     FLOPs counted by PyTorch's FlopCounterMode (matmuls, convolutions, attention) / seconds / peak.

@@ -6,13 +6,13 @@
     python sample.py --ckpt CKPT --interpolate a.png b.png           # Figure 3: factors 0.2 ... 0.8
     python sample.py --ckpt CKPT --num-samples 64                    # unconditional (null embedding)
     torchrun --nproc_per_node=8 sample.py --ckpt CKPT --features feats.npy --n 1 --out DIR   # 100k tiles
-    python sample.py --benchmark --model SiT-XL/2 --batch-size 64    # NFE/image and images/s, random weights
 
 Conditioning: the H0-mini CLS token of a 224 x 224 tile. Tiles must already be at 0.5 µm/px (20x), the
 resolution CytoSyn was trained at; a larger tile is centre-cropped to 224 px, never resized, unless
 `--resize MPP` says the tiles are at another resolution (then they are rescaled to 0.5 µm/px first).
 Sampling: 250 Euler-Maruyama steps, guidance 2.5 on t in [0, 0.75] (sampler.py); decoding with the EMA
-SiT's BatchNorm statistics and the EMA VAE.
+SiT's BatchNorm statistics and the EMA VAE (--sit-weights / --vae-weights pick raw ones). Speed:
+`python bench.py sample`.
 
 Every image has a stable name and its own noise seed (from --seed and the image's index), so a run
 split over any number of processes, or killed and started again, writes the same files: existing files
@@ -25,31 +25,23 @@ Left out: other samplers than those of sampler.py, PixCell-style multi-tile cond
 import argparse
 import json
 import os
-import time
 from collections import namedtuple
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, UnidentifiedImageError
-from torch.utils.flop_counter import FlopCounterMode
+from PIL import Image
 from tqdm import tqdm
 
-from checkpoints import load_file
-from perf import device_name, peak_flops
-from repa_loss import encoder_features, load_encoder
+from checkpoints import load_models
+from data import TileError, list_images, open_tile
+from features import encoder_features, load_encoder
 from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
-from sit import SiT_models, build_sit
-from vae import build_vae, load_state_dict_checked, vae_models
 
 TILE_MPP = 0.5                                    # µm/px of CytoSyn's training tiles (20x)
 INTERPOLATION_FACTORS = (0.2, 0.4, 0.6, 0.8)      # paper Fig. 3: f = (1 - a) f_left + a f_right
 GRID_ROWS, GRID_COLS = 8, 8                       # the grid shows at most this many rows / samples per row
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-SIT_CONFIG_KEYS = ("input_size", "in_channels", "cond_dim", "encoder_depth", "z_dim", "projector_dim",
-                   "depth", "hidden_size", "patch_size", "num_heads")
 
 # One image to generate: its file name, its conditioning as a mix of sources ((index, weight), ...;
 # empty = unconditional), and the id its noise seed comes from.
@@ -62,104 +54,6 @@ def fail(message):
 
 
 #################################################################################
-#                                 Checkpoints                                   #
-#################################################################################
-
-def read_checkpoint(path):
-    """-> (layout, dict): 'cytosyn' (train.py) or 'repa-e' ({"model", "ema", "vae", "args"})."""
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} not found: pass a .pt file written by train.py "
-             f"(results/<run>/checkpoints/NNNNNNN.pt) or a REPA-E checkpoint")
-    try:
-        ckpt = load_file(path)
-    except Exception as err:
-        fail(f"{path} is not a PyTorch checkpoint ({type(err).__name__}: {err})")
-    if isinstance(ckpt, dict) and all(k in ckpt for k in ("config", "sit", "sit_ema", "vae")):
-        return "cytosyn", ckpt
-    if isinstance(ckpt, dict) and all(k in ckpt for k in ("model", "vae")):
-        return "repa-e", ckpt
-    keys = list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-    fail(f"{path} is not a CytoSyn checkpoint (keys config/sit/sit_ema/vae) nor a REPA-E one (model/ema/vae); "
-         f"found {keys}")
-
-
-def load_weights(module, state_dict, what, path):
-    try:
-        load_state_dict_checked(module, state_dict, what)
-    except ValueError as err:
-        fail(f"{path}: {err}")
-
-
-def models_from_cytosyn(ckpt, path, use_ema):
-    cfg = ckpt["config"]
-    if cfg.get("model") not in SiT_models or cfg.get("vae") not in vae_models:
-        fail(f"{path}: config names model {cfg.get('model')!r} and VAE {cfg.get('vae')!r}; this code knows "
-             f"{list(SiT_models)} and {list(vae_models)}")
-    vae = build_vae(cfg["vae"])
-    sit_kwargs = {k: cfg[k] for k in SIT_CONFIG_KEYS if k in cfg}
-    sit_kwargs.setdefault("input_size", cfg.get("image_size", 224) // vae.factor)
-    sit = build_sit(cfg["model"], **sit_kwargs)
-    load_weights(sit, ckpt["sit_ema" if use_ema else "sit"], f"SiT weights ({cfg['model']})", path)
-    vae_sd = ckpt["vae_ema"] if use_ema and ckpt.get("vae_ema") is not None else ckpt["vae"]
-    load_weights(vae, vae_sd, f"VAE weights ({cfg['vae']})", path)
-    return sit, vae, dict(encoder=cfg.get("encoder", "h0-mini"), seed=cfg.get("seed", 0))
-
-
-def sit_preset_from_state_dict(sd, path):
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    hidden, patch = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
-    for name, arch in SiT_models.items():
-        if (arch["depth"], arch["hidden_size"], arch["patch_size"]) == (depth, hidden, patch):
-            return name
-    fail(f"{path}: a SiT of depth {depth}, width {hidden}, patch {patch} matches no preset in {list(SiT_models)}")
-
-
-def vae_preset_from_state_dict(sd, path):
-    for name in vae_models:
-        with torch.device("meta"):
-            own = build_vae(name).state_dict()
-        if own.keys() == sd.keys() and all(own[k].shape == sd[k].shape for k in own):
-            return name
-    fail(f"{path}: its VAE matches none of the presets {list(vae_models)}")
-
-
-def models_from_repae(ckpt, path, use_ema):
-    """REPA-E's layout; the SiT's shape is read off its state dict, since REPA-E's args name
-    ImageNet settings. It must hold CytoSyn's H0-mini conditioning embedder, not a class table."""
-    if use_ema and ckpt.get("ema") is None:
-        fail(f"{path} has no EMA weights ('ema'); pass --no-ema to use the raw ones ('model')")
-    sd = ckpt["ema"] if use_ema else ckpt["model"]
-    if "y_embedder.mlp.0.weight" not in sd:
-        fail(f"{path} is a class-conditional REPA-E checkpoint (no H0-mini conditioning embedder "
-             f"y_embedder.mlp.*); CytoSyn needs one trained on H0-mini CLS features")
-    args = ckpt.get("args") or {}
-    args = args if isinstance(args, dict) else vars(args)
-    patch = sd["x_embedder.proj.weight"].shape[-1]
-    sit_kwargs = dict(input_size=int(round(sd["pos_embed"].shape[1] ** 0.5)) * patch,
-                      cond_dim=sd["y_embedder.mlp.0.weight"].shape[1],
-                      z_dim=sd["projectors.0.4.weight"].shape[0],
-                      projector_dim=sd["projectors.0.0.weight"].shape[0])
-    if "encoder_depth" in args:
-        sit_kwargs["encoder_depth"] = args["encoder_depth"]
-    name = sit_preset_from_state_dict(sd, path)
-    sit = build_sit(name, **sit_kwargs)
-    load_weights(sit, sd, f"SiT weights ({name})", path)
-    vae = build_vae(vae_preset_from_state_dict(ckpt["vae"], path))
-    load_weights(vae, ckpt["vae"], "VAE weights", path)
-    return sit, vae, dict(encoder="h0-mini", seed=args.get("seed", 0))
-
-
-def load_models(path, use_ema, device):
-    """Checkpoint -> SiT and VAE in eval mode on `device`, and the name of the conditioning encoder."""
-    layout, ckpt = read_checkpoint(path)
-    build = models_from_cytosyn if layout == "cytosyn" else models_from_repae
-    sit, vae, info = build(ckpt, path, use_ema)
-    for module in (sit, vae):
-        module.requires_grad_(False).eval().to(device)
-    return SimpleNamespace(sit=sit, vae=vae, step=ckpt.get("step", ckpt.get("steps")), **info)
-
-
-#################################################################################
 #                                 Conditioning                                  #
 #################################################################################
 
@@ -168,9 +62,9 @@ def list_tiles(paths):
     tiles = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = list_images(p, recursive=False)
             if not found:
-                fail(f"--cond {p}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} tiles")
+                fail(f"--cond {p}: the folder holds no tiles (PNG, JPEG or TIFF)")
             tiles += found
         elif os.path.isfile(p):
             tiles.append(p)
@@ -181,20 +75,6 @@ def list_tiles(paths):
         dup = next(s for s in stems if stems.count(s) > 1)
         fail(f"two conditioning tiles are both named {dup!r}: outputs are named after the tiles; rename one")
     return tiles
-
-
-def open_tile(path):
-    """Open an RGB tile lazily (header only) or exit with what is wrong with it."""
-    try:
-        im = Image.open(path)
-    except (UnidentifiedImageError, OSError) as err:
-        fail(f"{path} is not an image ({type(err).__name__}); give PNG/JPEG/TIFF H&E tiles")
-    if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
-        fail(f"{path} is grey-scale (mode {im.mode}); H0-mini needs an RGB H&E tile: re-export it in colour")
-    if im.mode != "RGB":
-        fail(f"{path} has mode {im.mode}, not RGB (e.g. an alpha channel, a palette or CMYK); save it as 8-bit RGB, "
-             f"e.g. Image.open(path).convert('RGB').save(...)")
-    return im
 
 
 def check_tile_size(im, path, size, mpp):
@@ -210,15 +90,15 @@ def check_tile_size(im, path, size, mpp):
 def load_tile(path, size, mpp):
     """A conditioning tile -> uint8 (3, size, size): rescaled to TILE_MPP only when mpp says so, then
     centre-cropped (a 256 px tile loses 16 px on each side, as the paper's 224 px crops of 256 px tiles)."""
-    with open_tile(path) as im:
-        w, h = check_tile_size(im, path, size, mpp)
-        try:
-            if (w, h) != im.size:
-                im = im.resize((w, h), Image.BICUBIC)  # PIL's bicubic is antialiased when shrinking
-            left, top = (w - size) // 2, (h - size) // 2
-            arr = np.asarray(im.crop((left, top, left + size, top + size)))  # (size, size, 3)
-        except OSError as err:
-            fail(f"{path} could not be decoded ({err}); is the file truncated?")
+    try:
+        im = open_tile(path)
+    except TileError as err:
+        fail(err)
+    w, h = check_tile_size(im, path, size, mpp)
+    if (w, h) != im.size:
+        im = im.resize((w, h), Image.BICUBIC)  # PIL's bicubic is antialiased when shrinking
+    left, top = (w - size) // 2, (h - size) // 2
+    arr = np.asarray(im.crop((left, top, left + size, top + size)))  # (size, size, 3)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, size, size)
 
 
@@ -226,9 +106,12 @@ class TileSource:
     """Conditioning tiles, encoded with H0-mini on demand (a batch at a time)."""
 
     def __init__(self, paths, encoder, size, mpp):
-        for p in paths:  # fail early on a bad tile, before hours of sampling
-            with open_tile(p) as im:
-                check_tile_size(im, p, size, mpp)
+        for p in paths:  # fail early on a bad tile, before hours of sampling (the header is enough)
+            try:
+                im = open_tile(p, decode=False)
+            except TileError as err:
+                fail(err)
+            check_tile_size(im, p, size, mpp)
         self.paths, self.encoder, self.size, self.mpp = paths, encoder, size, mpp
         self.names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
 
@@ -370,44 +253,43 @@ def sample_latents(velocity, noise, cond, args, generator, device):
 
 
 @torch.no_grad()
-def decode(m, x):
+def decode(models, x):
     """Normalised latents -> uint8 images (B, H, W, 3). NOTE: decoded in float32 even with --precision
     bf16 (once per image, against hundreds of SiT passes), so bf16 cannot band the 8-bit output."""
-    images = m.vae.decode(m.sit.denormalize(x.float()))  # (B, 3, H, W), about [-1, 1]
+    images = models.vae.decode(models.sit.denormalize(x.float()))  # (B, 3, H, W), about [-1, 1]
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def generate(m, source, jobs, args, device):
+def generate(models, source, jobs, args, device):
     """One batch of jobs -> uint8 images; each image's noise comes from its own seeded generator."""
     gens = [torch.Generator(device).manual_seed(noise_seed(args.seed, j.noise_id)) for j in jobs]
-    shape = (len(jobs), m.sit.in_channels, m.sit.input_size, m.sit.input_size)
+    shape = (len(jobs), models.sit.in_channels, models.sit.input_size, models.sit.input_size)
     noise = standard_normal(shape, gens, device)  # the first draw of every image's stream
     cond = batch_conditioning(source, jobs, device)
-    return decode(m, sample_latents(m.velocity, noise, cond, args, gens, device))
+    return decode(models, sample_latents(models.velocity, noise, cond, args, gens, device))
 
 
-def build_source(args, m, device):
+def build_source(args, models, device):
     if args.features:
-        return ArraySource(args.features, m.sit.cond_dim)
+        return ArraySource(args.features, models.sit.cond_dim)
     paths = list_tiles(args.cond or args.interpolate)
-    # NOTE: the "tiny" encoder is random; seeding as train.py does (torch.manual_seed(seed) right before
-    # building it) rebuilds the very encoder a tiny smoke run was trained with.
-    torch.manual_seed(m.seed)
+    # NOTE: the "tiny" encoder is random, drawn from the run's seed: the very encoder a smoke run trained with.
     try:
-        encoder = load_encoder(m.encoder, pretrained=m.encoder == "h0-mini").to(device)
+        encoder = load_encoder(models.encoder, seed=models.seed).to(device)
     except RuntimeError as err:
         fail(f"{err} Or condition on precomputed CLS features with --features FILE.npy.")
-    if encoder.embed_dim != m.sit.cond_dim:
-        fail(f"the checkpoint's SiT takes {m.sit.cond_dim}-d features but encoder {m.encoder!r} gives "
+    if encoder.embed_dim != models.sit.cond_dim:
+        fail(f"the checkpoint's SiT takes {models.sit.cond_dim}-d features but encoder {models.encoder!r} gives "
              f"{encoder.embed_dim}-d ones")
-    return TileSource(paths, encoder, m.vae.factor * m.sit.input_size, args.resize or TILE_MPP)
+    return TileSource(paths, encoder, models.vae.factor * models.sit.input_size, args.resize or TILE_MPP)
 
 
-def check_settings(args, m, rank):
+def check_settings(args, models, rank):
     """Resuming skips the images that exist, so they must come from the same run: OUT/settings.json
     records everything that decides an image, and a run with other settings is refused, not mixed in."""
     files = lambda paths: None if paths is None else [os.path.abspath(p) for p in paths]  # noqa: E731
-    settings = dict(ckpt=os.path.abspath(args.ckpt), ckpt_step=m.step, ema=args.ema, mode=args.mode,
+    settings = dict(ckpt=os.path.abspath(args.ckpt), ckpt_step=models.step, sit_weights=args.sit_weights,
+                    vae_weights=args.vae_weights, mode=args.mode,
                     steps=args.steps, cfg_scale=args.cfg_scale, guidance=[args.guidance_low, args.guidance_high],
                     seed=args.seed, precision=args.precision, resize=args.resize, cond=files(args.cond),
                     features=files(args.features and [args.features]), interpolate=files(args.interpolate),
@@ -428,15 +310,18 @@ def check_settings(args, m, rank):
 
 
 def run(args, rank, world, device):
-    m = load_models(args.ckpt, args.ema, device)
-    m.velocity = velocity_field(m.sit, args.compile)
-    source = None if not (args.cond or args.features or args.interpolate) else build_source(args, m, device)
+    try:
+        models = load_models(args.ckpt, device, args.sit_weights == "ema", args.vae_weights == "ema")
+    except (FileNotFoundError, ValueError) as err:
+        fail(err)
+    models.velocity = velocity_field(models.sit, args.compile)
+    source = None if not (args.cond or args.features or args.interpolate) else build_source(args, models, device)
     jobs, grid_rows = make_jobs(args, source)
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as err:
         fail(f"cannot create the output folder --out {args.out} ({type(err).__name__}: {err})")
-    check_settings(args, m, rank)
+    check_settings(args, models, rank)
     path = lambda job: os.path.join(args.out, job.name + ".png")  # noqa: E731
     todo = [j for j in jobs[rank::world] if not os.path.exists(path(j))]  # resume: skip finished files
     if rank == 0:
@@ -448,7 +333,7 @@ def run(args, rank, world, device):
     with tqdm(total=len(todo), unit="img", disable=rank != 0) as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            for job, image in zip(batch, generate(m, source, batch, args, device)):
+            for job, image in zip(batch, generate(models, source, batch, args, device)):
                 save_png(image, path(job))
             bar.update(len(batch))
     if world > 1:
@@ -458,55 +343,6 @@ def run(args, rank, world, device):
         grid = os.path.normpath(args.out) + "_grid.png"
         save_grid(grid_rows, source, args.out, grid)
         print(f"done: {args.out}/ and {grid}", flush=True)
-
-
-#################################################################################
-#                                  Benchmark                                    #
-#################################################################################
-
-def benchmark(args, device):
-    """Network evaluations per image, images/s and the sampling loop's model FLOPs utilisation at the given
-    sampler settings, random weights (the timings do not depend on them)."""
-    torch.manual_seed(args.seed)
-    vae = build_vae(args.vae).to(device).eval()
-    sit = build_sit(args.model, input_size=args.image_size // vae.factor).to(device).eval()
-    m = SimpleNamespace(sit=sit, vae=vae)
-    velocity, rows = velocity_field(sit, args.compile), [0]
-
-    def counting(x, t, c, drop=None):
-        rows[0] += x.shape[0]
-        return velocity(x, t, c, drop)
-
-    B = args.batch_size
-    shape = (B, sit.in_channels, sit.input_size, sit.input_size)
-    cond = torch.randn(B, sit.cond_dim, device=device)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    # warm-up: 2 steps visit both batch shapes (t = 1 unguided, then guided), which compiles both graphs
-    warm = SimpleNamespace(**{**vars(args), "steps": 2})
-    decode(m, sample_latents(counting, standard_normal(shape, gen, device), cond, warm, gen, device))
-    rows[0] = 0
-    sync()
-    t0 = time.perf_counter()
-    x = sample_latents(counting, standard_normal(shape, gen, device), cond, args, gen, device)
-    sync()
-    t1 = time.perf_counter()
-    decode(m, x)
-    sync()
-    t2 = time.perf_counter()
-    # FLOPs per network evaluation (one row), counted on the eager SiT: FlopCounterMode cannot see into
-    # a compiled graph, and compiling changes the time, not the FLOPs.
-    with torch.no_grad(), autocast(device, args.precision), FlopCounterMode(display=False) as counter:
-        sit(torch.randn(shape, device=device), torch.rand(B, device=device), cond)
-    row_flops = counter.get_total_flops() / B
-    peak = peak_flops(device) if args.precision == "bf16" else None  # MFU is against the bf16 peak
-    mfu = f", sampling MFU {rows[0] * row_flops / (t1 - t0) / peak:.1%}" if peak else ""
-    print(f"benchmark: {args.model} + VAE {args.vae}, {args.image_size} px, {args.precision}, "
-          f"{'compiled' if args.compile else 'eager'}, {device_name(device)}, batch {B}: "
-          f"{args.mode} {args.steps} steps, cfg {args.cfg_scale} on [{args.guidance_low}, {args.guidance_high}] -> "
-          f"{rows[0] / B:.0f} network evaluations per image; {B / (t2 - t0):.3g} images/s "
-          f"(sampling {t1 - t0:.2f} s, decoding {t2 - t1:.2f} s per batch; "
-          f"{row_flops / 1e9:.1f} GFLOP per evaluation{mfu})", flush=True)
 
 
 #################################################################################
@@ -525,8 +361,6 @@ def main(args):
             torch.cuda.set_device(device)
         if args.precision == "auto":
             args.precision = "bf16" if use_cuda else "fp32"
-        if args.benchmark:
-            return benchmark(args, device) if rank == 0 else None
         return run(args, rank, world, device)
     finally:
         if distributed:
@@ -537,7 +371,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate H&E tiles with CytoSyn. Conditioning tiles must be at "
                                             f"{TILE_MPP} µm/px (20x); they are centre-cropped to 224 px, not resized "
                                             "(see --resize).")
-    p.add_argument("--ckpt", help="checkpoint from train.py (or REPA-E layout); carries its model config")
+    p.add_argument("--ckpt", required=True, help="checkpoint from train.py (or REPA-E layout); carries its model config")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--cond", nargs="+", metavar="TILE", help="conditioning tiles (files or folders)")
     what.add_argument("--features", metavar="FILE.npy", help="precomputed (N, 768) H0-mini CLS features")
@@ -557,21 +391,16 @@ def parse_args(argv=None):
     p.add_argument("--guidance-high", type=float, default=0.75, help="guide only for t <= this (paper: 0.75)")
     p.add_argument("--seed", type=int, default=0, help="every image's noise comes from (seed, its index)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass, per process")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="EMA SiT (its BatchNorm statistics decode the latents) and EMA VAE; --no-ema: "
-                        "the raw ones throughout")
+    p.add_argument("--sit-weights", choices=["ema", "raw"], default="ema",
+                   help="the SiT's EMA or raw weights (its BatchNorm statistics denormalise the latents)")
+    p.add_argument("--vae-weights", choices=["ema", "raw"], default="ema",
+                   help="the VAE's EMA or raw weights (Table 2 reports both with the EMA SiT)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="network precision (auto: bf16 on GPU, fp32 on CPU); the sampler state is float64")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: the GPU when there is one")
     p.add_argument("--compile", action="store_true", help="torch.compile the SiT (GPU; compiling comes first: "
                                                           "worth it for long runs, see the README's Performance)")
-    p.add_argument("--benchmark", action="store_true", help="time the sampler with random weights (no --ckpt)")
-    p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2", help="--benchmark only")
-    p.add_argument("--vae", choices=list(vae_models), default="f8d4", help="--benchmark only")
-    p.add_argument("--image-size", type=int, default=224, help="--benchmark only")
     args = p.parse_args(argv)
-    if not args.benchmark and not args.ckpt:
-        p.error("--ckpt is required (or --benchmark)")
     for name in ("n", "steps", "batch_size", "num_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -1,6 +1,6 @@
 """Samplers for CytoSyn's latent flow: Euler / Heun (ODE) and Euler-Maruyama (SDE).
 
-CytoSyn §4.1 (SPEC §3), following SiT §2.3 and REPA-E's sampler settings.
+CytoSyn §4.1, following SiT §2.3 and REPA-E's sampler settings.
 One time convention for the whole repo: x_t = (1 - t) x + t eps, t = 0 is data, t = 1 is noise, and the
 network predicts the velocity v = eps - x. Sampling integrates from t = 1 (noise) down to t = 0 (data):
 
@@ -26,12 +26,13 @@ SDE_T_END = 0.04  # the stochastic steps stop here (the score blows up as t -> 0
 
 
 def ode_time_grid(num_steps):
-    """N Euler steps on linspace(1, 0, N + 1) (SPEC §3)."""
+    """N Euler steps on linspace(1, 0, N + 1) (CytoSyn §4.1; REPA-E's sampler)."""
     return torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
 
 
 def sde_time_grid(num_steps):
-    """N - 1 stochastic steps on linspace(1, SDE_T_END, N), then one deterministic step to 0 (SPEC §3)."""
+    """N - 1 stochastic steps on linspace(1, SDE_T_END, N), then one deterministic step to 0
+    (CytoSyn §4.1; REPA-E's sampler)."""
     return torch.linspace(1, SDE_T_END, num_steps, dtype=torch.float64).tolist() + [0.0]
 
 

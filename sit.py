@@ -11,8 +11,9 @@ CytoSyn's changes to REPA-E's SiT, all in this file:
   * latents are 28x28 (224 px tiles, VAE factor 8), hence 14x14 = 196 tokens.
 
 Kept from REPA-E: the projector MLP after block `encoder_depth` (its output is aligned with the
-H0-mini patch tokens, see repa_loss.py), the affine-free BatchNorm `bn` that normalises latents,
-and the state-dict names, so REPA-E checkpoints load into everything but the conditioning embedder.
+H0-mini patch tokens, see repa_loss.py), the affine-free BatchNorm `bn` that normalises latents
+(`SyncedLatentBatchNorm` takes its batch statistics over all ranks in a multi-process run), and the
+state-dict names, so REPA-E checkpoints load into everything but the conditioning embedder.
 
 Left out: learn_sigma (SiT-XL/2 here predicts 16 = 2*2*4 channels), qk-norm, patch sizes other
 than those in the preset table, and the loss computation (REPA-E folds it into `forward`; here it
@@ -23,6 +24,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # name -> architecture. SiT-XL/2 at input_size 28 is CytoSyn's denoiser (683 M parameters).
@@ -297,3 +299,39 @@ class SiT(nn.Module):
                     return None, proj
         x = self.final_layer(x, c)                               # (B, T, p*p*C)
         return unpatchify(x, self.patch_size, self.in_channels), proj  # (B, C, H, W)
+
+
+class SyncedLatentBatchNorm(nn.BatchNorm2d):
+    """The SiT's latent BatchNorm with batch statistics over all ranks (SyncBatchNorm, also on CPU).
+
+    torch's SyncBatchNorm runs on GPUs only. Here batch statistics are only used in the SiT update,
+    on z.detach() with an affine-free BN, so they need no gradient: three small all-reduces (count,
+    sum, squared deviations).
+    NOTE: our own; torch.nn.SyncBatchNorm would need CUDA and a gradient path that is never used here.
+    """
+
+    def forward(self, z):
+        if not self.training:
+            return super().forward(z)
+        if torch.is_grad_enabled() and z.requires_grad:
+            raise RuntimeError("SyncedLatentBatchNorm's batch statistics carry no gradient; feed it z.detach()")
+        zf = z.float()
+        count = torch.tensor(float(zf.numel() // zf.shape[1]), device=z.device)
+        total = zf.sum(dim=(0, 2, 3))                                  # (C,)
+        dist.all_reduce(count)
+        dist.all_reduce(total)
+        mean = total / count
+        sq = (zf - mean.view(1, -1, 1, 1)).pow(2).sum(dim=(0, 2, 3))  # (C,), two passes: no cancellation
+        dist.all_reduce(sq)
+        var = sq / count
+        m = self.momentum
+        self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+        self.running_var.mul_(1 - m).add_(var * count / (count - 1), alpha=m)  # unbiased, as BatchNorm2d
+        self.num_batches_tracked.add_(1)
+        return ((zf - mean.view(1, -1, 1, 1)) * torch.rsqrt(var.view(1, -1, 1, 1) + self.eps)).to(z.dtype)
+
+
+def synced_batchnorm(bn):
+    synced = SyncedLatentBatchNorm(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=False)
+    synced.load_state_dict(bn.state_dict())
+    return synced.to(bn.running_mean.device)

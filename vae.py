@@ -35,21 +35,6 @@ def build_vae(name):
     return vae
 
 
-def load_state_dict_checked(module, state_dict, what):
-    """load_state_dict(strict=True), but a checkpoint from another model size or layout gets a
-    ValueError that names the first mismatching tensors instead of a page of torch output."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
-             for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what} does not match this model: {len(missing)} missing keys {missing[:3]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong)} wrong shapes "
-                         f"{wrong[:3]}. Is it a checkpoint of another preset?")
-    module.load_state_dict(state_dict, strict=True)
-
-
 def Normalize(channels):
     return nn.GroupNorm(GROUPS, channels, eps=1e-6, affine=True)
 

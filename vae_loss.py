@@ -3,7 +3,7 @@
 CytoSyn (§3.3) trains the VAE end to end with the REPA-E objective, whose image terms come from
 taming-transformers / LDM: L1 + LPIPS + KL + a hinge-GAN generator loss against a PatchGAN
 discriminator (`NLayerDiscriminator`, ndf 64, 3 layers). This file holds the two networks and the
-hinge losses; train.py weighs and sums the terms (SPEC §2).
+hinge losses; train.py weighs and sums the terms (REPA-E §3).
 
 - `LPIPS` (Zhang et al. 2018, "lin" variant): VGG16 features at relu1_2, relu2_2, relu3_3,
   relu4_3, relu5_3 (timm `vgg16.tv_in1k`, the same torchvision ImageNet weights LPIPS uses),

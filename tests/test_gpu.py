@@ -70,11 +70,11 @@ def test_compiled_velocity_matches_eager_and_never_synchronises():
 
 
 def test_compiled_training_step_runs_and_reports_the_sit_phase():
-    argv = ["--benchmark", "--compile", "--model", "SiT-S/2", "--vae", "tiny", "--encoder", "tiny", "--no-lpips",
-            "--image-size", "64", "--global-batch-size", "8", "--benchmark-steps", "2", "--benchmark-warmup", "2"]
-    proc = subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
+    argv = ["--out", "", "train", "--compile", "--model", "SiT-S/2", "--vae", "tiny", "--encoder", "tiny", "--no-lpips",
+            "--image-size", "64", "--batch-size", "8", "--steps", "2", "--warmup", "2"]
+    proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    line = next(ln for ln in (proc.stdout + proc.stderr).splitlines() if "benchmark:" in ln)
+    line = next(ln for ln in (proc.stdout + proc.stderr).splitlines() if "bench train:" in ln)
     fields = dict(re.findall(r"(\w+)=(\S+)", line))
     assert fields["compile"] == "True"
     for phase in ("vae", "vae_opt", "sit", "sit_opt", "disc", "ema"):

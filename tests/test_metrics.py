@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import features as F
 import metrics as M
 
 torch.set_num_threads(1)
@@ -74,13 +75,6 @@ def test_fd_with_fewer_samples_than_dims_is_finite_non_negative_and_warns():
         value, self_value = M.fd(M.feature_stats(x), M.feature_stats(y)), M.fd(M.feature_stats(x), M.feature_stats(x))
     assert np.isfinite(value) and value > 0
     assert abs(self_value) < 1e-9 * np.trace(np.cov(x, rowvar=False))  # rank 19 of 64: no sqrt-noise
-
-
-def test_sqrtm_reference_agrees_with_ours():
-    rng = np.random.default_rng(5)
-    x, y = correlated(rng, 2000, 16).astype(np.float32), correlated(rng, 2000, 16, 0.3).astype(np.float32)
-    stats = (np.mean(x, 0), np.cov(x, rowvar=False), np.mean(y, 0), np.cov(y, rowvar=False))
-    assert M.fd_sqrtm_reference(*stats) == pytest.approx(M.fd(M.feature_stats(x), M.feature_stats(y)), rel=1e-6)
 
 
 def test_bootstrap_draws_distinct_subsets():
@@ -151,17 +145,15 @@ def test_fld_ignores_dims_that_are_constant_on_the_test_set():
 BIG = {"h-optimus-0", "uni2-h", "virchow2", "uni"}  # ViT-g / ViT-H / ViT-L: shapes on `meta`
 
 
-@pytest.mark.parametrize("name", list(M.EXTRACTORS))
+@pytest.mark.parametrize("name", list(F.EXTRACTORS))
 def test_extractor_returns_documented_dim(name):
-    spec = M.EXTRACTORS[name]
+    spec = F.EXTRACTORS[name]
     if spec.backend == "none":
-        with pytest.raises(M.ExtractorUnavailable, match=name):
-            M.build_extractor(name, pretrained=False)
+        with pytest.raises(F.ExtractorUnavailable, match=name):
+            F.build_extractor(name, pretrained=False)
         return
-    if spec.backend == "repa_loss":
-        pytest.importorskip("repa_loss")
     device = "meta" if name in BIG else "cpu"
-    extractor = M.build_extractor(name, pretrained=False, device=device)
+    extractor = F.build_extractor(name, pretrained=False, device=device)
     x = torch.rand(2, 3, spec.input_size, spec.input_size, device=device)
     assert extractor.embed(x).shape == (2, spec.dim)
 
@@ -170,16 +162,16 @@ def test_virchow_pooling_is_cls_and_patch_mean_without_registers():
     cls, registers, patches = torch.tensor([[1.0, 1.0]]), torch.full((4, 2), 1e3), torch.tensor(
         [[0.0, 2.0], [2.0, 0.0], [4.0, 4.0]])
     tokens = torch.cat([cls, registers, patches])[None]  # (1, 8, 2)
-    assert M.pool_tokens(tokens, "cls+patch_mean", 5).tolist() == [[1.0, 1.0, 2.0, 2.0]]
+    assert F.pool_tokens(tokens, "cls+patch_mean", 5).tolist() == [[1.0, 1.0, 2.0, 2.0]]
 
 
 def test_unknown_extractor_and_missing_weights_give_one_clear_line():
     with pytest.raises(ValueError, match="choose from"):
-        M.build_extractor("resnet")
-    with pytest.raises(M.ExtractorUnavailable, match="--random-weights"):
-        M.build_extractor("tiny", pretrained=True)
-    with pytest.raises(M.ExtractorUnavailable, match="phikon-v2: not available in this build: needs `transformers`"):
-        M.build_extractor("phikon-v2")
+        F.build_extractor("resnet")
+    with pytest.raises(F.ExtractorUnavailable, match="--random-weights"):
+        F.build_extractor("tiny", pretrained=True)
+    with pytest.raises(F.ExtractorUnavailable, match="phikon-v2: not available in this build: needs `transformers`"):
+        F.build_extractor("phikon-v2")
 
 
 # ---------------------------------------------------------------------------------- tiles, cache, CLI
@@ -214,12 +206,13 @@ def test_feature_cache_is_keyed_by_content_and_preprocessing(tmp_path):
 
     def get():
         builds.append(1)
-        return M.build_extractor("tiny", pretrained=False)
+        return F.build_extractor("tiny", pretrained=False)
 
-    run = lambda prep: M.extract_features(folder, "tiny", prep, get, weights="random", cache_dir=tmp_path / "c")
+    run = lambda prep: M.extract_features(folder, "tiny", prep, get, weights="random(seed=0)",
+                                         cache_dir=tmp_path / "c")
     stems, first = run(M.Preprocess())
     _, again = run(M.Preprocess())
-    assert stems == ["a", "b", "c"] and first.shape == (3, 32) and len(builds) == 1
+    assert stems == ["a", "b", "c"] and first.shape == (3, 48) and len(builds) == 1
     np.testing.assert_array_equal(first, again)
     run(M.Preprocess(jpeg=70))  # other preprocessing: a miss
     write_tiles(folder, ["c"], size=224, seed=1)  # new content for c: a miss
@@ -227,7 +220,7 @@ def test_feature_cache_is_keyed_by_content_and_preprocessing(tmp_path):
     assert len(builds) == 3
 
 
-@pytest.mark.filterwarnings("ignore:FD from 6 samples")  # 6 tiles, 32 dims: expected here
+@pytest.mark.filterwarnings("ignore:FD from 6 samples")  # 6 tiles, 48 dims: expected here
 def test_command_line_writes_every_setting_next_to_each_number(tmp_path):
     real = write_tiles(tmp_path / "real", ["t0", "t1", "t2", "t3", "t4", "t5"], seed=0)
     fake = write_tiles(tmp_path / "fake", [f"t{i}_00" for i in range(6)], seed=1)  # sample.py's names
@@ -240,9 +233,9 @@ def test_command_line_writes_every_setting_next_to_each_number(tmp_path):
     assert [r["metric"] for r in report["results"]] == ["fd", "precision", "recall", "cosine"]
     for row in report["results"]:
         s = row["settings"]
-        assert np.isfinite(row["value"]) and s["weights"] == "random" and s["n_real"] == 6
+        assert np.isfinite(row["value"]) and s["weights"] == "random(seed=0)" and s["n_real"] == 6
         assert s["preprocess"]["fake"] == {"jpeg": 70, "crop": 224, "kernel": "bicubic"}  # tiny's own kernel
-        assert s["preprocess"]["real"]["jpeg"] is None and s["extractor"]["dim"] == 32
+        assert s["preprocess"]["real"]["jpeg"] is None and s["extractor"]["dim"] == 48
 
 
 def test_command_line_bad_input_is_one_line(tmp_path):
@@ -254,3 +247,30 @@ def test_command_line_bad_input_is_one_line(tmp_path):
     Image.new("RGB", (224, 200)).save(tmp_path / "real" / "wide.png")
     with pytest.raises(SystemExit, match=r"metrics.py: error: .*wide.png is 224x200 px, not a square tile"):
         M.main(["--real", str(real), "--fake", str(real)] + args)
+
+
+# ---------------------------------------------------------------------------------- known answers, boundaries
+def test_precision_recall_and_cosine_known_values():
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])  # k = 1: every real radius is 1
+    fake = np.array([[0.5], [10.0], [2.9], [20.0]])  # 0.5 and 2.9 fall inside a real ball; 10 and 20 do not
+    assert M.precision_recall(real, fake, k=1) == (0.5, 1.0)
+    mean, std, n = M.paired_cosine(["a", "b"], np.array([[1.0, 0.0], [0.0, 1.0]]), ["a_00", "b_00"],
+                                   np.array([[1.0, 1.0], [0.0, -1.0]]))
+    cosines = np.array([1 / np.sqrt(2), -1.0])
+    assert n == 2 and mean == pytest.approx(cosines.mean()) and std == pytest.approx(cosines.std())
+
+
+def test_extractors_receive_the_decoded_tile_in_0_1(tmp_path):
+    """What crosses from the tile decoder to an extractor: the PNG's pixels / 255, nothing else."""
+    pixels = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "t.png")
+    seen = []
+
+    class Recorder:
+        def embed(self, x, bf16=False):
+            seen.append(x)
+            return torch.zeros(len(x), F.EXTRACTORS["tiny"].dim)
+
+    M.extract_features(tmp_path, "tiny", M.Preprocess(), lambda: Recorder(), weights="test")
+    expected = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    assert torch.equal(seen[0], expected)

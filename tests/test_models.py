@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+import checkpoints
+import features
 import repa_loss
 import sit
 import vae
@@ -25,11 +27,11 @@ def test_full_size_parameter_counts():
 
 
 def test_h0_mini_architecture_offline():
-    encoder = repa_loss.load_encoder("h0-mini", pretrained=False)
+    encoder = features.load_encoder("h0-mini", pretrained=False)
     assert abs(n_params(encoder) - 86e6) / 86e6 < 0.02
     with torch.no_grad():
         tokens = encoder.forward_features(torch.zeros(1, 3, 224, 224))
-    assert tokens.shape == (1, 261, 768)  # CLS, 4 registers, 16 x 16 patches (SPEC §1)
+    assert tokens.shape == (1, 261, 768)  # CLS, 4 registers, 16 x 16 patches (H0-mini's model card)
 
 
 # -- state-dict layouts, written from the spec, not from the code under test ----------------------
@@ -72,7 +74,7 @@ def test_repae_state_dict_loads_strictly():
     model = sit.build_sit("SiT-S/2", input_size=28)
     sd = {k: torch.randn(s) if s else torch.tensor(7) for k, s in repae_sit_table(depth=12, D=384).items()}
     sd.update({k: v.clone() for k, v in model.state_dict().items() if k.startswith("y_embedder.")})
-    vae.load_state_dict_checked(model, sd, "a REPA-E state dict")
+    checkpoints.load_state_dict_checked(model, sd, "a REPA-E state dict")
     assert torch.equal(model.state_dict()["blocks.3.mlp.fc1.weight"], sd["blocks.3.mlp.fc1.weight"])
 
 
@@ -127,9 +129,9 @@ def test_vae_matches_ldm_layout():
 def test_checkpoint_of_another_preset_is_refused_clearly():
     small = vae.build_vae("tiny")
     with pytest.raises(ValueError, match="another preset"):
-        vae.load_state_dict_checked(small, sit.build_sit("SiT-T/2").state_dict(), "checkpoint.pt")
+        checkpoints.load_state_dict_checked(small, sit.build_sit("SiT-T/2").state_dict(), "checkpoint.pt")
     with pytest.raises(ValueError, match="wrong shapes"):
-        vae.load_state_dict_checked(sit.build_sit("SiT-T/2", cond_dim=32), sit.build_sit("SiT-T/2").state_dict(), "x")
+        checkpoints.load_state_dict_checked(sit.build_sit("SiT-T/2", cond_dim=32), sit.build_sit("SiT-T/2").state_dict(), "x")
 
 
 def test_diffusers_vae_converts_to_identical_outputs():
@@ -139,7 +141,7 @@ def test_diffusers_vae_converts_to_identical_outputs():
                                   block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
                                   norm_num_groups=32).double().eval()
     ours = vae.build_vae("f8d4").double().eval()
-    vae.load_state_dict_checked(ours, vae.convert_diffusers_state_dict(ref.state_dict()), "diffusers VAE")
+    checkpoints.load_state_dict_checked(ours, vae.convert_diffusers_state_dict(ref.state_dict()), "diffusers VAE")
     old_names = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}  # diffusers < 0.14
     old = {}
     for key, value in ref.state_dict().items():
@@ -147,7 +149,7 @@ def test_diffusers_vae_converts_to_identical_outputs():
             key = key.replace(f"attentions.0.{new}", f"attentions.0.{was}")
         old[key] = value
     assert any(".query." in k for k in old)
-    vae.load_state_dict_checked(vae.build_vae("f8d4").double(), vae.convert_diffusers_state_dict(old), "old VAE")
+    checkpoints.load_state_dict_checked(vae.build_vae("f8d4").double(), vae.convert_diffusers_state_dict(old), "old VAE")
     x = torch.rand(1, 3, 32, 32, dtype=torch.float64) * 2 - 1
     z = torch.randn(1, 4, 4, 4, dtype=torch.float64)
     with torch.no_grad():
@@ -331,28 +333,28 @@ def test_repa_loss_values():
 
 def test_token_resize_keeps_constants_and_follows_grid():
     const = torch.full((2, 256, 5), 0.7)
-    out = repa_loss.resize_tokens(const, 14)
+    out = features.resize_tokens(const, 14)
     assert out.shape == (2, 196, 5) and torch.allclose(out, const[:, :196], atol=1e-6)
     ramp = torch.arange(16.0).repeat(16, 1).reshape(1, 256, 1)  # value = column index
-    out = repa_loss.resize_tokens(ramp, 4).view(4, 4)
+    out = features.resize_tokens(ramp, 4).view(4, 4)
     assert (out[:, 1:] > out[:, :-1]).all() and torch.allclose(out[0], out[3])
     stripes = (torch.arange(16.0) % 2 * 2 - 1).repeat(16, 1).reshape(1, 256, 1)  # columns +1, -1, +1, ...
-    assert repa_loss.resize_tokens(stripes, 14).abs().max() < 0.85  # antialiased; without: 0.97
+    assert features.resize_tokens(stripes, 14).abs().max() < 0.85  # antialiased; without: 0.97
 
 
 def test_encoder_features_shapes_and_bad_input():
-    encoder = repa_loss.load_encoder("tiny", pretrained=False)
+    encoder = features.load_encoder("tiny", pretrained=False)
     images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
-    cls, patches = repa_loss.encoder_features(encoder, images, grid=14)
+    cls, patches = features.encoder_features(encoder, images, token_grid=14)
     assert cls.shape == (2, 48) and patches.shape == (2, 196, 48)
-    cls2, _ = repa_loss.encoder_features(encoder, images.float() / 255)
+    cls2, _ = features.encoder_features(encoder, images.float() / 255)
     assert torch.allclose(cls, cls2, atol=1e-5)
     with pytest.raises(ValueError, match="RGB"):
-        repa_loss.encoder_features(encoder, images[:, :1])
+        features.encoder_features(encoder, images[:, :1])
     with pytest.raises(ValueError, match=r"floats in \[0, 1\]"):
-        repa_loss.encoder_features(encoder, images.float() / 127.5 - 1)  # the VAE's range
+        features.encoder_features(encoder, images.float() / 127.5 - 1)  # the VAE's range
     with pytest.raises(ValueError, match="unknown encoder"):
-        repa_loss.load_encoder("uni2-h")
+        features.load_encoder("uni2-h")
 
 
 def test_interpolant_convention():
@@ -364,3 +366,30 @@ def test_interpolant_convention():
     torch.testing.assert_close(numeric, repa_loss.velocity_target(x, eps), atol=1e-3, rtol=1e-3)
     t = repa_loss.sample_t(10000)
     assert t.min() >= 0 and t.max() < 1 and abs(t.mean().item() - 0.5) < 0.01
+
+
+def test_the_projector_reads_the_output_of_block_encoder_depth():
+    """REPA aligns the tokens after block `encoder_depth` (8 in SiT-XL/2; 2 in SiT-T/2): the projection must
+    be the projector applied to that block's own output, not to its neighbour's."""
+    model = sit.build_sit("SiT-T/2", input_size=8, cond_dim=16, z_dim=16).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # move the zero-initialised adaLN layers so every block changes x
+            p.add_(0.05 * torch.randn_like(p))
+    outputs = {}
+    for i, block in enumerate(model.blocks, start=1):
+        block.register_forward_hook(lambda mod, inp, out, i=i: outputs.__setitem__(i, out))
+    _, proj = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 16))
+    assert model.encoder_depth == 2
+    torch.testing.assert_close(proj, model.projectors[0](outputs[2]))
+    assert not torch.allclose(proj, model.projectors[0](outputs[1]), atol=1e-3)
+    assert not torch.allclose(proj, model.projectors[0](outputs[3]), atol=1e-3)
+
+
+def test_posterior_log_variance_is_clamped_to_ldm_range():
+    """LDM clamps the encoder's log-variance to [-30, 20] before it reaches the KL and the sample."""
+    mean, logvar = torch.zeros(1, 4, 2, 2), torch.tensor([100.0, -100.0, 3.0, 0.0]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
+    posterior = vae.DiagonalGaussian(torch.cat([mean, logvar], dim=1))
+    assert posterior.logvar[0, :, 0, 0].tolist() == [20.0, -30.0, 3.0, 0.0]
+    torch.testing.assert_close(posterior.std[0, :, 0, 0], torch.exp(0.5 * torch.tensor([20.0, -30.0, 3.0, 0.0])))
+    expected = 0.5 * (torch.tensor([20.0, -30.0, 3.0, 0.0]).exp() - 1 - torch.tensor([20.0, -30.0, 3.0, 0.0]))
+    torch.testing.assert_close(posterior.kl(), (4 * expected.sum()).view(1))

@@ -2,7 +2,7 @@
 
 A block counts as runnable when the line before its opening fence is `<!-- runnable -->`. For each
 `python X.py ...` or `torchrun ... X.py ...` command in such a block, the flags it uses must appear
-in `python X.py --help`.
+in `python X.py --help` (for a script with subcommands, bench.py: in `python X.py SUB --help`).
 """
 import re
 import shlex
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = {"bench.py"}  # scripts whose first word is a subcommand with flags of its own
 
 
 def runnable_commands(text):
@@ -22,15 +23,18 @@ def runnable_commands(text):
             words = shlex.split(line.split(" #")[0]) if line.strip() else []
             scripts = [w for w in words if w.endswith(".py") and (ROOT / w).exists()]
             if scripts:
-                flags = [w.split("=")[0] for w in words[words.index(scripts[0]) + 1:] if w.startswith("--")]
-                commands.append((scripts[0], flags))
+                rest = words[words.index(scripts[0]) + 1:]
+                script = scripts[0]
+                if script in SUBCOMMANDS and rest and not rest[0].startswith("-"):
+                    script, rest = f"{script} {rest[0]}", rest[1:]
+                commands.append((script, [w.split("=")[0] for w in rest if w.startswith("--")]))
     return commands
 
 
 def test_readme_has_runnable_blocks():
     commands = runnable_commands((ROOT / "README.md").read_text())
-    scripts = {script for script, _ in commands}
-    assert {"train.py", "sample.py", "metrics.py", "tiling.py"} <= scripts, scripts
+    scripts = {script.split()[0] for script, _ in commands}
+    assert {"train.py", "sample.py", "metrics.py", "tiling.py", "bench.py", "demo.py"} <= scripts, scripts
 
 
 def test_every_readme_flag_exists():
@@ -38,7 +42,8 @@ def test_every_readme_flag_exists():
     helps = {}
     for script, flags in commands:
         if script not in helps:
-            out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            out = subprocess.run([sys.executable, *script.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=120)
             assert out.returncode == 0, out.stderr[-500:]
             helps[script] = set(re.findall(r"--[a-z0-9][a-z0-9-]*", out.stdout))
         missing = [f for f in flags if f not in helps[script]]
@@ -48,3 +53,8 @@ def test_every_readme_flag_exists():
 def test_the_checker_catches_a_missing_flag():
     text = "<!-- runnable -->\n```bash\npython train.py --no-such-flag 3\n```\n"
     assert runnable_commands(text) == [("train.py", ["--no-such-flag"])]
+
+
+def test_the_checker_reads_subcommands():
+    text = "<!-- runnable -->\n```bash\npython bench.py train --steps 3 --compile\n```\n"
+    assert runnable_commands(text) == [("bench.py train", ["--steps", "--compile"])]

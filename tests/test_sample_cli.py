@@ -19,7 +19,7 @@ from PIL import Image
 
 import sample
 import sampler
-from repa_loss import encoder_features, load_encoder
+from features import encoder_features, load_encoder
 from sit import build_sit
 from vae import build_vae
 
@@ -158,7 +158,8 @@ def by_hand(ckpt_path, tile, noise_id, seed=0, steps=4):
 
 def test_output_is_the_ema_pipeline(ckpt, tmp_path):
     run("--ckpt", ckpt, "--cond", TILES[2], "--n", 2, "--out", tmp_path / "ema", *FAST)
-    run("--ckpt", ckpt, "--cond", TILES[2], "--n", 2, "--out", tmp_path / "raw", "--no-ema", *FAST)
+    run("--ckpt", ckpt, "--cond", TILES[2], "--n", 2, "--out", tmp_path / "raw", "--sit-weights", "raw",
+        "--vae-weights", "raw", *FAST)
     stem = os.path.splitext(os.path.basename(TILES[2]))[0]
     ours = png(tmp_path / "ema" / f"{stem}_01.png").astype(int)
     assert np.abs(ours - by_hand(ckpt, TILES[2], noise_id=1).astype(int)).max() <= 1
@@ -234,7 +235,9 @@ def bad_files(tmp_path_factory, ckpt):
     d = tmp_path_factory.mktemp("bad")
     with Image.open(TILES[0]) as im:
         im.convert("L").save(d / "grey.png")
-        im.convert("RGBA").save(d / "rgba.png")
+        rgba = im.convert("RGBA")
+        rgba.putpixel((0, 0), (0, 0, 0, 0))  # one transparent pixel: its colour is undefined
+        rgba.save(d / "rgba.png")
         im.crop((0, 0, 200, 224)).save(d / "small.png")
     (d / "notes.png").write_text("not an image")
     other = build_sit("SiT-T/2", input_size=28, cond_dim=48, z_dim=48, hidden_size=96)  # another width
@@ -281,7 +284,7 @@ def test_rerun_with_other_settings_is_refused_not_mixed_in(ckpt, tmp_path):
     before = {f: png(tmp_path / "o" / f) for f in pngs(tmp_path / "o")}
     assert (tmp_path / "o" / "settings.json").exists()
     for argv, words in [(["--steps", "3", "--batch-size", "2"], "steps: 4 -> 3"), (FAST + ["--seed", "1"], "seed: 0 -> 1"),
-                        (FAST + ["--no-ema"], "ema: True -> False")]:
+                        (FAST + ["--vae-weights", "raw"], "vae_weights: ema -> raw")]:
         with pytest.raises(SystemExit, match=words):
             run("--ckpt", ckpt, "--num-samples", 2, "--out", tmp_path / "o", *argv)
     run("--ckpt", ckpt, "--num-samples", 2, "--out", tmp_path / "o", "--steps", "4", "--batch-size", "1")  # same run
@@ -307,12 +310,6 @@ def test_user_errors_show_no_traceback(case, bad_files, ckpt, tmp_path):
                           cwd=tmp_path, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and words in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-
-
-def test_benchmark_counts_network_evaluations(capsys):
-    run("--benchmark", "--model", "SiT-T/2", "--vae", "tiny", "--batch-size", 2, "--steps", 10, "--device", "cpu")
-    # 10 SDE steps on linspace(1, 0.04, 10): 7 of them at t <= 0.75 are guided (2 rows each) -> 17
-    assert "17 network evaluations per image" in capsys.readouterr().out
 
 
 def test_torchrun_splits_the_work_and_writes_the_same_files(ckpt, tmp_path):

@@ -5,15 +5,12 @@ The real H&E tiles of tests/data/tiles (224 px, cut from the CMU-1-Small-Region 
 """
 import copy
 import csv
-import io
-import itertools
 import math
 import os
 import subprocess
 import sys
-import tarfile
-from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -47,6 +44,10 @@ def tensors_equal(a, b):
     return a == b
 
 
+def batch_of(x, cond, target, t, eps):
+    return SimpleNamespace(x=x, cond=cond, target=target, t=t, eps=eps)
+
+
 def snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -60,126 +61,7 @@ def write_png(path, colour, size=32):
     Image.new("RGB", (size, size), colour).save(path)
 
 
-# -- data --------------------------------------------------------------------------------------------
-def test_real_tiles_decode_at_training_size():
-    kind, files = data.find_tiles(str(TILES))
-    assert kind == "files" and len(files) >= 4
-    tile = data.decode_tile(files[0], files[0], 224)
-    assert tile.shape == (3, 224, 224) and tile.dtype == torch.uint8
-    assert tile.float().std() > 10  # real tissue, not a blank image
-
-
-def test_wrong_size_is_an_error_unless_resize_is_asked_for():
-    path = sorted(TILES.glob("*.png"))[0]
-    with pytest.raises(ValueError, match=r"224x224 px but --image-size is 32.*--resize"):
-        data.decode_tile(path, str(path), 32)
-    full = np.array(Image.open(path).convert("RGB"))
-    crop = data.decode_tile(path, str(path), 200, resize="crop")
-    assert np.array_equal(crop.permute(1, 2, 0).numpy(), full[12:212, 12:212])  # the centre, untouched
-    assert data.decode_tile(path, str(path), 32, resize="scale").shape == (3, 32, 32)
-    with pytest.raises(ValueError, match="smaller"):
-        data.decode_tile(path, str(path), 256, resize="crop")
-
-
-def test_greyscale_tile_is_rejected(tmp_path):
-    Image.new("L", (32, 32), 128).save(tmp_path / "grey.png")
-    with pytest.raises(ValueError, match="not an RGB image"):
-        data.decode_tile(tmp_path / "grey.png", "grey.png", 32)
-
-
-def test_manifest_keeps_train_rows_only(tmp_path):
-    (tmp_path / "tiles").mkdir()
-    rows = [("a", "train"), ("b", "val_in"), ("c", "val_out"), ("d", "train")]
-    with open(tmp_path / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["slide_id", "file", "split"])
-        writer.writeheader()
-        writer.writerows({"slide_id": "s", "file": f"tiles/{n}.png", "split": s} for n, s in rows)
-    kind, files = data.find_tiles(str(tmp_path / "manifest.csv"))
-    assert kind == "files" and files == [str(tmp_path / "tiles" / "a.png"), str(tmp_path / "tiles" / "d.png")]
-
-
-def test_tar_shards_split_between_ranks_without_overlap(tmp_path):
-    colours = {}
-    for s in range(4):
-        with tarfile.open(tmp_path / f"shard{s}.tar", "w") as tar:
-            for j in range(3):
-                k = 3 * s + j
-                buf = io.BytesIO()
-                Image.new("RGB", (32, 32), (k * 10, 0, 0)).save(buf, format="PNG")
-                info = tarfile.TarInfo(f"tiles/tile{k}.png")
-                info.size = buf.tell()
-                buf.seek(0)
-                tar.addfile(info, buf)
-                colours[k * 10] = k
-    kind, shards = data.find_tiles(str(tmp_path))
-    assert kind == "shards" and len(shards) == 4
-    seen = []
-    for rank in range(2):
-        stream = data.TileShards(shards, 32, rank=rank, world=2, seed=0, shuffle_buffer=1)
-        first_pass = [int(img[0, 0, 0]) for img, _ in itertools.islice(iter(stream), 6)]
-        seen.append(set(first_pass))
-    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(colours)
-    # 2 ranks x 2 data workers = 4 readers, one shard each: each reader's first pass is its whole shard
-    readers = []
-    for rank in range(2):
-        stream = data.TileShards(shards, 32, rank=rank, world=2, seed=0, shuffle_buffer=1)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
-        items = [int(img[0, 0, 0]) for img, _ in itertools.islice(iter(loader), 6)]  # workers alternate
-        readers += [set(items[0::2]), set(items[1::2])]
-    assert all(len(r) == 3 for r in readers) and set().union(*readers) == set(colours)
-    with pytest.raises(ValueError, match="shards for 8 readers"):
-        next(iter(data.TileShards(shards, 32, rank=0, world=8)))
-
-
-def test_precomputed_features(tmp_path):
-    write_png(tmp_path / "t0.png", (200, 100, 150))
-    np.save(tmp_path / "t0.npy", np.arange(5 * 6, dtype=np.float16).reshape(5, 6))
-    img, feats = data.TileFolder([str(tmp_path / "t0.png")], 32, features=str(tmp_path), tokens=4)[0]
-    assert feats.dtype == torch.float32 and feats.shape == (5, 6) and feats[1, 0] == 6
-    assert data.feature_dim(str(tmp_path)) == 6
-    with pytest.raises(ValueError, match="expected"):
-        data.TileFolder([str(tmp_path / "t0.png")], 32, features=str(tmp_path), tokens=16)[0]
-    with pytest.raises(FileNotFoundError, match="no precomputed features"):
-        data.load_features(str(tmp_path), "missing", 4)
-    (tmp_path / "sub").mkdir()
-    write_png(tmp_path / "sub" / "t0.png", (0, 0, 0))
-    with pytest.raises(ValueError, match="unique tile names"):  # one t0.npy cannot serve two tiles
-        data.TileFolder([str(tmp_path / "t0.png"), str(tmp_path / "sub" / "t0.png")], 32, features=str(tmp_path))
-
-
-def test_tiling_output_folder_is_refused_for_its_manifest(tmp_path):
-    out = tmp_path / "out"
-    (out / "tiles" / "s1").mkdir(parents=True)
-    write_png(out / "tiles" / "s1" / "a.png", (200, 100, 150))
-    (out / "tiling.json").write_text("{}")
-    (out / "manifest.csv").write_text("file,split\ntiles/s1/a.png,val_out\n")
-    for folder in (out, out / "tiles"):  # either would also train on the held-out tiles
-        with pytest.raises(ValueError, match=r"tiling.py output.*manifest.csv"):
-            data.find_tiles(str(folder))
-    (tmp_path / "empty.csv").write_text("file,split\n")
-    with pytest.raises(ValueError, match="empty manifest"):
-        data.find_tiles(str(tmp_path / "empty.csv"))
-
-
-def test_corrupt_tile_is_named(tmp_path):
-    write_png(tmp_path / "good.png", (200, 100, 150))
-    (tmp_path / "cut.png").write_bytes((tmp_path / "good.png").read_bytes()[:60])  # truncated
-    with pytest.raises(ValueError, match=r"cut.png could not be decoded"):
-        data.decode_tile(tmp_path / "cut.png", str(tmp_path / "cut.png"), 32)
-
-
-def test_resumable_sampler_continues_the_same_permutation():
-    items = list(range(20))
-    sampler = data.ResumableSampler(items, num_replicas=2, rank=1, shuffle=True, seed=3, drop_last=True)
-    sampler.set_epoch(4)
-    full = list(sampler)
-    sampler.set_epoch(4, skip=6)
-    assert list(sampler) == full[6:] and len(sampler) == len(full) - 6
-    other = data.ResumableSampler(items, num_replicas=2, rank=0, shuffle=True, seed=3, drop_last=True)
-    other.set_epoch(4)
-    assert set(other).isdisjoint(full) and len(set(other) | set(full)) == 20  # the ranks split the data
-
-
+# -- setup ----------------------------------------------------------------------------------------------
 def test_global_batch_must_divide_by_world_size():
     assert train.local_batch_size(640, 64) == 10
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
@@ -195,7 +77,7 @@ def step_setup(tmp_path):
     opts = train.build_optimizers(args, m)
     dataset = data.TileFolder(data.find_tiles(str(TILES))[1][:4], 32, resize="scale")
     images = torch.stack([dataset[i][0] for i in range(4)])
-    cond, target = train.encoder_features(m.encoder, images, grid=m.grid)
+    cond, target = train.encoder_features(m.encoder, images, token_grid=m.token_grid)
     x = images.float() / 127.5 - 1
     torch.manual_seed(0)
     t, eps = torch.rand(4), torch.randn(4, 4, 4, 4)
@@ -205,7 +87,7 @@ def step_setup(tmp_path):
 def test_vae_align_pass_changes_no_sit_weight(step_setup):
     args, m, opts, x, cond, target, t, eps = step_setup
     sit_before, vae_before = snapshot(m.sit), snapshot(m.vae)
-    z, recon, terms = train.vae_update(m, opts["vae"], x, cond, target, t, eps, args, nullcontext())
+    z, recon, terms = train.vae_update(m, opts["vae"], batch_of(x, cond, target, t, eps), args)
     assert tensors_equal(snapshot(m.sit), sit_before)  # parameters and BN running statistics
     assert all(p.grad is None for p in m.sit.parameters())
     assert not tensors_equal(snapshot(m.vae), vae_before)
@@ -221,18 +103,18 @@ def test_vae_align_loss_reaches_the_encoder_through_the_sit(step_setup):
     for name in ("l1_weight", "lpips_weight", "kl_weight", "gan_weight"):
         setattr(args, name, 0.0)
     encoder, decoder = snapshot(m.vae.encoder), snapshot(m.vae.decoder)
-    train.vae_update(m, opts["vae"], x, cond, target, t, eps, args, nullcontext())
+    train.vae_update(m, opts["vae"], batch_of(x, cond, target, t, eps), args)
     assert not tensors_equal(snapshot(m.vae.encoder), encoder)
     assert tensors_equal(snapshot(m.vae.decoder), decoder)
     assert all(p.grad is None for p in m.vae.parameters())  # freed right after the step
 
 
 def test_paper_defaults():
-    """SPEC §2: the numbers a run gets without flags."""
+    """CytoSyn §3.3 and REPA-E §3: the numbers a run gets without flags."""
     a = train.parse_args(["--data", "tiles"])
     assert (a.model, a.vae, a.encoder, a.image_size, a.global_batch_size) == ("SiT-XL/2", "f8d4", "h0-mini", 224, 640)
     assert (a.l1_weight, a.lpips_weight, a.kl_weight, a.gan_weight) == (1.0, 1.0, 1e-6, 0.1)
-    assert (a.vae_align_coeff, a.proj_coeff, a.cfg_prob, a.ema_decay) == (1.5, 0.5, 0.1, 0.9999)
+    assert (a.vae_align_coeff, a.proj_coeff, a.cond_dropout, a.ema_decay) == (1.5, 0.5, 0.1, 0.9999)
     assert (a.lr, a.vae_lr, a.disc_lr, a.adam_beta1, a.adam_beta2, a.weight_decay, a.max_grad_norm) == (
         1e-4, 1e-4, 1e-4, 0.9, 0.999, 0.0, 1.0)
 
@@ -242,11 +124,11 @@ def test_step_losses_are_the_weighted_sums_of_their_terms(step_setup):
     args.kl_weight = 0.25  # large enough to show in the sum
     with torch.no_grad():
         kl = m.vae.encode(x).kl().mean()  # summed over C, H, W, batch mean (does not depend on the sample)
-    z, recon, vt = train.vae_update(m, opts["vae"], x, cond, target, t, eps, args, nullcontext())
+    z, recon, vt = train.vae_update(m, opts["vae"], batch_of(x, cond, target, t, eps), args)
     torch.testing.assert_close(vt["kl"], kl)
     expected = vt["l1"] + vt["lpips"] + 0.25 * vt["kl"] + 0.1 * vt["gan_g"] + 1.5 * vt["proj_vae"]
     torch.testing.assert_close(vt["vae_loss"], expected)
-    st = train.sit_update(m, opts["sit"], z, cond, target, t, eps, args, nullcontext())
+    st = train.sit_update(m, opts["sit"], z, batch_of(x, cond, target, t, eps), args)
     torch.testing.assert_close(st["sit_loss"], st["diffusion"] + 0.5 * st["proj_sit"])
 
 
@@ -257,7 +139,7 @@ def test_train_step_shares_t_and_eps_between_passes_and_updates_both_emas(step_s
     monkeypatch.setattr(train, "interpolate", lambda x0, e, tt: calls.append((e, tt)) or real(x0, e, tt))
     images = ((x + 1) * 127.5).round().to(torch.uint8)
     sit_ema, vae_ema = snapshot(m.sit_ema), snapshot(m.vae_ema)
-    train.train_step(m, opts, images, torch.empty(0), args, torch.device("cpu"), nullcontext())
+    train.train_step(m, opts, images, torch.empty(0), args)
     assert len(calls) == 2  # the VAE-align pass, then the SiT pass
     assert calls[0][0] is calls[1][0] and calls[0][1] is calls[1][1]  # the same eps and t tensors
     assert not tensors_equal(snapshot(m.sit_ema), sit_ema) and not tensors_equal(snapshot(m.vae_ema), vae_ema)
@@ -267,7 +149,7 @@ def test_diffusion_loss_sends_no_gradient_into_the_vae(step_setup):
     args, m, opts, x, cond, target, t, eps = step_setup
     posterior, z, _ = m.vae(x)  # z still attached to the VAE graph, as in the training step
     vae_before, sit_before = snapshot(m.vae), snapshot(m.sit)
-    terms = train.sit_update(m, opts["sit"], z, cond, target, t, eps, args, nullcontext())
+    terms = train.sit_update(m, opts["sit"], z, batch_of(x, cond, target, t, eps), args)
     assert all(p.grad is None for p in m.vae.parameters())
     assert tensors_equal(snapshot(m.vae), vae_before)
     assert not tensors_equal(snapshot(m.sit), sit_before)
@@ -302,7 +184,7 @@ def test_sit_overfits_a_few_tiles(step_setup):
     losses = []
     for _ in range(300):
         t, eps = torch.rand(4), torch.randn_like(z)
-        terms = train.sit_update(m, opts["sit"], z, cond, target, t, eps, args, nullcontext())
+        terms = train.sit_update(m, opts["sit"], z, batch_of(x, cond, target, t, eps), args)
         losses.append(terms["diffusion"].item())
     start, end = np.mean(losses[:10]), np.mean(losses[-30:])
     assert start > 1.5 and end < 0.5 * start, (start, end)
@@ -328,8 +210,8 @@ def test_smoke_run_on_real_tiles(tmp_path):
     cfg = ckpt["config"]
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 1
     assert (cfg["model"], cfg["vae"], cfg["encoder"], cfg["image_size"]) == ("SiT-T/2", "tiny", "tiny", 32)
-    import sample  # the checkpoint rebuilds its models from its own config, in sample.py
-    loaded = sample.load_models(str(tmp_path / "checkpoints" / "0000002.pt"), True, torch.device("cpu"))
+    # the checkpoint rebuilds its models from its own config, as sample.py reads it
+    loaded = checkpoints.load_models(str(tmp_path / "checkpoints" / "0000002.pt"))
     assert tensors_equal(loaded.sit.state_dict(), ckpt["sit_ema"]) and loaded.encoder == "tiny"
     assert loaded.vae.decode(torch.zeros(1, 4, 4, 4)).shape == (1, 3, 32, 32)
     assert Image.open(tmp_path / "samples" / "0000002.png").size == (3 * 32, 2 * 32)
@@ -362,15 +244,6 @@ def test_bad_data_is_one_line_before_any_model_is_built(tmp_path):
                                                 f"tiles, a manifest .csv or a .tar shard"]
 
 
-def test_resume_from_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
-    torch.save({"model": {}, "ema": {}}, tmp_path / "repae.pt")  # another layout
-    with pytest.raises(ValueError, match="junk.pt is not a readable train.py checkpoint"):
-        checkpoints.read_for_resume(str(tmp_path / "junk.pt"))
-    with pytest.raises(ValueError, match=r"repae.pt is not a train.py checkpoint \(no config, step"):
-        checkpoints.read_for_resume(str(tmp_path / "repae.pt"))
-
-
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     calls = []
     real = train.diffusion_loss
@@ -391,13 +264,14 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, m
 HELPER = """
 import os, sys, torch, torch.distributed as dist
 import data
+import sit
 import train
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 # SyncedLatentBatchNorm on each rank's half == BatchNorm2d on the whole batch.
 z = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1
 bn = torch.nn.BatchNorm2d(4, eps=1e-4, affine=False)
-synced = train.synced_batchnorm(bn)
+synced = sit.synced_batchnorm(bn)
 out = synced(z[2 * rank:2 * rank + 2])
 ref = bn(z)
 bn_ok = (torch.allclose(out, ref[2 * rank:2 * rank + 2], atol=1e-5)
@@ -430,3 +304,34 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     assert ckpt["config"]["world_size"] == 2
     assert not tensors_equal(ckpt["sit"], train.build_models(train.parse_args(TINY), torch.device("cpu"), 1,
                                                              None).sit.state_dict())
+
+
+# -- what crosses a file boundary ---------------------------------------------------------------------
+def test_each_network_gets_the_pixel_range_it_expects(step_setup, monkeypatch):
+    """The tile decoder's uint8 pixels reach the encoder untouched (features.py scales them) and the VAE
+    as x / 127.5 - 1 in [-1, 1], exactly; the REPA target and the condition are the encoder's."""
+    args, m, opts, *_ = step_setup
+    path = sorted(TILES.glob("*.png"))[0]
+    pixels = np.array(Image.open(path).convert("RGB"))[96:128, 96:128]  # a 32 px crop of a real tile
+    images = data.decode_tile(path, str(path), 32, resize="crop")[None]
+    assert np.array_equal(images[0].permute(1, 2, 0).numpy(), pixels)  # the decoder changes no pixel
+    seen = {}
+    real_encoder = train.encoder_features
+    monkeypatch.setattr(train, "encoder_features", lambda enc, x, token_grid: seen.setdefault("enc", x) is not None
+                        and real_encoder(enc, x, token_grid=token_grid))
+    batch = train.make_batch(m, images, torch.empty(0))
+    assert seen["enc"].dtype == torch.uint8 and torch.equal(seen["enc"].cpu(), images)
+    assert torch.equal(batch.x, images.float() / 127.5 - 1) and -1 <= batch.x.min() and batch.x.max() <= 1
+    cond, target = real_encoder(m.encoder, images, token_grid=m.token_grid)
+    assert torch.equal(batch.cond, cond) and torch.equal(batch.target, target)
+    vae_inputs = []
+    m.wrapped["vae"] = lambda x: vae_inputs.append(x) or m.vae(x)
+    train.vae_update(m, opts["vae"], batch, args)
+    assert vae_inputs[0] is batch.x
+
+
+def test_precomputed_tokens_are_split_into_condition_and_target(step_setup):
+    args, m, opts, *_ = step_setup
+    feats = torch.randn(2, 1 + m.token_grid ** 2, 48)
+    batch = train.make_batch(m, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), feats)
+    assert torch.equal(batch.cond, feats[:, 0]) and torch.equal(batch.target, feats[:, 1:])

@@ -1,0 +1,239 @@
+"""What an encoder sees of a tile: H0-mini for conditioning and alignment, and every feature extractor
+of the benchmark (CytoSyn §3.1, §4.1).
+
+H0-mini (Bioptimus; a ViT-B/14 with 4 register tokens, distilled from H-optimus-0) is frozen and used
+twice in training: its CLS token conditions the SiT, and its patch tokens, resized from 16 x 16 to the
+SiT's 14 x 14 token grid, are the REPA alignment target (CytoSyn §3.1: resized so that they can be
+precomputed once per tile). `encoder_features` is that one path, for train.py, sample.py and metrics.py.
+
+The benchmark's extractors (Inception, DINOv2, H-optimus-0, UNI2-h, Virchow 2, UNI, H0-mini, ...) live
+in one registry, `EXTRACTORS`: what `pretrained=True` loads from the hub, what architecture
+`pretrained=False` builds offline with random weights (tests, pipeline checks), the input size, the
+resize kernel, the normalisation and the pooling. Every tile reaches them as uint8, or floats in [0, 1].
+
+Left out: CONCH-v1 (needs the `conch` package) and Phikon-v2 (a `transformers` model), which are
+registered but report that they are unavailable; REPA's other alignment encoders (DINOv2, CLIP, MAE).
+"""
+import contextlib
+from dataclasses import asdict, dataclass, field
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import SwiGLUPacked
+
+# H0-mini's input normalisation (its model card; the same constants as H-optimus-0).
+H0_MINI_MEAN = (0.707223, 0.578729, 0.703617)
+H0_MINI_STD = (0.211883, 0.230117, 0.177517)
+ENCODER_SIZE = 224  # H0-mini sees 224 x 224 tiles (16 x 16 patches of 14 px)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # timm's inception_v3.tv_in1k takes [-1, 1] inputs
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+GATED = "gated: accept its licence on https://huggingface.co/{}, then `hf auth login` (or set HF_TOKEN)"
+_SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    hub: str | None  # what pretrained=True loads: a timm name, "hf-hub:org/repo", or a hub repo
+    arch: str | None  # the timm architecture pretrained=False builds, with the same kwargs
+    kwargs: dict = field(default_factory=dict)
+    input_size: int = 224
+    kernel: str = "bicubic"  # resize kernel when a tile is not input_size px
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    pooling: str = "cls"  # "cls" | "cls+patch_mean" | "head" (timm's own global pool)
+    dim: int = 0
+    backend: str = "timm"  # "timm" | "h0" (through encoder_features, as in training) | "none"
+    access: str = "public weights: check the network or the Hugging Face cache (HF_HOME)"  # or how to get them
+    bf16_ok: bool = True  # may run under bf16 autocast on GPU
+    hub_kwargs: dict | None = None  # what pretrained=True passes, where the model card says other than kwargs
+
+
+EXTRACTORS = {
+    # NOTE: the paper's Inception is pytorch-fid's TF graph (bilinear resize to 299); timm has the
+    # torchvision weights only, so Inception FD here is comparable with itself, not with Table 2.
+    "inception": ExtractorSpec("inception_v3.tv_in1k", "inception_v3", dict(num_classes=0), 299,
+                               "bilinear", INCEPTION_MEAN, INCEPTION_STD, "head", 2048, bf16_ok=False),
+    "dinov2": ExtractorSpec("vit_base_patch14_dinov2.lvd142m", "vit_base_patch14_dinov2",
+                            dict(img_size=224, num_classes=0), dim=768),
+    "h-optimus-0": ExtractorSpec(
+        "hf-hub:bioptimus/H-optimus-0", "vit_giant_patch14_reg4_dinov2",
+        dict(img_size=224, init_values=1e-5, dynamic_img_size=False, num_classes=0),
+        mean=H0_MINI_MEAN, std=H0_MINI_STD, dim=1536, access=GATED.format("bioptimus/H-optimus-0")),
+    "uni2-h": ExtractorSpec(
+        "hf-hub:MahmoodLab/UNI2-h", "vit_giant_patch14_224",  # the kwargs fix every shape
+        dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+             mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8,
+             dynamic_img_size=True, **_SWIGLU),
+        dim=1536, access=GATED.format("MahmoodLab/UNI2-h")),
+    "virchow2": ExtractorSpec(
+        "hf-hub:paige-ai/Virchow2", "vit_huge_patch14_224",
+        dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
+             global_pool="", dynamic_img_size=True, **_SWIGLU),
+        pooling="cls+patch_mean", dim=2560, access=GATED.format("paige-ai/Virchow2")),
+    "uni": ExtractorSpec(
+        "hf-hub:MahmoodLab/uni", "vit_large_patch16_224",
+        dict(img_size=224, init_values=1e-5, dynamic_img_size=True, num_classes=0),
+        dim=1024, access=GATED.format("MahmoodLab/UNI")),
+    # NOTE: Phikon-v2 is a transformers Dinov2Model, not a timm model, and no weight mapping onto timm's
+    # ViT-L/16 has been checked here; it stays unavailable rather than approximated.
+    "phikon-v2": ExtractorSpec("owkin/phikon-v2", None, dim=1024, backend="none", access="needs "
+                               "`transformers` (owkin/phikon-v2: CLS of last_hidden_state), not wired in"),
+    "conch-v1": ExtractorSpec("MahmoodLab/CONCH", None, input_size=448, mean=CLIP_MEAN, std=CLIP_STD,
+                              dim=512, backend="none", access="needs the `conch` package "
+                              "(github.com/mahmoodlab/CONCH) and " + GATED.format("MahmoodLab/CONCH")),
+    # H0-mini, built and normalised exactly as training conditions on it (encoder_features).
+    # NOTE: the hub's config.json is authoritative with pretrained=True. Offline we build timm's DINOv2
+    # ViT-B/14 + 4 registers with a SwiGLU MLP of DINOv2's width (2 x 2048 packed, mlp_ratio 16/3):
+    # 86 M parameters and the (B, 261, 768) output H0-mini's model card documents.
+    "h0-mini": ExtractorSpec("hf-hub:bioptimus/H0-mini", "vit_base_patch14_reg4_dinov2",
+                             dict(img_size=224, num_classes=0, mlp_ratio=16 / 3, **_SWIGLU),
+                             mean=H0_MINI_MEAN, std=H0_MINI_STD, dim=768, backend="h0",
+                             access=GATED.format("bioptimus/H0-mini"), hub_kwargs=_SWIGLU),
+    # NOTE: not a pathology model: a random two-block ViT/14 with H0-mini's token layout (CLS, 4 registers,
+    # 16 x 16 patches), the one small encoder of the repo: smoke runs, the demo and the tests, for
+    # conditioning and alignment as for metrics. Random weights only, seeded (`build_extractor`).
+    "tiny": ExtractorSpec(None, "vit_base_patch14_reg4_dinov2",
+                          dict(img_size=224, num_classes=0, embed_dim=48, depth=2, num_heads=3),
+                          mean=H0_MINI_MEAN, std=H0_MINI_STD, dim=48, backend="h0"),
+}
+ENCODERS = ("h0-mini", "tiny")  # the extractors that can condition and align a SiT (H0-mini's token layout)
+
+
+class ExtractorUnavailable(RuntimeError):
+    """The weights or the package an extractor needs are not here; the message says how to get them."""
+
+
+def spec_record(spec):
+    """The registry entry as plain JSON (layer classes by name)."""
+    record = asdict(spec)
+    record["kwargs"] = {k: getattr(v, "__name__", v) for k, v in spec.kwargs.items()}
+    return record
+
+
+def weights_id(name, pretrained, seed=0):
+    """What identifies the weights that make an extractor's features: its hub name, or the seed of its
+    random weights. Feature caches are keyed by it."""
+    return f"{EXTRACTORS[name].hub}" if pretrained else f"random(seed={seed})"
+
+
+def create_model(name, pretrained=True, seed=0, device="cpu"):
+    """The frozen timm model of a registered extractor, in eval mode. `pretrained=True` downloads it from
+    the hub exactly as its model card does (gated ones: accept the licence, then `hf auth login`);
+    `pretrained=False` builds the same architecture with random weights drawn from `seed`, so two
+    runs of a pipeline check see the same features. device="meta" builds it without memory."""
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown extractor {name!r}; choose from {', '.join(EXTRACTORS)}")
+    spec, device = EXTRACTORS[name], torch.device(device)
+    if spec.backend == "none":
+        raise ExtractorUnavailable(f"{name}: not available in this build: {spec.access}")
+    if pretrained and spec.hub is None:
+        raise ExtractorUnavailable(f"{name}: has no pretrained weights; use --random-weights")
+    if pretrained:
+        try:
+            kwargs = spec.kwargs if spec.hub_kwargs is None else spec.hub_kwargs
+            model = timm.create_model(spec.hub, pretrained=True, **kwargs)
+        except Exception as err:  # gated repo, no token, no network: say which, and what to do
+            raise ExtractorUnavailable(f"{name}: could not load {spec.hub} ({hub_failure(err)}); {spec.access}; "
+                                       f"or use --random-weights to test the pipeline") from err
+    else:
+        with torch.device("meta") if device.type == "meta" else contextlib.nullcontext():
+            with torch.random.fork_rng(devices=[]):  # seeded, without moving the caller's random stream
+                torch.manual_seed(seed)
+                model = timm.create_model(spec.arch, pretrained=False, **spec.kwargs)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def hub_failure(err):
+    """A failed hub download, told apart: no network, or no access to a gated model."""
+    text = f"{type(err).__name__}: {err}"
+    if any(s in text for s in ("401", "403", "GatedRepo", "gated", "Unauthorized", "Forbidden")):
+        return f"no access: {text[:200]}"
+    if any(s in text for s in ("Connection", "Timeout", "resolve", "offline", "OfflineMode", "LocalEntryNotFound",
+                               "Network", "unreachable")):
+        return f"network unreachable (offline?): {text[:200]}"
+    return text[:200]
+
+
+def load_encoder(name="h0-mini", pretrained=True, seed=0):
+    """The frozen conditioning/alignment encoder (H0-mini, or the random "tiny" one), in eval mode."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; expected one of {list(ENCODERS)}")
+    return create_model(name, pretrained=pretrained and EXTRACTORS[name].hub is not None, seed=seed)
+
+
+@torch.no_grad()
+def encoder_features(encoder, images, token_grid=14):
+    """Images (B, 3, H, W), uint8 or float in [0, 1] -> (cls (B, D), patches (B, token_grid^2, D)).
+
+    Tiles that are not 224 px are resized to 224 first (bicubic, antialiased). The 16 x 16 patch
+    tokens are resized to the SiT's token grid (14 x 14 for 224 px tiles) with bicubic
+    interpolation and anti-aliasing, so that they can be precomputed once per tile (CytoSyn §3.1)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"the encoder expects RGB images (B, 3, H, W), got {tuple(images.shape)}")
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    if images.dtype != torch.uint8:
+        lo, hi = torch.aminmax(x)
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"the encoder expects uint8 images or floats in [0, 1], got values in [{lo:.3g}, "
+                             f"{hi:.3g}] (the VAE's [-1, 1] input is not the encoder's)")
+    if x.shape[-2:] != (ENCODER_SIZE, ENCODER_SIZE):
+        x = F.interpolate(x, size=(ENCODER_SIZE, ENCODER_SIZE), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(H0_MINI_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(H0_MINI_STD, device=x.device).view(1, 3, 1, 1)
+    tokens = encoder.forward_features((x - mean) / std)         # (B, 1 + 4 + 16*16, D), after the final norm
+    cls, patches = tokens[:, 0], tokens[:, encoder.num_prefix_tokens:]
+    return cls.float(), resize_tokens(patches.float(), token_grid)
+
+
+def resize_tokens(tokens, token_grid):
+    """(B, T, D) tokens on a square grid -> (B, token_grid^2, D), bicubic with anti-aliasing."""
+    B, T, D = tokens.shape
+    side = int(round(T ** 0.5))
+    if side * side != T:
+        raise ValueError(f"cannot resize {T} tokens: not a square grid")
+    if side == token_grid:
+        return tokens
+    x = tokens.transpose(1, 2).reshape(B, D, side, side)                           # (B, D, 16, 16)
+    x = F.interpolate(x, size=(token_grid, token_grid), mode="bicubic", antialias=True, align_corners=False)
+    return x.flatten(2).transpose(1, 2)                                            # (B, token_grid^2, D)
+
+
+def pool_tokens(tokens, pooling, num_prefix):
+    """Final-norm tokens (B, T, D), T = CLS + registers + patches -> (B, D) or (B, 2D)."""
+    if pooling == "cls":
+        return tokens[:, 0]  # (B, D)
+    if pooling == "cls+patch_mean":  # Virchow 2: CLS ‖ mean of the patch tokens, registers left out
+        return torch.cat([tokens[:, 0], tokens[:, num_prefix:].mean(1)], dim=1)  # (B, 2D)
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+class Extractor:
+    """A frozen model with its normalisation and pooling: embed(x in [0, 1], (B, 3, S, S)) -> (B, dim)."""
+
+    def __init__(self, name, model, weights="pretrained"):
+        self.name, self.spec, self.model, self.weights = name, EXTRACTORS[name], model, weights
+        device = next(model.parameters()).device
+        self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
+                               for v in (self.spec.mean, self.spec.std))
+
+    @torch.no_grad()
+    def embed(self, x, bf16=False):
+        with torch.autocast("cuda", torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
+            if self.spec.backend == "h0":  # normalises inside, as in training; CLS
+                return encoder_features(self.model, x)[0].float()
+            x = (x - self.mean) / self.std
+            if self.spec.pooling == "head":
+                out = self.model(x)  # (B, D) timm global pool, num_classes=0
+            else:
+                out = pool_tokens(self.model.forward_features(x), self.spec.pooling,
+                                  self.model.num_prefix_tokens)
+        return out.float()
+
+
+def build_extractor(name, pretrained=True, device="cpu", seed=0):
+    """A registered extractor; pretrained=False gives the same architecture with random weights from
+    `seed` (device="meta" builds it without memory, for shape checks)."""
+    model = create_model(name, pretrained, seed, device)
+    return Extractor(name, model, weights_id(name, pretrained, seed))

@@ -1,0 +1,50 @@
+"""bench.py on the CPU with tiny presets: each subcommand runs and reports what it measured."""
+import json
+
+import numpy as np
+import pytest
+
+import bench
+import metrics as M
+
+
+def correlated(rng, n, d, shift=0.0, scale=1.0):
+    mix = rng.standard_normal((d, d)) / np.sqrt(d)
+    return (rng.standard_normal((n, d)) @ mix) * scale + shift
+
+
+def test_sample_counts_network_evaluations(tmp_path):
+    record = bench.main(["--out", str(tmp_path / "b.jsonl"), "sample", "--model", "SiT-T/2", "--vae", "tiny",
+                         "--batch-size", "2", "--steps", "10", "--image-size", "32"])
+    # 10 SDE steps on linspace(1, 0.04, 10): 7 of them at t <= 0.75 are guided (2 rows each) -> 17
+    assert record["nfe_per_image"] == 17 and record["img_per_s"] > 0
+    line = json.loads((tmp_path / "b.jsonl").read_text().splitlines()[-1])
+    assert line["bench"] == "sample" and line["nfe_per_image"] == 17 and "torch" in line and "date" in line
+
+
+def test_train_times_and_counts_every_phase(tmp_path):
+    record = bench.main(["--out", "", "train", "--model", "SiT-T/2", "--vae", "tiny", "--encoder", "tiny",
+                         "--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0"])
+    for phase in ("encoder", "vae", "vae_opt", "disc", "sit", "sit_opt", "ema"):
+        assert record[f"ms_{phase}"] > 0, phase
+    assert record["tflop_sit"] > 0 and record["tflop_vae"] > record["tflop_sit"]  # the VAE pass dominates
+    assert "mfu_step" not in record  # no MFU without a bf16 GPU run
+
+
+def test_fd_agrees_with_the_sqrtm_formula():
+    record = bench.bench_fd(bench.argparse.Namespace(n=500, d=16, seed=0))
+    assert record["rel_diff"] < 1e-6 and record["fd_ours"] > 0
+
+
+def test_sqrtm_reference_agrees_with_ours():
+    rng = np.random.default_rng(5)
+    x, y = correlated(rng, 2000, 16).astype(np.float32), correlated(rng, 2000, 16, 0.3).astype(np.float32)
+    stats = (np.mean(x, 0), np.cov(x, rowvar=False), np.mean(y, 0), np.cov(y, rowvar=False))
+    assert bench.fd_sqrtm_reference(*stats) == pytest.approx(M.fd(M.feature_stats(x), M.feature_stats(y)), rel=1e-6)
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("train", "sample", "fd"))
