@@ -183,31 +183,6 @@ def test_plain_image_needs_and_uses_slide_mpp(tmp_path, capsys):
         assert period_px(load(tmp_path / "b" / r["file"])) == pytest.approx(PERIOD_UM / 0.5, rel=0.02)
 
 
-def test_choose_level_and_scale():
-    mpps = [0.25, 0.5, 1.0, 4.0]
-    assert tiling.choose_level(mpps, 0.5) == 1
-    assert tiling.choose_level(mpps, 0.7) == 1
-    assert tiling.choose_level(mpps, 2.0) == 2
-    assert tiling.choose_level([0.2527, 1.0108, 4.043], 0.5) == 0   # TCGA 40x: read level 0
-    assert tiling.choose_level([0.504, 2.016], 0.5) == 0             # 0.8% coarse: still 20x
-    with pytest.raises(tiling.SlideError, match="upsampled"):
-        tiling.choose_level([1.0, 4.0], 0.5)
-    assert tiling.level_scale(0.2527, 0.5) == 2.0    # snapped: a 2x box, not 1.979
-    assert tiling.level_scale(0.499, 0.5) == 1.0
-    assert tiling.level_scale(0.3, 0.5) == pytest.approx(5 / 3)
-
-
-def test_slide_mpp_sources():
-    """--slide-mpp, else openslide.mpp-x, else 10 / objective power, else a clear error."""
-    def fake(**props):
-        return type("FakeSlide", (), {"properties": {f"openslide.{k}": v for k, v in props.items()}})()
-    assert tiling.slide_mpp(fake(**{"mpp-x": "0.2527", "objective-power": "40"})) == 0.2527
-    assert tiling.slide_mpp(fake(**{"objective-power": "20"})) == 0.5
-    assert tiling.slide_mpp(fake(**{"mpp-x": "0.2527"}), override=0.26) == 0.26
-    with pytest.raises(tiling.SlideError, match="--slide-mpp"):
-        tiling.slide_mpp(fake())
-
-
 def test_otsu_threshold_maximises_between_class_variance():
     """Against the definition, evaluated directly on the values at every candidate threshold."""
     rng = np.random.default_rng(0)
