@@ -5,6 +5,7 @@ Real data: tests/data/cmu_small_region.svs (Aperio, 0.499 µm/px). Synthetic sli
 here with synthetic_slide.write_pyramid_tiff (generic-tiff of known µm/px). CPU, seconds.
 """
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -179,3 +180,81 @@ def test_reader_gives_the_tiles_tiling_wrote(tmp_path, source, mpp):
         assert np.array_equal(tile, np.asarray(Image.open(tmp_path / "out" / r["file"]))), r["file"]
     assert len(reader.slides) == 1  # one handle per slide, reused
     reader.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# tiling.py runs: per-slide MPP, coordinates out and in
+# ---------------------------------------------------------------------------------------------
+
+def test_mpp_csv_overrides_per_slide_and_is_recorded(tmp_path, capsys):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ["a.svs", "b.svs"]:
+        os.symlink(CMU, folder / name)
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide,mpp\na.svs,0.25\nghost,0.5\n")
+    out = tmp_path / "out"
+    assert tiling.main([str(folder), str(out), "--mpp-csv", str(table)]) == 0
+    assert "1 rows name no slide in the folder, ignored: ghost" in capsys.readouterr().err
+    rows = read_manifest(out)
+    by_slide = {r["slide_id"]: r for r in rows}
+    assert (by_slide["a"]["mpp_source"], by_slide["a"]["slide_mpp"], by_slide["a"]["scale"]) == ("csv", "0.25", "2.0")
+    assert (by_slide["b"]["mpp_source"], by_slide["b"]["slide_mpp"], by_slide["b"]["scale"]) == (
+        "openslide.mpp-x", "0.499", "1.0")
+    assert {r["slide_file"] for r in rows} == {"a.svs", "b.svs"}
+    recorded = json.loads((out / "tiling.json").read_text())["slides"]
+    assert recorded == {"a": {"slide_mpp": 0.25, "mpp_source": "csv"},
+                        "b": {"slide_mpp": 0.499, "mpp_source": "openslide.mpp-x"}}
+    for slide_id, side in [("a", 448), ("b", 224)]:  # one coords file per slide, the manifest's tiles
+        with h5py.File(out / "coords" / f"{slide_id}.h5") as f:
+            assert f["coords"].attrs["patch_size_level0"] == side and f["coords"].attrs["patch_size"] == 224
+            assert sorted(map(tuple, f["coords"][()].tolist())) == sorted(
+                (int(r["x"]), int(r["y"])) for r in rows if r["slide_id"] == slide_id)
+
+
+def test_our_own_coords_give_the_same_tiles(tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    os.symlink(CMU, folder / CMU.name)
+    assert tiling.main([str(folder), str(tmp_path / "grid"), "--min-tissue", "0.8"]) == 0
+    assert tiling.main([str(folder), str(tmp_path / "again"), "--from-coords", str(tmp_path / "grid" / "coords")]) == 0
+    grid, again = read_manifest(tmp_path / "grid"), read_manifest(tmp_path / "again")
+    assert [(r["x"], r["y"], r["file"]) for r in grid] == [(r["x"], r["y"], r["file"]) for r in again]
+    for r in grid:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "grid" / r["file"])),
+                              np.asarray(Image.open(tmp_path / "again" / r["file"])))
+
+
+def trident_file(path, coords, name, side0=512):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        f["coords"].attrs.update({"patch_size": 256, "patch_size_level0": side0, "level0_magnification": 40,
+                                  "target_magnification": 20, "name": name})
+
+
+def test_from_coords_centres_our_tile_on_their_patch_and_skips_bad_files(tmp_path, capsys):
+    """Their 256 px patches at 20x (512 level-0 px at 0.25 µm/px) -> our 224 px tile around the same
+    centre: 32 level-0 px in; its pixels are the 2x Lanczos picture there."""
+    image = synthetic_slide.synthetic_tissue(2048)
+    folder, coords = tmp_path / "slides", tmp_path / "patches"
+    folder.mkdir()
+    coords.mkdir()
+    synthetic_slide.write_pyramid_tiff(folder / "p.tiff", image, 0.25, downsamples=(1, 4))
+    for name in ["q.tiff", "r.tiff", "s.tiff"]:
+        os.symlink(folder / "p.tiff", folder / name)
+    theirs = [[512, 512], [1024, 512], [700, 1300]]
+    trident_file(coords / "p.h5", theirs, "p")
+    trident_file(coords / "q.h5", theirs, "p")                    # written for another slide
+    trident_file(coords / "r.h5", theirs + [[5000, 10]], "r")     # a point outside the slide
+    assert tiling.main([str(folder), str(tmp_path / "out"), "--from-coords", str(coords)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped q.tiff: --from-coords" in err and "is for slide 'p'" in err
+    assert "skipped r.tiff: --from-coords: 1 of 4 points" in err and "outside the slide (2048 x 2048" in err
+    assert "skipped s.tiff: --from-coords: no coordinates file" in err
+    rows = read_manifest(tmp_path / "out")
+    assert [(r["slide_id"], int(r["x"]), int(r["y"])) for r in rows] == [("p", x + 32, y + 32) for x, y in theirs]
+    half = np.asarray(Image.fromarray(image).resize((1024, 1024), Image.Resampling.LANCZOS)).astype(int)
+    for r in rows:
+        x, y = int(r["x"]) // 2, int(r["y"]) // 2
+        tile = np.asarray(Image.open(tmp_path / "out" / r["file"]))
+        assert np.abs(tile - half[y:y + 224, x:x + 224]).max() <= 1
