@@ -258,3 +258,14 @@ def test_from_coords_centres_our_tile_on_their_patch_and_skips_bad_files(tmp_pat
         x, y = int(r["x"]) // 2, int(r["y"]) // 2
         tile = np.asarray(Image.open(tmp_path / "out" / r["file"]))
         assert np.abs(tile - half[y:y + 224, x:x + 224]).max() <= 1
+
+
+def test_bench_tiling_runs_and_reads_identical_pixels(tmp_path, capsys):
+    import bench
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    synthetic_slide.write_pyramid_tiff(folder / "small.tiff", synthetic_slide.synthetic_tissue(1024), 0.5, (1,))
+    assert bench.main(["tiling", str(folder), "--pyramid-px", "1024", "--rounds", "1",
+                       "--work-dir", str(tmp_path / "work")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "one data worker" in line]
+    assert len(lines) == 2 and all("identical pixels" in line for line in lines)
