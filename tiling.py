@@ -102,13 +102,14 @@ def tissue_mask(rgb, min_object_px):
 def ink_mask(rgb):
     """Pen marks by colour on a thumbnail: blue (hue 190-245°), green (hue 70-170°), black.
 
-    H&E stays out: eosin is pink (hue 300-350°), haematoxylin purple (250-290°), and the
-    darkest nuclei on the CMU slide keep a channel above 44; the saturation floors keep out
-    grey glass and pale stain."""
+    NOTE: the paper drops pen marks with its artefact filters (a model); this colour rule stands
+    in, and misses red pen, which eosin hides. H&E stays out: eosin is pink (hue 300-350°),
+    haematoxylin purple (250-290°), the darkest nuclei on the CMU slide keep a channel above 44,
+    and the saturation floors keep out grey glass and pale stain."""
+    hue = np.asarray(Image.fromarray(rgb).convert("HSV"))[..., 0] * (360 / 255)  # uint8 RGB in
     rgb = rgb.astype(np.float32)
     high, low = rgb.max(-1), rgb.min(-1)
     saturation = (high - low) / np.maximum(high, 1)
-    hue = np.asarray(Image.fromarray(rgb.astype(np.uint8)).convert("HSV"))[..., 0] * (360 / 255)
     blue = (hue >= 190) & (hue < 245) & (saturation > 0.45)
     green = (hue >= 70) & (hue < 170) & (saturation > 0.3)
     black = high < 40
