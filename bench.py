@@ -3,35 +3,50 @@
     python bench.py train --batch-size 32 --steps 10     # the full REPA-E step: images/s, ms and MFU per phase
     python bench.py sample --batch-size 64               # network evaluations per image, images/s, MFU
     python bench.py fd                                   # our FD against the scipy.linalg.sqrtm formula
-    python bench.py tiling SLIDES_DIR                    # tiles/s of the tiler, and of reading tiles back
+    python bench.py tiling [SLIDES_DIR]                  # tiles/s: tiler, whole run, a data worker (slides vs PNG)
 
 Random weights throughout (the timings do not depend on them), so nothing needs the gated hub models.
 One report format: a line `bench <name>: key=value ...` on stdout, and the same record appended as one
 JSON line to --out (results/bench.jsonl), with the machine, torch version and date.
 MFU = FLOPs counted by PyTorch's FlopCounterMode / seconds / the GPU's dense bf16 peak (perf.py); only
 for bf16 runs on a GPU in perf.py's table. CPU numbers are never GPU numbers.
+
+`tiling` times, on the slides of SLIDES_DIR (default tests/data: the CMU slide) and on a synthetic
+8192 px JPEG pyramid at 0.25 µm/px (40x) written by synthetic_slide.py: (1) reading only,
+slides.read_tile_at against a plain per-tile read_region loop (same tiles and kernel, a freshly opened
+slide each round); (2) a whole single-process tiling run (masks, reads, PNG writes, previews); (3) what
+one data worker gets for training: SlideTileReader.read(row) from the slide against decoding the PNG
+(page cache warm, rows shuffled). Left out: multi-process scaling (the figures are per worker),
+cold-cache disk reads, remote storage.
 """
 import argparse
 import inspect
 import json
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from datetime import date
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import scipy
 import scipy.linalg
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+import tiling
 import train
 from metrics import fd, feature_stats
 from perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
 from sample import decode, sample_latents, velocity_field
 from sampler import standard_normal
 from sit import SiT_models, build_sit
+from slides import RESAMPLE, SlideError, SlideTileReader, open_slide, read_tile_at
+from synthetic_slide import synthetic_tissue, write_pyramid_tiff
 from vae import build_vae, vae_models
 
 
@@ -222,8 +237,122 @@ def bench_fd(args):
                 threads=torch.get_num_threads(), cpus=os.cpu_count())
 
 
+# -------- tiling: tiling.py and slides.py (CytoSyn §3.2) ------------------------------------------
+def time_methods(methods, rounds=3):
+    """Best tiles/s of each method (name -> function returning the tiles it read); the methods
+    take turns, so a busy machine slows them alike."""
+    best, tiles = {name: 0.0 for name in methods}, {}
+    for _ in range(rounds):
+        for name, read_all in methods.items():
+            start = time.perf_counter()
+            tiles[name] = read_all()
+            best[name] = max(best[name], len(tiles[name]) / (time.perf_counter() - start))
+    return best, tiles
+
+
+def read_tile_naive(slide, geo, x, y, context, resample):
+    """The straightforward way: one read_region at the tile's corner and one resize per tile."""
+    n = geo.size + 2 * context
+    step0 = geo.scale * geo.downsample  # level-0 px per output px
+    tile = slide.read_region((round(x - context * step0), round(y - context * step0)), geo.level,
+                             (round(n * geo.scale),) * 2).convert("RGB")
+    return np.asarray(tile if tile.size == (n, n) else tile.resize((n, n), resample))
+
+
+def benchmark_reading(path, tiling_args, rounds):
+    """Tiles/s of read_tile_at and of a plain per-tile read_region loop on one slide."""
+    job = {"slide_id": path.stem, "path": str(path), "csv_mpp": None,
+           "settings": tiling.run_settings(tiling_args)}
+    _, geo, tissue, _ = tiling.prepare(job)
+    corners, resample, c = list(zip(tissue.x, tissue.y)), RESAMPLE[tiling_args.resample], tiling_args.context
+
+    def reader(read):
+        def read_all():
+            slide = open_slide(path)
+            return [read(slide, geo, x, y, c, resample) for x, y in corners]
+        return read_all
+
+    speed, tiles = time_methods({"tiler": reader(read_tile_at), "loop": reader(read_tile_naive)}, rounds)
+    diff = np.mean([np.abs(a.astype(int) - b).mean() for a, b in zip(tiles["tiler"], tiles["loop"])])
+    print(f"{path.name}: {len(corners)} tiles from level {geo.level} (scale {geo.scale:g}), reading "
+          f"only: tiler {speed['tiler']:.0f} tiles/s, read_region loop {speed['loop']:.0f} tiles/s "
+          f"(mean |difference| {diff:.3f} grey levels)")
+    return {f"{path.stem}.read_tiler_tiles_per_s": speed["tiler"], f"{path.stem}.read_loop_tiles_per_s": speed["loop"]}
+
+
+def benchmark_run(folder, out, args):
+    """Tiles/s of a whole single-process tiling run; returns its manifest rows."""
+    tiling_args = tiling.parse_args([str(folder), str(out), "--format", "png", "--resample", args.resample])
+    start = time.perf_counter()
+    tiling.run(tiling_args)
+    rows = tiling.read_csv(out / "manifest.csv")
+    speed = len(rows) / (time.perf_counter() - start)
+    print(f"{folder}: whole run, 1 worker, png: {len(rows)} tiles, {speed:.0f} tiles/s")
+    return rows, {f"{Path(folder).name}.run_tiles_per_s": speed}
+
+
+def benchmark_training_reads(folder, out, rows, args):
+    """Tiles/s one data worker gets from the slides (SlideTileReader) and from the PNGs."""
+    rows = [rows[k] for k in np.random.default_rng(0).permutation(len(rows))]
+
+    def from_slides():
+        reader = SlideTileReader(folder, args.resample)
+        tiles = [reader.read(row) for row in rows]
+        reader.close()
+        return tiles
+
+    def from_png():
+        return [np.asarray(Image.open(out / row["file"]).convert("RGB")) for row in rows]
+
+    speed, tiles = time_methods({"slides": from_slides, "png": from_png}, args.rounds)
+    same = all(np.array_equal(a, b) for a, b in zip(tiles["slides"], tiles["png"]))
+    print(f"{folder}: one data worker, {len(rows)} tiles in shuffled order: from the slide "
+          f"{speed['slides']:.0f} tiles/s, decoding PNGs {speed['png']:.0f} tiles/s "
+          f"({'identical pixels' if same else 'PIXELS DIFFER'})")
+    name = Path(folder).name
+    return {f"{name}.worker_slides_tiles_per_s": speed["slides"], f"{name}.worker_png_tiles_per_s": speed["png"],
+            f"{name}.identical_pixels": same}
+
+
+def add_tiling_args(parser):
+    parser.add_argument("slides_dir", nargs="?", default="tests/data",
+                        help="folder of slides to time, besides the synthetic 40x pyramid")
+    parser.add_argument("--work-dir", default=None,
+                        help="scratch folder for the pyramid (~10 MB) and the tiles, kept afterwards; "
+                             "unset: a temporary folder, removed")
+    parser.add_argument("--resample", choices=list(RESAMPLE), default="lanczos")
+    parser.add_argument("--pyramid-px", type=tiling.number_in(int, 1024, 65536), default=8192,
+                        help="side of the synthetic pyramid's level 0, in pixels")
+    parser.add_argument("--rounds", type=tiling.number_in(int, 1, 100), default=3,
+                        help="each method's best of this many rounds is reported")
+
+
+def bench_tiling(args):
+    """Tiles/s of the tiler, of a whole tiling run, and of one data worker reading slides vs PNGs."""
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_tiling_"))
+    synthetic = work / "pyramid"
+    synthetic.mkdir(parents=True, exist_ok=True)
+    side = args.pyramid_px
+    print(f"writing a {side} x {side} px pyramid at 0.25 µm/px (40x), levels 1 and 4, JPEG q80")
+    write_pyramid_tiff(synthetic / "pyramid.tiff", synthetic_tissue(side), 0.25, (1, 4), jpeg_quality=80)
+    tiling_args = tiling.parse_args([args.slides_dir, str(work), "--resample", args.resample])
+    record = {}
+    for k, folder in enumerate([Path(args.slides_dir), synthetic]):
+        for path in tiling.sort_folder(folder)[0]:
+            try:
+                record.update(benchmark_reading(path, tiling_args, args.rounds))
+            except SlideError as e:
+                print(f"{path.name}: skipped, {e}")
+        out = work / f"tiles_{k}"
+        rows, run_speed = benchmark_run(folder, out, args)
+        record.update(run_speed, **benchmark_training_reads(folder, out, rows, args))
+    if not args.work_dir:
+        shutil.rmtree(work)
+    return record
+
+
 COMMANDS = {"train": (add_train_args, bench_train), "sample": (add_sample_args, bench_sample),
-            "fd": (add_fd_args, bench_fd)}
+            "fd": (add_fd_args, bench_fd), "tiling": (add_tiling_args, bench_tiling)}
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
-"""Synthetic whole-slide images for tiling.py's tests and --benchmark: an H&E-coloured test pattern,
-written as a tiled pyramidal TIFF that OpenSlide opens (as "generic-tiff") with a known µm/px.
+"""Synthetic whole-slide images for the tiling tests and `bench.py tiling`: an H&E-coloured test
+pattern, pen strokes over it, written as a tiled pyramidal TIFF that OpenSlide opens (as
+"generic-tiff") with a known µm/px.
 
 Pillow cannot write tiled TIFFs (it drops the tile tags) and tifffile is not a dependency, so the
 TIFF bytes are laid out here by hand: one IFD (image file directory) per pyramid level.
@@ -92,4 +93,24 @@ def synthetic_tissue(side, seed=0):
         colour += rng.normal(0, 6, colour.shape)
         disc = (x - side / 2) ** 2 + (y - side / 2) ** 2 < (0.42 * side) ** 2
         image[y0:y0 + len(y)] = np.where(disc[..., None], colour.clip(0, 255), 255).astype(np.uint8)
+    return image
+
+
+PEN_COLOURS = {"blue": (35, 70, 170), "green": (40, 140, 75), "black": (30, 30, 35)}
+
+
+def he_texture(height, width, seed=0):
+    """Tissue everywhere: pink 'stroma' with purple 'nuclei', H&E's colours, with a little noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width].astype(np.float32)
+    nuclei = np.sin(x / 6 + 3 * np.sin(y / 50)) * np.sin(y / 7 + 3 * np.sin(x / 40)) > 0.7
+    colour = np.where(nuclei[..., None], [110, 60, 150], [230, 160, 200]).astype(np.float32)
+    return (colour + rng.normal(0, 6, colour.shape)).clip(0, 255).astype(np.uint8)
+
+
+def draw_pen(image, colour, x0, y0, x1, y1, seed=0):
+    """A pen stroke: the box [x0, x1) x [y0, y1) of `image` in a PEN_COLOURS ink, a little uneven."""
+    rng = np.random.default_rng(seed)
+    ink = np.asarray(PEN_COLOURS[colour], np.float32) + rng.normal(0, 5, (y1 - y0, x1 - x0, 3))
+    image[y0:y1, x0:x1] = ink.clip(0, 255).astype(np.uint8)
     return image

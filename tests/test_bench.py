@@ -6,6 +6,7 @@ import pytest
 
 import bench
 import metrics as M
+import synthetic_slide
 
 
 def correlated(rng, n, d, shift=0.0, scale=1.0):
@@ -47,4 +48,16 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     out = capsys.readouterr().out
-    assert all(name in out for name in ("train", "sample", "fd"))
+    assert all(name in out for name in ("train", "sample", "fd", "tiling"))
+
+
+def test_bench_tiling_runs_and_reads_identical_pixels(tmp_path, capsys):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    synthetic_slide.write_pyramid_tiff(folder / "small.tiff", synthetic_slide.synthetic_tissue(1024), 0.5, (1,))
+    record = bench.main(["--out", "", "tiling", str(folder), "--pyramid-px", "1024", "--rounds", "1",
+                         "--work-dir", str(tmp_path / "work")])
+    assert record["slides.identical_pixels"] and record["pyramid.identical_pixels"]
+    assert record["slides.worker_slides_tiles_per_s"] > 0 and record["pyramid.run_tiles_per_s"] > 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "one data worker" in line]
+    assert len(lines) == 2 and all("identical pixels" in line for line in lines)

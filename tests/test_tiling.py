@@ -8,6 +8,7 @@ as a generic-tiff pyramid with its MPP before trusting it. Everything runs on th
 """
 import csv
 import io
+import math
 import os
 from pathlib import Path
 
@@ -181,31 +182,6 @@ def test_plain_image_needs_and_uses_slide_mpp(tmp_path, capsys):
     assert {(int(r["x"]), int(r["y"])) for r in rows} == expected_cells(1)
     for r in rows:
         assert period_px(load(tmp_path / "b" / r["file"])) == pytest.approx(PERIOD_UM / 0.5, rel=0.02)
-
-
-def test_choose_level_and_scale():
-    mpps = [0.25, 0.5, 1.0, 4.0]
-    assert tiling.choose_level(mpps, 0.5) == 1
-    assert tiling.choose_level(mpps, 0.7) == 1
-    assert tiling.choose_level(mpps, 2.0) == 2
-    assert tiling.choose_level([0.2527, 1.0108, 4.043], 0.5) == 0   # TCGA 40x: read level 0
-    assert tiling.choose_level([0.504, 2.016], 0.5) == 0             # 0.8% coarse: still 20x
-    with pytest.raises(tiling.SlideError, match="upsampled"):
-        tiling.choose_level([1.0, 4.0], 0.5)
-    assert tiling.level_scale(0.2527, 0.5) == 2.0    # snapped: a 2x box, not 1.979
-    assert tiling.level_scale(0.499, 0.5) == 1.0
-    assert tiling.level_scale(0.3, 0.5) == pytest.approx(5 / 3)
-
-
-def test_slide_mpp_sources():
-    """--slide-mpp, else openslide.mpp-x, else 10 / objective power, else a clear error."""
-    def fake(**props):
-        return type("FakeSlide", (), {"properties": {f"openslide.{k}": v for k, v in props.items()}})()
-    assert tiling.slide_mpp(fake(**{"mpp-x": "0.2527", "objective-power": "40"})) == 0.2527
-    assert tiling.slide_mpp(fake(**{"objective-power": "20"})) == 0.5
-    assert tiling.slide_mpp(fake(**{"mpp-x": "0.2527"}), override=0.26) == 0.26
-    with pytest.raises(tiling.SlideError, match="--slide-mpp"):
-        tiling.slide_mpp(fake())
 
 
 def test_otsu_threshold_maximises_between_class_variance():
@@ -400,3 +376,94 @@ def test_bad_input_is_reported_per_slide(tmp_path, capsys):
     assert "--slide-mpp" in err and "no tissue" in err and "blank" in err
     (folder / "good.svs").unlink()
     assert run(folder, tmp_path / "out2") == 1  # nothing could be tiled
+
+
+# ---------------------------------------------------------------------------------------------
+# Pen ink
+# ---------------------------------------------------------------------------------------------
+
+INK_TISSUE = (1, 1, 5, 4)                                  # tissue cells x0, y0, x1, y1
+INK_CELLS = {(2, 1), (2, 2), (3, 3), (4, 3), (4, 1)}       # cells a pen stroke crosses
+
+
+@pytest.fixture(scope="module")
+def inked(tmp_path_factory):
+    """H&E-like tissue on glass with a blue, a green and a black pen stroke, each kept at least
+    60 px (2 thumbnail pixels) inside its cells."""
+    image = np.full((5 * CELL, 6 * CELL, 3), 255, np.uint8)
+    x0, y0, x1, y1 = (c * CELL for c in INK_TISSUE)
+    image[y0:y1, x0:x1] = synthetic_slide.he_texture(y1 - y0, x1 - x0)
+    synthetic_slide.draw_pen(image, "blue", 2 * CELL + 120, CELL + 60, 2 * CELL + 330, 3 * CELL - 60)
+    synthetic_slide.draw_pen(image, "green", 3 * CELL + 60, 3 * CELL + 150, 5 * CELL - 60, 3 * CELL + 300)
+    synthetic_slide.draw_pen(image, "black", 4 * CELL + 100, CELL + 100, 4 * CELL + 350, CELL + 350)
+    folder = tmp_path_factory.mktemp("inked") / "slides"
+    folder.mkdir()
+    synthetic_slide.write_pyramid_tiff(folder / "inked.tiff", image, MPP0, downsamples=(1, 4))
+    return folder
+
+
+def test_tiles_over_pen_ink_are_dropped_and_shown(inked, tmp_path):
+    tissue = {(i, j) for i in range(INK_TISSUE[0], INK_TISSUE[2]) for j in range(INK_TISSUE[1], INK_TISSUE[3])}
+    cells, previews = {}, {}
+    for name, flags in [("on", []), ("off", ["--no-ink-filter"])]:
+        assert run(inked, tmp_path / name, *flags) == 0
+        cells[name] = {(int(r["x"]) // CELL, int(r["y"]) // CELL) for r in read_manifest(tmp_path / name)}
+        previews[name] = load(tmp_path / name / "previews" / "inked.png").astype(int)
+    assert cells["on"] == tissue - INK_CELLS   # the neighbours of every stroke are kept
+    assert cells["off"] == tissue
+    downsample = math.ceil(6 * CELL / tiling.PREVIEW_MAX_PX)
+    blue = previews["on"][(2 * CELL) // downsample, (2 * CELL + 225) // downsample]
+    assert blue[0] > 120 and blue[1] < 60          # tinted magenta: (ink + INK_COLOUR) / 2
+    assert previews["off"][(2 * CELL) // downsample, (2 * CELL + 225) // downsample][0] < 60
+
+
+# ---------------------------------------------------------------------------------------------
+# What the slide folder holds; the command line
+# ---------------------------------------------------------------------------------------------
+
+def test_folder_is_sorted_into_slides_non_slides_and_our_output(tmp_path, capsys, small_slide):
+    folder = slide_folder(tmp_path, ["good.tiff"], small_slide)
+    for name in ["README.txt", "labels.csv", "meta.json", "notes.md"]:
+        (folder / name).write_text("not a slide\n")
+    (folder / "corrupt.svs").write_bytes(np.random.default_rng(0).bytes(5000))
+    Image.fromarray(synthetic_slide.synthetic_tissue(CELL)).save(folder / "cut.png")
+    data = (folder / "cut.png").read_bytes()
+    (folder / "cut.png").write_bytes(data[:len(data) // 2])  # Pillow still opens its header
+    assert run(folder, folder, "--max-tiles-per-slide", 2) == 0     # OUT_DIR is SLIDES_DIR
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "not a slide" in line] == [
+        "not a slide, skipped (4): README.txt, labels.csv, meta.json, notes.md"]
+    for name in ["corrupt.svs", "cut.png"]:
+        line, = [line for line in err if name in line]
+        assert "corrupt" in line and "--slide-mpp" not in line
+    assert run(folder, folder, "--max-tiles-per-slide", 2) == 0     # again: its own output is not a slide
+    captured = capsys.readouterr()
+    assert "skipped tiling.py's own output: manifest.csv, tiling.json" in captured.err
+    assert "not a slide, skipped (4)" in captured.err and "1 slides already done" in captured.out
+    assert run(folder, folder / "out", "--max-tiles-per-slide", 2) == 0  # OUT_DIR inside SLIDES_DIR
+    assert run(folder, folder / "out", "--max-tiles-per-slide", 2) == 0
+    assert "1 slides already done, 0 tiled now" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("files", [[], ["README.md"]])
+def test_a_folder_without_slides_says_so(tmp_path, capsys, files):
+    for name in files:
+        (tmp_path / name).write_text("# notes\n")
+    assert run(tmp_path, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "holds no slides" in err and "see the messages above" not in err
+
+
+@pytest.mark.parametrize("flag, value, bounds", [
+    ("--mpp", "0", "(0, 100]"), ("--mpp", "nan", "(0, 100]"), ("--slide-mpp", "inf", "(0, 100]"),
+    ("--size", "0", "[1, 8192]"), ("--size", "2.5", "[1, 8192]"), ("--min-tissue", "1.5", "[0, 1]"),
+    ("--quality", "101", "[1, 100]"), ("--context", "-1", "[0, 4096]"),
+    ("--max-tiles-per-slide", "0", "[1, 1000000000]"), ("--val-in", "1", "[0, 1)"),
+    ("--val-out-slides", "-0.1", "[0, 1)"), ("--seed", "-1", "[0, 4294967295]"),
+    ("--workers", "0", "[1, 1024]")])
+def test_numbers_are_checked_when_parsed(tmp_path, capsys, flag, value, bounds):
+    with pytest.raises(SystemExit) as exit_:
+        tiling.parse_args([str(tmp_path), str(tmp_path / "out"), flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and bounds in err
