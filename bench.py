@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tiling
 import train
+from cli import number_in
 from metrics import fd, feature_stats
 from perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
 from sample import decode, sample_latents, velocity_field
@@ -321,9 +322,9 @@ def add_tiling_args(parser):
                         help="scratch folder for the pyramid (~10 MB) and the tiles, kept afterwards; "
                              "unset: a temporary folder, removed")
     parser.add_argument("--resample", choices=list(RESAMPLE), default="lanczos")
-    parser.add_argument("--pyramid-px", type=tiling.number_in(int, 1024, 65536), default=8192,
+    parser.add_argument("--pyramid-px", type=number_in(int, 1024, 65536), default=8192,
                         help="side of the synthetic pyramid's level 0, in pixels")
-    parser.add_argument("--rounds", type=tiling.number_in(int, 1, 100), default=3,
+    parser.add_argument("--rounds", type=number_in(int, 1, 100), default=3,
                         help="each method's best of this many rounds is reported")
 
 

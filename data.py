@@ -81,15 +81,6 @@ class TileError(ValueError):
     """A file that is not a usable tile; the message names it and says what to do."""
 
 
-def error_line(err):
-    """The one line a user sees for an error. An error raised in a DataLoader worker comes back with the
-    worker's traceback folded into its message: keep its last line, the error itself."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(text.split())
-
-
 def open_tile(src, name=None, decode=True):
     """The one tile decoder of the repo (training, sampling, metrics): an image file (path or file
     object) -> an 8-bit RGB PIL image, or a TileError naming the file. The rules:

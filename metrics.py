@@ -41,7 +41,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data import TileError, error_line, list_images, open_tile
+from cli import error_line
+from data import TileError, list_images, open_tile
 from features import EXTRACTORS, ExtractorUnavailable, build_extractor, spec_record, weights_id
 
 PR_K = 3  # nearest neighbours that set a sample's radius (Kynkaanniemi et al. 2019)

@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
+from cli import number_in
 from slides import (RESAMPLE, SlideError, centred_tiles, csv_mpp_for, open_slide, read_coords,
                     read_mpp_csv, read_tile_at, resolve_mpp, slide_geometry, thumbnail, write_coords)
 
@@ -543,23 +544,6 @@ def run(args):
 # ----------------------------------------------------------------------------------------------
 # The command line: every number checked for range when parsed
 # ----------------------------------------------------------------------------------------------
-
-def number_in(kind, low, high, open_low=False, open_high=False):
-    """An argparse type: a finite `kind` in [low, high] (open ends where asked); the error says the range."""
-    bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give one in {bounds}") from None
-        above = value > low if open_low else value >= low
-        below = value < high if open_high else value <= high
-        if not (math.isfinite(value) and above and below):
-            raise argparse.ArgumentTypeError(f"{text} is outside the allowed range {bounds}")
-        return value
-    return parse
-
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -40,7 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import (check_resumable, checkpoint_path, latest_checkpoint, load_checkpoint, read_for_resume,
                          resume_path, rng_state, save_checkpoint, set_rng_state)
-from data import error_line, feature_dim, find_tiles, first_tiles, training_batches
+from cli import error_line
+from data import feature_dim, find_tiles, first_tiles, training_batches
 from features import ENCODERS, encoder_features, load_encoder
 from logs import Logger, append_line
 from perf import peak_memory_gb, untimed
