@@ -70,6 +70,17 @@ def save_checkpoint(path, m, opts, step, config, rngs):
     os.replace(tmp, path)
 
 
+def save_all_ranks(path, nets, opts, step, config, rank, world, device):
+    """Every rank's RNG state (for an exact resume) into rank 0's checkpoint; call on every rank."""
+    rngs = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(rngs, rng_state(device))
+    else:
+        rngs = [rng_state(device)]
+    if rank == 0:
+        save_checkpoint(path, nets, opts, step, config, rngs)
+
+
 def load_file(path):
     """Any torch.save'd file on the CPU, memory-mapped when it can be (tensors are then read as they are
     copied into the models, not all at once per rank). Raises whatever torch.load raises.

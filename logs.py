@@ -1,5 +1,5 @@
-"""What a training run tells its user while it runs: log.txt, metrics.csv and loss.png in the results
-folder, written by rank 0 (DiT's rank-0 logger; the loss curve drawn with Pillow, no plotting library).
+"""What a training run shows its user while it runs: log.txt, metrics.csv, loss.png and the sample grids
+in samples/, written by rank 0 (DiT's rank-0 logger; pictures drawn with Pillow, no plotting library).
 
 Left out: TensorBoard and Weights & Biases (a CSV reads into either).
 """
@@ -7,7 +7,10 @@ import csv
 import os
 import time
 
+import torch
 from PIL import Image, ImageDraw
+
+from sampler import euler_sampler
 
 PLOTTED = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "disc")
 
@@ -73,3 +76,20 @@ def plot_curves(rows, path, keys=PLOTTED, size=(300, 180)):
         if len(pts) > 1:
             draw.line(pts, fill="steelblue", width=2)
     img.save(path)
+
+
+@torch.no_grad()
+def sample_grid(nets, real, cond, args, path):
+    """Top row: the conditioning tiles; bottom row: EMA samples conditioned on their CLS features
+    (Euler ODE, fixed noise, so the grids of a run are comparable)."""
+    ema = nets.sit_ema
+    g = torch.Generator(nets.device).manual_seed(args.seed)
+    size = args.image_size // nets.vae.factor
+    noise = torch.randn(real.shape[0], nets.vae.z_channels, size, size, generator=g, device=nets.device)
+    x = euler_sampler(lambda x, t, c, drop=None: ema(x, t, c, drop)[0], noise, cond, num_steps=args.sample_steps,
+                      cfg_scale=args.sample_cfg, guidance_low=0.0, guidance_high=args.guidance_high)
+    fake = nets.vae_ema.decode(ema.denormalize(x.float()))                          # (N, 3, H, W) in about [-1, 1]
+    fake = ((fake.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    rows = [torch.cat(list(images), dim=2) for images in (real.cpu(), fake)]         # (3, H, N*W) each
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(torch.cat(rows, dim=1).permute(1, 2, 0).numpy()).save(path)      # (2H, N*W, 3)

@@ -35,18 +35,16 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import (check_resumable, checkpoint_path, latest_checkpoint, load_checkpoint, read_for_resume,
-                         resume_path, rng_state, save_checkpoint, set_rng_state)
+                         resume_path, save_all_ranks, set_rng_state)
 from cli import error_line
 from data import feature_dim, find_tiles, first_tiles, training_batches
 from features import ENCODERS, encoder_features, load_encoder
-from logs import Logger, append_line
+from logs import Logger, append_line, sample_grid
 from perf import peak_memory_gb, untimed
 from repa_loss import diffusion_loss, interpolate, repa_loss, sample_t, velocity_target
-from sampler import euler_sampler
 from sit import SiT_models, build_sit, synced_batchnorm
 from vae import build_vae, vae_models
 from vae_loss import LPIPS, NLayerDiscriminator, hinge_d_loss, hinge_g_loss
@@ -310,35 +308,6 @@ def reduce_and_check(terms, step, world, results_dir):
     return keys, values
 
 
-def save(nets, opts, step, config, args, rank, world, device, log):
-    """Every rank's RNG state (for an exact resume) into rank 0's checkpoint."""
-    rngs = [None] * world
-    if world > 1:
-        dist.all_gather_object(rngs, rng_state(device))
-    else:
-        rngs = [rng_state(device)]
-    if rank == 0:
-        save_checkpoint(checkpoint_path(args.results_dir, step), nets, opts, step, config, rngs)
-        log.info(f"saved {checkpoint_path(args.results_dir, step)}")
-
-
-@torch.no_grad()
-def sample_grid(nets, real, cond, args, path):
-    """Top row: the conditioning tiles; bottom row: EMA samples conditioned on their CLS features
-    (Euler ODE, fixed noise, so the grids of a run are comparable)."""
-    ema = nets.sit_ema
-    g = torch.Generator(nets.device).manual_seed(args.seed)
-    size = args.image_size // nets.vae.factor
-    noise = torch.randn(real.shape[0], nets.vae.z_channels, size, size, generator=g, device=nets.device)
-    x = euler_sampler(lambda x, t, c, drop=None: ema(x, t, c, drop)[0], noise, cond, num_steps=args.sample_steps,
-                      cfg_scale=args.sample_cfg, guidance_low=0.0, guidance_high=args.guidance_high)
-    fake = nets.vae_ema.decode(ema.denormalize(x.float()))                          # (N, 3, H, W) in about [-1, 1]
-    fake = ((fake.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    rows = [torch.cat(list(images), dim=2) for images in (real.cpu(), fake)]         # (3, H, N*W) each
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(torch.cat(rows, dim=1).permute(1, 2, 0).numpy()).save(path)      # (2H, N*W, 3)
-
-
 #################################################################################
 #                                    main                                       #
 #################################################################################
@@ -414,7 +383,8 @@ def main(args):
             saving = step % args.ckpt_every == 0 or last
             sampling = args.sample_every > 0 and (step % args.sample_every == 0 or last)
             if saving:
-                save(nets, opts, step, config, args, rank, world, device, log)
+                save_all_ranks(checkpoint_path(args.results_dir, step), nets, opts, step, config, rank, world, device)
+                log.info(f"saved {checkpoint_path(args.results_dir, step)}")
             if sampling and rank == 0:
                 sample_grid(nets, fixed, fixed_cond, args, os.path.join(args.results_dir, "samples", f"{step:07d}.png"))
             if distributed and (saving or sampling):
