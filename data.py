@@ -14,6 +14,7 @@ rescale. Left out: data augmentation (neither the paper nor REPA-E states any), 
 import csv
 import io
 import itertools
+import json
 import os
 import random
 import tarfile
@@ -24,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # tiles: the one list of the repo
+SLIDE_COLUMNS = ("slide_file", "x", "y", "level", "scale", "size")  # where a manifest row lies in its slide
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".czi", ".isyntax")  # never tiles
 MAX_TILE_PX = 2048  # a larger image is a slide or a region, not a tile (CytoSyn's are 224 px)
 
@@ -31,6 +33,13 @@ MAX_TILE_PX = 2048  # a larger image is a slide or a region, not a tile (CytoSyn
 def read_manifest(path):
     """A manifest CSV written by tiling.py -> tile paths of its `train` rows (all rows without `split`).
     The tile column is `file` (tiling.py) or `path`, relative to the manifest's folder or absolute."""
+    column, rows = read_manifest_rows(path)
+    base = os.path.dirname(os.path.abspath(path))
+    return [os.path.join(base, r[column]) for r in rows]
+
+
+def read_manifest_rows(path):
+    """-> (the tile column's name, the manifest's `train` rows as dicts)."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows, columns = list(reader), reader.fieldnames or []
@@ -44,8 +53,34 @@ def read_manifest(path):
         rows = [r for r in rows if r["split"] == "train"]
         if not rows:
             raise ValueError(f"{path} has no row with split == 'train'")
-    base = os.path.dirname(os.path.abspath(path))
-    return [os.path.join(base, r[column]) for r in rows]
+    return column, rows
+
+
+def find_slide_tiles(manifest, slides_dir):
+    """--data MANIFEST --slides SLIDES_DIR -> ("slides", (rows, slides_dir, resample)): tiles read from the
+    slides themselves (slides.py), no PNG copy; the kernel is the tiling run's (tiling.json)."""
+    if not (os.path.isfile(manifest) and manifest.lower().endswith(".csv")):
+        raise ValueError(f"--slides reads the tiles of a tiling.py manifest: --data must be its manifest.csv, "
+                         f"got {manifest}")
+    if not os.path.isdir(slides_dir):
+        raise FileNotFoundError(f"--slides {slides_dir}: no such folder (give the folder tiling.py read)")
+    column, rows = read_manifest_rows(manifest)
+    missing = [c for c in SLIDE_COLUMNS if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{manifest} has no {', '.join(missing)} column: tile the slides again with this "
+                         f"tiling.py (it records where each tile lies in its slide)")
+    absent = sorted({r["slide_file"] for r in rows if not os.path.exists(os.path.join(slides_dir, r["slide_file"]))})
+    if absent:
+        raise FileNotFoundError(f"--slides {slides_dir} lacks {len(absent)} slide(s) of the manifest, e.g. "
+                                f"{absent[0]}: pass the folder tiling.py read")
+    settings = os.path.join(os.path.dirname(os.path.abspath(manifest)), "tiling.json")
+    resample = "lanczos"
+    if os.path.exists(settings):
+        with open(settings) as f:
+            resample = json.load(f).get("resample", resample)
+    for r in rows:
+        r["name"] = os.path.splitext(os.path.basename(r[column]))[0]
+    return "slides", (rows, slides_dir, resample)
 
 
 def find_tiles(data):
@@ -131,7 +166,11 @@ def open_tile(src, name=None, decode=True):
 def decode_tile(src, name, size, resize=None):
     """A training tile -> uint8 tensor (3, size, size). Another size is an error unless `resize` says
     "crop" (centre crop) or "scale" (bicubic)."""
-    im = open_tile(src, name)
+    return fit_tile(open_tile(src, name), name, size, resize)
+
+
+def fit_tile(im, name, size, resize=None):
+    """An RGB PIL tile -> uint8 tensor (3, size, size), under decode_tile's rule for other sizes."""
     if im.size != (size, size):
         if resize is None:
             raise TileError(f"{name} is {im.size[0]}x{im.size[1]} px but --image-size is {size}: tile "
@@ -206,6 +245,32 @@ class TileFolder(Dataset):
         stem = os.path.splitext(os.path.basename(path))[0]
         feats = load_features(self.features, stem, self.tokens) if self.features else torch.empty(0)
         return decode_tile(path, path, self.size, self.resize), feats
+
+
+class SlideTiles(TileFolder):
+    """A manifest's tiles read from the slides inside the data workers (slides.SlideTileReader), pixel for
+    pixel the PNGs tiling.py wrote, so a cohort trains without a PNG copy of every tile. Each worker
+    process opens its own slide handles on first use."""
+
+    def __init__(self, rows, slides_dir, resample, size, resize=None, features=None, tokens=0):
+        super().__init__([r["name"] for r in rows], size, resize, features, tokens)
+        self.rows, self.slides_dir, self.resample = rows, slides_dir, resample
+        self.reader, self.pid = None, None
+
+    def __getitem__(self, i):
+        from slides import SlideError, SlideTileReader  # OpenSlide only where slides are read
+        if self.reader is None or self.pid != os.getpid():  # a fresh reader after a fork
+            self.reader, self.pid = SlideTileReader(self.slides_dir, self.resample), os.getpid()
+        row, name = self.rows[i], self.paths[i]
+        try:
+            tile = Image.fromarray(self.reader.read(row))
+        except (SlideError, OSError) as err:
+            raise TileError(f"tile {name} of slide {row['slide_file']} could not be read ({err})") from err
+        feats = load_features(self.features, name, self.tokens) if self.features else torch.empty(0)
+        return fit_tile(tile, f"{row['slide_file']}:{name}", self.size, self.resize), feats
+
+    def __getstate__(self):  # open slide handles do not cross process boundaries
+        return {**self.__dict__, "reader": None, "pid": None}
 
 
 class TileShards(IterableDataset):
@@ -286,11 +351,16 @@ def training_batches(tiles, *, size, resize, features, tokens, rank, world, loca
                      # Its own generator: a new epoch's iterator must not draw from the training RNG,
                      # or a resumed run (which starts its iterator at another step) would diverge.
                      generator=torch.Generator().manual_seed(seed * world + rank))
+    if kind == "slides":
+        rows, slides_dir, resample = items
+        dataset = SlideTiles(rows, slides_dir, resample, **common)
+        items = rows
     if kind == "shards":
         dataset = TileShards(items, **common, rank=rank, world=world, seed=seed, shuffle_buffer=shuffle_buffer,
                              start_pass=start_step)  # NOTE: a resumed stream starts a fresh shuffle, not mid-pass
         return dataset, batches(dataset, None, DataLoader(dataset, **loader_kw), start_step, None)
-    dataset = TileFolder(items, **common)
+    if kind == "files":
+        dataset = TileFolder(items, **common)
     if len(dataset) < local_batch * world:
         raise ValueError(f"{len(dataset)} tiles is less than one global batch ({local_batch * world})")
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)

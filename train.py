@@ -13,8 +13,9 @@ One step, in the paper's order (CytoSyn §3.3), on every rank with the same t an
      + 0.5 x REPA loss. The diffusion loss never reaches the VAE.
   5. EMA (0.9999) of the SiT, BatchNorm buffers included, and (CytoSyn's addition) of the VAE.
 
-Data (data.py): a folder of tiles, tiling.py's manifest (its `train` rows) or tar shards. `--features DIR`
-reads precomputed H0-mini tokens (features.py writes them). Outputs in --results-dir:
+Data (data.py): a folder of tiles, tiling.py's manifest (its `train` rows) or tar shards; with `--slides`,
+the manifest's tiles are read from the slides themselves. `--features DIR` reads precomputed H0-mini
+tokens (features.py writes them). Outputs in --results-dir:
 checkpoints/NNNNNNN.pt (checkpoints.py), log.txt, metrics.csv, loss.png (logs.py) and samples/NNNNNNN.png
 (conditioning tiles above EMA samples of their CLS features). On the CPU a run and its resumed halves
 are bitwise identical. Speed: `python bench.py train`; a first run on a laptop: `python demo.py`.
@@ -39,8 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import (check_resumable, checkpoint_path, latest_checkpoint, load_checkpoint, read_for_resume,
                          resume_path, save_all_ranks, set_rng_state)
-from cli import error_line
-from data import feature_dim, find_tiles, first_tiles, training_batches
+from cli import error_line, number_in
+from data import feature_dim, find_slide_tiles, find_tiles, first_tiles, training_batches
 from features import ENCODERS, encoder_features, load_encoder
 from logs import Logger, append_line, sample_grid
 from perf import peak_memory_gb, untimed
@@ -53,6 +54,7 @@ from vae_loss import LPIPS, NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 LOSS_TERMS = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "disc",
               "grad_sit", "grad_vae", "grad_disc")
 EXTRA_TERMS = ("logits_real", "logits_fake")
+LOSS_WEIGHT = number_in(float, 0, 10 ** 6)  # a loss term's weight: 0 turns the term off
 
 
 #################################################################################
@@ -324,7 +326,8 @@ def main(args):
 
         # Setup results folder, logging and resume (rank 0 picks the checkpoint; every rank reads it).
         os.makedirs(args.results_dir, exist_ok=True)
-        tiles = find_tiles(args.data)  # a wrong --data fails now, before any model is built
+        # a wrong --data fails now, before any model is built
+        tiles = find_slide_tiles(args.data, args.slides) if args.slides else find_tiles(args.data)
         latest = [latest_checkpoint(args.results_dir) if rank == 0 else None]
         if distributed:
             dist.broadcast_object_list(latest, src=0)
@@ -357,7 +360,8 @@ def main(args):
             tokens=nets.token_grid ** 2, rank=rank, world=world, local_batch=local_batch, seed=args.seed,
             num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer, start_step=start_step,
             pin_memory=device.type == "cuda")
-        log.info(f"data: {len(tiles[1]):,} {'tiles' if tiles[0] == 'files' else 'tar shards'} from {args.data}")
+        count = f"{len(tiles[1]):,} tar shards" if tiles[0] == "shards" else f"{len(dataset):,} tiles"
+        log.info(f"data: {count} from {args.data}" + (f", read from the slides in {args.slides}" if args.slides else ""))
         if rank == 0 and args.sample_every:
             fixed, fixed_feats = first_tiles(dataset, args.num_samples)
             with nets.autocast:
@@ -394,42 +398,48 @@ def main(args):
 
 
 def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--data", required=True,
                    help="folder of PNG/JPEG tiles (recursive), manifest .csv, or folder/.tar of shards")
+    p.add_argument("--slides", default=None, metavar="SLIDES_DIR",
+                   help="read each tile of the --data manifest from its slide (the folder tiling.py read): no PNG copy")
     p.add_argument("--features", default=None, help="folder of precomputed <tile stem>.npy H0-mini tokens")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224)
     p.add_argument("--resize", choices=["crop", "scale"], default=None,
                    help="what to do with tiles of another size (default: stop with an error)")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--shuffle-buffer", type=int, default=1000, help="tiles held for shuffling a tar stream")
+    p.add_argument("--num-workers", type=number_in(int, 0, 256), default=4)
+    p.add_argument("--shuffle-buffer", type=number_in(int, 1, 10 ** 8), default=1000, help="tiles held for shuffling a tar stream")
     # models
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
     p.add_argument("--encoder", choices=ENCODERS, default="h0-mini")
-    p.add_argument("--encoder-depth", type=int, default=None, help="REPA block (default: the preset's, 8)")
-    p.add_argument("--cond-dropout", type=float, default=0.1,
+    p.add_argument("--encoder-depth", type=number_in(int, 1, 64), default=None, help="REPA block (default: the preset's, 8)")
+    p.add_argument("--cond-dropout", type=number_in(float, 0, 1, open_high=True), default=0.1,
                    help="probability that a tile's condition is dropped to the null embedding (for guidance)")
     # optimisation (REPA-E's defaults; CytoSyn's global batch)
-    p.add_argument("--global-batch-size", type=int, default=640)
-    p.add_argument("--max-steps", type=int, default=400_000)
-    p.add_argument("--lr", type=float, default=1e-4, help="SiT learning rate")
-    p.add_argument("--vae-lr", type=float, default=1e-4)
-    p.add_argument("--disc-lr", type=float, default=1e-4)
-    p.add_argument("--adam-beta1", type=float, default=0.9)
-    p.add_argument("--adam-beta2", type=float, default=0.999)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--global-batch-size", type=number_in(int, 1, 10 ** 7), default=640)
+    p.add_argument("--max-steps", type=number_in(int, 1, 10 ** 10), default=400_000)
+    p.add_argument("--lr", type=number_in(float, 0, 1, open_low=True), default=1e-4, help="SiT learning rate")
+    p.add_argument("--vae-lr", type=number_in(float, 0, 1, open_low=True), default=1e-4)
+    p.add_argument("--disc-lr", type=number_in(float, 0, 1, open_low=True), default=1e-4)
+    p.add_argument("--adam-beta1", type=number_in(float, 0, 1, open_high=True), default=0.9)
+    p.add_argument("--adam-beta2", type=number_in(float, 0, 1, open_high=True), default=0.999)
+    p.add_argument("--weight-decay", type=number_in(float, 0, 10), default=0.0)
+    p.add_argument("--max-grad-norm", type=number_in(float, 0, 10 ** 6, open_low=True), default=1.0)
+    p.add_argument("--ema-decay", type=number_in(float, 0, 1), default=0.9999)
     # loss weights (CytoSyn §3.3, REPA-E §3)
-    p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA weight in the SiT loss")
-    p.add_argument("--vae-align-coeff", type=float, default=1.5, help="REPA weight in the VAE loss")
-    p.add_argument("--l1-weight", type=float, default=1.0)
-    p.add_argument("--lpips-weight", type=float, default=1.0)
-    p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--gan-weight", type=float, default=0.1)
+    p.add_argument("--proj-coeff", type=LOSS_WEIGHT, default=0.5, help="REPA weight in the SiT loss")
+    p.add_argument("--vae-align-coeff", type=LOSS_WEIGHT, default=1.5, help="REPA weight in the VAE loss")
+    p.add_argument("--l1-weight", type=LOSS_WEIGHT, default=1.0)
+    p.add_argument("--lpips-weight", type=LOSS_WEIGHT, default=1.0)
+    p.add_argument("--kl-weight", type=LOSS_WEIGHT, default=1e-6)
+    p.add_argument("--gan-weight", type=LOSS_WEIGHT, default=0.1)
     p.add_argument("--no-lpips", action="store_true", help="ablation / smoke run: no LPIPS term")
     p.add_argument("--no-gan", action="store_true", help="ablation / smoke run: no discriminator")
     p.add_argument("--lpips-heads", default=None, help="LPIPS linear heads (vgg.pth); without: uniform, uncalibrated")
@@ -438,19 +448,19 @@ def parse_args(argv=None):
     p.add_argument("--results-dir", default="results/cytosyn")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in --results-dir, or from the given file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=50_000)
-    p.add_argument("--sample-every", type=int, default=10_000, help="0: no sample grids")
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--sample-steps", type=int, default=50, help="Euler ODE steps of the sample grids")
-    p.add_argument("--sample-cfg", type=float, default=2.5, help="guidance scale of the sample grids")
-    p.add_argument("--guidance-high", type=float, default=0.75)
+    p.add_argument("--seed", type=number_in(int, 0, 2 ** 31 - 1), default=0)
+    p.add_argument("--log-every", type=number_in(int, 1, 10 ** 10), default=100)
+    p.add_argument("--ckpt-every", type=number_in(int, 1, 10 ** 10), default=50_000)
+    p.add_argument("--sample-every", type=number_in(int, 0, 10 ** 10), default=10_000, help="0: no sample grids")
+    p.add_argument("--num-samples", type=number_in(int, 1, 64), default=8)
+    p.add_argument("--sample-steps", type=number_in(int, 1, 10000), default=50, help="Euler ODE steps of the sample grids")
+    p.add_argument("--sample-cfg", type=number_in(float, 0, 100), default=2.5, help="guidance scale of the sample grids")
+    p.add_argument("--guidance-high", type=number_in(float, 0, 1), default=0.75)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the SiT and the VAE (GPU; see the README's "
                                                           "Performance)")
-    return p.parse_args(argv)
+    return p
 
 
 if __name__ == "__main__":

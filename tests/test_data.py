@@ -186,3 +186,36 @@ def test_one_list_of_image_extensions():
     for name in ("sample.py", "metrics.py", "train.py", "features.py", "checkpoints.py"):
         text = (REPO / name).read_text()
         assert '".png", ".jpg"' not in text, name
+
+
+def test_training_from_slides_gives_the_pixels_of_the_pngs(tmp_path):
+    """--data MANIFEST --slides SLIDES_DIR: each tile read from its slide inside the data workers equals the
+    PNG tiling.py wrote, through the same DataLoader path train.py uses (2 workers)."""
+    import tiling
+    out = tmp_path / "tiles"
+    assert tiling.main([str(REPO / "tests" / "data"), str(out), "--max-tiles-per-slide", "6"]) == 0
+    kind, (rows, slides_dir, resample) = data.find_slide_tiles(str(out / "manifest.csv"), str(REPO / "tests" / "data"))
+    assert kind == "slides" and len(rows) == 6 and resample == "lanczos"
+    dataset, batches = data.training_batches(
+        (kind, (rows, slides_dir, resample)), size=224, resize=None, features=None, tokens=0, rank=0, world=1,
+        local_batch=2, seed=0, num_workers=2, shuffle_buffer=1, start_step=0, pin_memory=False)
+    png = {r["name"]: np.array(Image.open(out / r["file"]).convert("RGB")) for r in rows}
+    seen = 0
+    for _ in range(3):  # one epoch: 6 tiles in batches of 2, shuffled
+        images, _ = next(batches)
+        for image in images:
+            match = [n for n, p in png.items() if np.array_equal(image.permute(1, 2, 0).numpy(), p)]
+            assert len(match) == 1
+            seen += 1
+    assert seen == 6 and dataset[0][0].shape == (3, 224, 224)
+
+
+def test_slides_need_a_manifest_with_slide_columns_and_the_slides(tmp_path):
+    with pytest.raises(ValueError, match="--data must be its manifest.csv"):
+        data.find_slide_tiles(str(TILES), str(tmp_path))
+    (tmp_path / "m.csv").write_text("file,split\na.png,train\n")
+    with pytest.raises(ValueError, match="no slide_file, x, y, level, scale, size column"):
+        data.find_slide_tiles(str(tmp_path / "m.csv"), str(tmp_path))
+    (tmp_path / "m.csv").write_text("file,split,slide_file,x,y,level,scale,size\na.png,train,gone.svs,0,0,0,1,224\n")
+    with pytest.raises(FileNotFoundError, match="lacks 1 slide.*gone.svs"):
+        data.find_slide_tiles(str(tmp_path / "m.csv"), str(tmp_path))

@@ -242,6 +242,8 @@ def test_bad_data_is_one_line_before_any_model_is_built(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [f"train.py: error: --data {tmp_path / 'nope'}: not a folder of "
                                                 f"tiles, a manifest .csv or a .tar shard"]
+    # the error that stopped the run is also the last line of its log, beside its history
+    assert (tmp_path / "r" / "log.txt").read_text().strip().splitlines()[-1].endswith(proc.stderr.strip())
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -335,3 +337,18 @@ def test_precomputed_tokens_are_split_into_condition_and_target(step_setup):
     feats = torch.randn(2, 1 + m.token_grid ** 2, 48)
     batch = train.make_batch(m, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), feats)
     assert torch.equal(batch.cond, feats[:, 0]) and torch.equal(batch.target, feats[:, 1:])
+
+
+def test_training_from_the_slides_equals_training_from_the_pngs(tmp_path):
+    """--slides reads each tile from its slide: the same pixels, so the same weights, bit for bit."""
+    import tiling
+    out = tmp_path / "tiles"
+    assert tiling.main([str(REPO / "tests" / "data"), str(out), "--max-tiles-per-slide", "8"]) == 0
+    common = ["--data", str(out / "manifest.csv"), *TINY[2:], "--max-steps", "2", "--ckpt-every", "2"]
+    train.main(train.parse_args(common + ["--results-dir", str(tmp_path / "png")]))
+    train.main(train.parse_args(common + ["--results-dir", str(tmp_path / "slides"), "--slides",
+                                          str(REPO / "tests" / "data")]))
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "0000002.pt", weights_only=False) for run in ("png", "slides"))
+    for key in ("sit", "vae", "sit_ema", "vae_ema", "disc"):
+        assert tensors_equal(a[key], b[key]), key
+    assert "read from the slides in" in (tmp_path / "slides" / "log.txt").read_text()
