@@ -42,9 +42,9 @@ def inside(path, folder):
 def check_output_folder(out, inputs, flag="--out"):
     """An output folder that is, or is inside, an input folder would mix generated files into real data
     (and a rerun would read them back): refused before anything is written. `inputs` maps a flag to
-    paths (files count by their folder)."""
+    paths (an existing file counts by its folder)."""
     for name, paths in inputs.items():
-        for path in paths or []:
+        for path in filter(os.path.exists, filter(None, paths or [])):  # a missing input fails on its own
             folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
             if inside(out, folder):
                 raise ValueError(f"{flag} {out} is inside the input folder {folder} ({name}): outputs would mix "

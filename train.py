@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import (check_resumable, checkpoint_path, latest_checkpoint, load_checkpoint, read_for_resume,
                          resume_path, save_all_ranks, set_rng_state)
-from cli import error_line, number_in
+from cli import check_output_folder, error_line, number_in
 from data import feature_dim, find_slide_tiles, find_tiles, first_tiles, training_batches
 from features import ENCODERS, encoder_features, load_encoder
 from logs import Logger, append_line, sample_grid
@@ -325,6 +325,9 @@ def main(args):
             torch.backends.cudnn.allow_tf32 = args.tf32
 
         # Setup results folder, logging and resume (rank 0 picks the checkpoint; every rank reads it).
+        # A results folder among the tiles would feed its sample grids back as training tiles: refused.
+        check_output_folder(args.results_dir, {"--data": [args.data], "--features": [args.features],
+                                               "--slides": [args.slides]}, "--results-dir")
         os.makedirs(args.results_dir, exist_ok=True)
         # a wrong --data fails now, before any model is built
         tiles = find_slide_tiles(args.data, args.slides) if args.slides else find_tiles(args.data)

@@ -65,3 +65,12 @@ def test_a_worker_error_is_its_last_line():
                         "last):\n  File \"x.py\", line 1\ndata.TileError: tiles/a.png could not be decoded")
     assert cli.error_line(folded) == "tiles/a.png could not be decoded"
     assert cli.error_line(ValueError("one  line\n")) == "one line"
+
+
+def test_train_refuses_a_results_folder_among_its_tiles(tmp_path):
+    """Sample grids written inside a tile folder would be read back as training tiles."""
+    (tmp_path / "tiles").mkdir()
+    with pytest.raises(ValueError, match=r"--results-dir .*inside the input folder .*tiles \(--data\)"):
+        train.main(train.parse_args(["--data", str(tmp_path / "tiles"), "--results-dir", str(tmp_path / "tiles" / "run"),
+                                     "--encoder", "tiny"]))
+    assert not (tmp_path / "tiles" / "run").exists()  # refused before anything is written
