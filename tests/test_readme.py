@@ -58,3 +58,25 @@ def test_the_checker_catches_a_missing_flag():
 def test_the_checker_reads_subcommands():
     text = "<!-- runnable -->\n```bash\npython bench.py train --steps 3 --compile\n```\n"
     assert runnable_commands(text) == [("bench.py train", ["--steps", "--compile"])]
+
+
+def documented_names(text):
+    """(module, name) for every `file.py`: `name`, `name` cell of the README's map of the paper."""
+    table = text.split("## The paper, file by file", 1)[1].split("\n## ", 1)[0]
+    pairs = []
+    for cell in re.findall(r"`(\w+)\.py`: ([^|]+)", table):
+        module, names = cell
+        pairs += [(module, n) for n in re.findall(r"`([\w.]+)`", names)]
+    return pairs
+
+
+def test_every_documented_name_is_importable_where_the_readme_says():
+    import importlib
+    pairs = documented_names((ROOT / "README.md").read_text())
+    assert ("sit", "build_sit") in pairs or any(m == "sit" for m, _ in pairs)
+    assert len(pairs) > 20
+    for module, name in pairs:
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            assert hasattr(obj, part), f"README says {module}.py has {name}"
+            obj = getattr(obj, part)
