@@ -4,12 +4,17 @@ inputs, and errors told in one line.
     number_in(float, 0, 1)         an argparse type: a finite number in a range; the error gives the range
     check_output_folder(out, ...)  refuse an output folder that is, or is inside, an input folder
     error_line(err)                the one line a user sees, also for an error raised in a DataLoader worker
+    processes()                    the torchrun processes (rank, world size, device); one process without it
 
 Left out: configuration files (run settings live in argparse with the paper's defaults).
 """
 import argparse
 import math
 import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
 
 INF = float("inf")
 
@@ -58,3 +63,22 @@ def error_line(err):
     if "Original Traceback" in text:
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return " ".join(text.split())
+
+
+@contextmanager
+def processes(use_cuda=None):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; one process without it. Yields (rank, world, device)."""
+    distributed = "RANK" in os.environ
+    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    owns_group = distributed and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        yield rank, world, device
+    finally:
+        if owns_group:
+            dist.destroy_process_group()

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import (check_resumable, checkpoint_path, latest_checkpoint, load_checkpoint, read_for_resume,
                          resume_path, save_all_ranks, set_rng_state)
-from cli import check_output_folder, error_line, number_in
+from cli import check_output_folder, error_line, number_in, processes
 from data import feature_dim, find_slide_tiles, find_tiles, first_tiles, training_batches
 from features import ENCODERS, encoder_features, load_encoder
 from logs import Logger, append_line, sample_grid
@@ -187,25 +187,6 @@ def grad_norm(module, max_norm):
 #################################################################################
 #                                Setup helpers                                  #
 #################################################################################
-
-@contextmanager
-def processes(use_cuda=None):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; one process without it. Yields (rank, world, device)."""
-    distributed = "RANK" in os.environ
-    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
-    owns_group = distributed and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    try:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        yield rank, world, device
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
-
 
 def build_models(args, device, world, feature_dim_=None, pretrained=True):
     """SiT, VAE, their EMAs, the discriminator, LPIPS and the encoder; the same init on every rank.
