@@ -72,10 +72,10 @@ def add_train_args(p):
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
     p.add_argument("--encoder", choices=["h0-mini", "tiny"], default="h0-mini", help="architecture, random weights")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32, help="tiles per step (one process)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiling happens here)")
+    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224)
+    p.add_argument("--batch-size", type=number_in(int, 1, 10 ** 5), default=32, help="tiles per step (one process)")
+    p.add_argument("--steps", type=number_in(int, 1, 10 ** 5), default=10, help="timed steps")
+    p.add_argument("--warmup", type=number_in(int, 0, 10 ** 5), default=3, help="untimed steps first (compiling happens here)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--no-lpips", action="store_true")
@@ -130,16 +130,16 @@ def bench_train(args):
 def add_sample_args(p):
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224)
+    p.add_argument("--batch-size", type=number_in(int, 1, 10 ** 5), default=64)
     p.add_argument("--mode", choices=["sde", "ode", "heun"], default="sde")
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--cfg-scale", type=float, default=2.5)
-    p.add_argument("--guidance-low", type=float, default=0.0)
-    p.add_argument("--guidance-high", type=float, default=0.75)
+    p.add_argument("--steps", type=number_in(int, 1, 10 ** 5), default=250)
+    p.add_argument("--cfg-scale", type=number_in(float, 0, 100), default=2.5)
+    p.add_argument("--guidance-low", type=number_in(float, 0, 1), default=0.0)
+    p.add_argument("--guidance-high", type=number_in(float, 0, 1), default=0.75)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number_in(int, 0, 2 ** 31 - 1), default=0)
 
 
 def bench_sample(args):
@@ -189,9 +189,9 @@ def bench_sample(args):
 
 # -------- fd: our FD against the scipy.linalg.sqrtm formula of pytorch-fid / clean-fid ----------------
 def add_fd_args(p):
-    p.add_argument("--n", type=int, default=100_000, help="samples per set")
-    p.add_argument("--d", type=int, default=1536, help="feature dimension (H-optimus-0, UNI2-h)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=number_in(int, 2, 10 ** 7), default=100_000, help="samples per set")
+    p.add_argument("--d", type=number_in(int, 1, 10 ** 5), default=1536, help="feature dimension (H-optimus-0, UNI2-h)")
+    p.add_argument("--seed", type=number_in(int, 0, 2 ** 31 - 1), default=0)
 
 
 def scipy_sqrtm(a):

@@ -4,11 +4,24 @@ import argparse
 
 import pytest
 
+import bench
 import cli
 import tiling
 import train
 
-PARSERS = {"train.py": train.build_parser, "tiling.py": tiling.build_parser}
+
+def bench_parsers():
+    """bench.py's subcommand parsers, one per COMMANDS entry."""
+    parsers = {}
+    for name, (add_args, _) in bench.COMMANDS.items():
+        parser = argparse.ArgumentParser()
+        add_args(parser)
+        parsers[f"bench.py {name}"] = parser
+    return parsers
+
+
+PARSERS = {"train.py": train.build_parser, "tiling.py": tiling.build_parser,
+           **{name: (lambda p=p: p) for name, p in bench_parsers().items()}}
 
 
 def numeric_actions(parser):
