@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import (check_resumable, checkpoint_path, latest_checkpoint, load_checkpoint, read_for_resume,
-                         resume_path, save_all_ranks, set_rng_state)
+from checkpoints import (check_resumable, checkpoint_path, init_from, latest_checkpoint, load_checkpoint,
+                         read_for_resume, resume_path, save_all_ranks, set_rng_state)
 from cli import error_line
 from data import feature_dim, find_tiles, first_tiles, training_batches
 from features import ENCODERS, encoder_features, load_encoder
@@ -342,6 +342,9 @@ def main(args):
         if ckpt:
             check_resumable(ckpt, config, path)
             load_checkpoint(ckpt, nets, opts)
+        elif args.init_from:  # a new run (step 0, fresh optimizers) from existing weights: fine-tuning
+            for line in init_from(args.init_from, nets):
+                log.info(line)
         seed_everything(args.seed, rank, world, ckpt, device, log)
         del ckpt
         if nets.lpips is not None and not args.lpips_heads:
@@ -438,6 +441,8 @@ def parse_args(argv=None):
     p.add_argument("--results-dir", default="results/cytosyn")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in --results-dir, or from the given file")
+    p.add_argument("--init-from", default=None, metavar="PATH", help="start a new run from these weights: an "
+                   "export, a train.py or REPA-E checkpoint, or a diffusers VAE (file or folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=50_000)
@@ -450,7 +455,10 @@ def parse_args(argv=None):
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true", help="torch.compile the SiT and the VAE (GPU; see the README's "
                                                           "Performance)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run, --resume continues one: pass one of them")
+    return args
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def test_smoke_run_on_real_tiles(tmp_path):
         assert math.isfinite(float(rows[-1][key])), key
     assert float(rows[-1]["lpips"]) > 0 and float(rows[-1]["disc"]) > 0
 
-    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=True)
     assert {"config", "step", "sit", "sit_ema", "vae", "vae_ema", "disc", "opt_sit", "opt_vae", "opt_disc",
             "rng"} <= set(ckpt)
     cfg = ckpt["config"]
@@ -227,11 +227,11 @@ def test_resume_is_bitwise_identical(tmp_path):
     train.main(tiny_args(straight, "--max-steps", "6", "--ckpt-every", "100"))
     train.main(tiny_args(split, "--max-steps", "3", "--ckpt-every", "100"))
     train.main(tiny_args(split, "--max-steps", "6", "--ckpt-every", "100", "--resume"))
-    a = torch.load(straight / "checkpoints" / "0000006.pt", weights_only=False)
-    b = torch.load(split / "checkpoints" / "0000006.pt", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "0000006.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "0000006.pt", weights_only=True)
     for key in ("sit", "sit_ema", "vae", "vae_ema", "disc", "opt_sit", "opt_vae", "opt_disc"):
         assert tensors_equal(a[key], b[key]), key
-    assert not tensors_equal(a["sit"], torch.load(split / "checkpoints" / "0000003.pt", weights_only=False)["sit"])
+    assert not tensors_equal(a["sit"], torch.load(split / "checkpoints" / "0000003.pt", weights_only=True)["sit"])
     assert [r["diffusion"] for r in read_metrics(straight)] == [r["diffusion"] for r in read_metrics(split)]
 
 
@@ -257,7 +257,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, m
     with pytest.raises(FloatingPointError, match=r"step 3: diffusion=nan.*0000002\.pt"):
         train.main(tiny_args(tmp_path, "--max-steps", "5", "--ckpt-every", "2"))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000002.pt"]
-    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["sit"].values())
 
 
@@ -293,13 +293,13 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
            "--ckpt-every", "2", "--results-dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["bn_ok"] and r1["bn_ok"]
     for key in ("sit", "vae", "sit_ema", "vae_ema"):  # parameters and the synced latent BN statistics
         assert tensors_equal(r0[key], r1[key]), key
     params = [k for k in r0["disc"] if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(r0["disc"][k], r1["disc"][k]) for k in params)
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000002.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000002.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
     assert ckpt["config"]["world_size"] == 2
     assert not tensors_equal(ckpt["sit"], train.build_models(train.parse_args(TINY), torch.device("cpu"), 1,
