@@ -335,3 +335,86 @@ def test_precomputed_tokens_are_split_into_condition_and_target(step_setup):
     feats = torch.randn(2, 1 + m.token_grid ** 2, 48)
     batch = train.make_batch(m, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), feats)
     assert torch.equal(batch.cond, feats[:, 0]) and torch.equal(batch.target, feats[:, 1:])
+
+
+# -- --init-from: a new run from existing weights (export, train.py, REPA-E, diffusers VAE) ---------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step tiny run: its checkpoint's EMA weights differ from a fresh initialisation."""
+    results = tmp_path_factory.mktemp("trained")
+    train.main(tiny_args(results, "--max-steps", "2", "--ckpt-every", "2"))
+    return results / "checkpoints" / "0000002.pt"
+
+
+def fresh_nets(tmp_path):
+    return train.build_models(tiny_args(tmp_path), torch.device("cpu"), 1, None)
+
+
+def test_init_from_a_checkpoint_and_its_export_loads_the_ema_weights(trained, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    checkpoints.export(str(trained), str(tmp_path / "export"))
+    for source in (trained, tmp_path / "export"):
+        nets = fresh_nets(tmp_path)
+        lines = checkpoints.init_from(str(source), nets)
+        assert "left at" in lines[1] and ", 0 left at initialisation" in lines[1], lines
+        for net in ("sit", "sit_ema", "vae", "vae_ema"):
+            assert tensors_equal(getattr(nets, net).state_dict(), ckpt[net.split("_")[0] + "_ema"]), (source, net)
+
+
+def test_init_from_a_class_conditional_repae_checkpoint_leaves_the_conditioning_at_init(trained, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    sit = {k: v for k, v in ckpt["sit"].items() if not k.startswith("y_embedder.")}
+    sit["y_embedder.embedding_table.weight"] = torch.randn(1001, 64)  # ImageNet's class table
+    torch.save({"model": sit, "ema": sit, "vae": ckpt["vae"], "opt": {}, "args": {"seed": 0}}, tmp_path / "repae.pt")
+    nets = fresh_nets(tmp_path)
+    init = snapshot(nets.sit)
+    lines = checkpoints.init_from(str(tmp_path / "repae.pt"), nets)
+    assert "class table" in lines[0] and "left at initialisation: y_embedder (5)" in lines[1], lines
+    for k, v in nets.sit.state_dict().items():
+        assert torch.equal(v, init[k] if k.startswith("y_embedder.") else ckpt["sit"][k]), k
+    assert tensors_equal(nets.vae.state_dict(), ckpt["vae"]) and tensors_equal(nets.vae_ema.state_dict(), ckpt["vae"])
+
+
+def test_init_from_a_diffusers_vae_converts_it_and_leaves_the_sit(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+    torch.manual_seed(1)
+    ref = diffusers.AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                                  block_out_channels=[32] * 4, layers_per_block=1, latent_channels=4, norm_num_groups=32)
+    (tmp_path / "vae").mkdir()
+    save_file(ref.state_dict(), tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    nets = fresh_nets(tmp_path)
+    sit = snapshot(nets.sit)
+    lines = checkpoints.init_from(str(tmp_path), nets)  # the folder holding vae/diffusion_pytorch_model.*
+    assert "diffusers VAE" in lines[0] and "SIT: nothing" in lines[1] and ", 0 left at" in lines[2], lines
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(nets.vae_ema.decode(nets.vae.encode(x).mean), ref.decode(ref.encode(x).latent_dist.mean)
+                              .sample, atol=1e-5)
+    assert tensors_equal(snapshot(nets.sit), sit)
+
+
+def test_init_from_weights_of_another_size_names_the_tensors(trained, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["sit_ema"]["pos_embed"] = torch.zeros(1, 4, 96)
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"SIT weights does not fit .*pos_embed \(1, 4, 96\) \(this run: \(1, 4, 64\)\)"):
+        checkpoints.init_from(str(tmp_path / "other.pt"), fresh_nets(tmp_path))
+
+
+def test_init_from_starts_a_new_run_and_excludes_resume(trained, tmp_path, capsys):
+    train.main(tiny_args(tmp_path / "run", "--max-steps", "1", "--init-from", str(trained)))
+    assert "--init-from" in (tmp_path / "run" / "log.txt").read_text()
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == ["1"]  # step 0 + 1: a new run
+    with pytest.raises(SystemExit):
+        tiny_args(tmp_path, "--resume", "--init-from", str(trained))
+    assert "--init-from starts a new run, --resume continues one" in capsys.readouterr().err
+
+
+def test_truncated_latest_checkpoint_names_the_newest_readable_one(trained, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    good = tmp_path / "checkpoints" / "0000002.pt"
+    good.write_bytes(trained.read_bytes())
+    (tmp_path / "checkpoints" / "0000004.pt").write_bytes(trained.read_bytes()[:5000])  # killed mid-copy
+    with pytest.raises(ValueError, match=rf"0000004.pt is unreadable .* newest readable one is {good}: pass --resume"):
+        train.main(tiny_args(tmp_path, "--max-steps", "6", "--resume"))
