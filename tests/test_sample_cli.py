@@ -330,3 +330,53 @@ def test_torchrun_splits_the_work_and_writes_the_same_files(ckpt, tmp_path):
     assert pngs(tmp_path / "two") == pngs(tmp_path / "one") == [f"{i:06d}.png" for i in range(4)]
     for f in pngs(tmp_path / "one"):
         assert np.abs(png(tmp_path / "one" / f).astype(int) - png(tmp_path / "two" / f)).max() <= 1
+
+
+# -- nothing silently wrong: refused before anything is written ------------------------------------------
+@pytest.mark.parametrize("argv, words", [
+    (["--cfg-scale", "nan"], "--cfg-scale: nan is outside the allowed range [0.0, 100.0]"),
+    (["--cfg-scale", "-1"], "--cfg-scale: -1 is outside the allowed range [0.0, 100.0]"),
+    (["--cfg-scale", "inf"], "--cfg-scale: inf is outside the allowed range [0.0, 100.0]"),
+    (["--steps", "0"], "--steps: 0 is outside the allowed range [1, 10000]"),
+    (["--guidance-high", "1.5"], "--guidance-high: 1.5 is outside the allowed range [0.0, 1.0]"),
+    (["--batch-size", "2.5"], "--batch-size: '2.5' is not an integer"),
+    (["--resize", "0"], "--resize: 0 is outside the allowed range (0, 100]"),
+    (["--guidance-low", "0.8"], "need --guidance-low <= --guidance-high")])
+def test_numeric_settings_are_range_checked(argv, words, ckpt, capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--ckpt", ckpt] + argv)
+    assert words in capsys.readouterr().err
+
+
+def test_output_inside_an_input_folder_is_refused_before_anything_is_written(ckpt, tmp_path):
+    (tmp_path / "real").mkdir()
+    Image.open(TILES[0]).save(tmp_path / "real" / "a.png")
+    np.save(tmp_path / "real" / "f.npy", np.zeros((1, 48), np.float32))
+    for argv in (["--cond", tmp_path / "real"], ["--cond", tmp_path / "real" / "a.png"],
+                 ["--features", tmp_path / "real" / "f.npy"]):
+        for out in (tmp_path / "real", tmp_path / "real" / "fake"):
+            with pytest.raises(SystemExit, match=r"is inside the input folder .*real"):
+                run("--ckpt", ckpt, *argv, "--n", 1, "--out", out, *FAST)
+    assert sorted(os.listdir(tmp_path / "real")) == ["a.png", "f.npy"]
+
+
+def test_a_whole_slide_as_conditioning_points_to_tiling(ckpt, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        run("--ckpt", ckpt, "--cond", os.path.join(REPO, "tests", "data", "cmu_small_region.svs"), "--out", tmp_path,
+            *FAST)
+    assert "whole-slide file" in exit_.value.code and "tiling.py" in exit_.value.code
+    assert "\n" not in exit_.value.code and pngs(tmp_path) == []
+
+
+def test_no_non_finite_image_is_written(ckpt, tmp_path):
+    """Image 000000 is finite and written; 000001's conditioning is inf: sampling stops before writing it."""
+    (tmp_path / "in").mkdir()
+    feats = np.random.default_rng(0).normal(size=(2, 48)).astype(np.float32)
+    feats[1, 3] = np.inf
+    np.save(tmp_path / "in" / "f.npy", feats)
+    with pytest.raises(SystemExit) as exit_:
+        run("--ckpt", ckpt, "--features", tmp_path / "in" / "f.npy", "--n", 1, "--out", tmp_path / "o",
+            "--steps", 2, "--batch-size", 1)
+    message = exit_.value.code
+    assert "non-finite" in message and "000001_00" in message and "guidance scale" in message and "\n" not in message
+    assert pngs(tmp_path / "o") == ["000000_00.png"]
