@@ -361,14 +361,18 @@ def export(path, out, sit_kinds=("ema",), vae_kinds=("ema",)):
             weights[name] = {k: v.contiguous() for k, v in sd.items()}
             check_finite(weights[name], f"{path}: {name}")
     build_from(config, weights.get, path, "sit_ema" in weights, "vae_ema" in weights)  # the config fits the weights
+    return write_export(out, weights, config, step, os.path.abspath(path), layout)
+
+
+def write_export(out, weights, config, step, source, layout):
+    """{name: state dict} -> OUT/<name>.safetensors, then OUT/config.json with their sha256."""
     keep = ("model", "vae", "encoder", "seed", "image_size", *SIT_CONFIG_KEYS)
-    meta = {"format": EXPORT_FORMAT, "source": os.path.abspath(path), "source_layout": layout, "step": step,
+    meta = {"format": EXPORT_FORMAT, "source": source, "source_layout": layout, "step": step,
             "config": {k: config[k] for k in keep if k in config}, "files": {}}
     os.makedirs(out, exist_ok=True)
     for name, sd in weights.items():
-        file = os.path.join(out, f"{name}.safetensors")
-        save_safetensors(sd, file)
-        meta["files"][name] = {"file": os.path.basename(file), "sha256": sha256(file)}
+        save_safetensors(sd, os.path.join(out, f"{name}.safetensors"))
+        meta["files"][name] = {"file": f"{name}.safetensors", "sha256": sha256(f"{out}/{name}.safetensors")}
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
@@ -448,11 +452,6 @@ def copy_matching(module, sd, what):
     return [k for k in own if k not in sd]
 
 
-def summary(names):
-    """Tensor names grouped by their top module: 'y_embedder (5)'."""
-    return ", ".join(f"{g} ({n})" for g, n in Counter(k.split(".")[0] for k in names).items())
-
-
 def init_from(path, nets):
     """train.py --init-from: a new run's SiT and VAE (and their EMAs) start from the weights in path
     (an export, a train.py or REPA-E checkpoint, a diffusers VAE) -> the lines that say what was loaded."""
@@ -465,8 +464,9 @@ def init_from(path, nets):
             continue
         left = copy_matching(module, sources[net], f"--init-from {path}: {net.upper()} weights")
         ema.load_state_dict(module.state_dict())
+        groups = ", ".join(f"{g} ({n})" for g, n in Counter(k.split(".")[0] for k in left).items())  # y_embedder (5)
         lines.append(f"{net.upper()}: {len(module.state_dict()) - len(left)} tensors loaded, {len(left)} left at "
-                     f"initialisation{': ' + summary(left) if left else ''}")
+                     f"initialisation{': ' + groups if left else ''}")
     return lines
 
 
