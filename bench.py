@@ -352,8 +352,52 @@ def bench_tiling(args):
     return record
 
 
+# -------- weights: what an export of the paper's model weighs and how long loading it takes -------------
+def add_weights_args(p):
+    p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
+    p.add_argument("--vae", choices=list(vae_models), default="f8d4")
+    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224)
+    p.add_argument("--work-dir", default=None, help="where the export is written (default: a temporary folder, "
+                                                    "deleted afterwards)")
+
+
+def bench_weights(args):
+    """Export size (from meta-device shapes) and load_models' time for that export on the CPU (random fp32
+    weights written once; page cache warm), with the sha256 check's share of it."""
+    from checkpoints import load_models, sha256, write_export  # (imported here: the other benchmarks do without)
+    with torch.device("meta"):
+        vae = build_vae(args.vae)
+        sit = build_sit(args.model, input_size=args.image_size // vae.factor)
+    shapes = {"sit": sit.state_dict(), "vae": vae.state_dict()}
+    mb = {net: sum(v.numel() * v.element_size() for v in sd.values()) / 1e6 for net, sd in shapes.items()}
+    gen = torch.Generator().manual_seed(0)
+    weights = {f"{net}_ema": {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else
+                              torch.zeros(v.shape, dtype=v.dtype) for k, v in sd.items()} for net, sd in shapes.items()}
+    config = {**sit.config, "model": args.model, "vae": args.vae, "encoder": "h0-mini", "seed": 0,
+              "image_size": args.image_size}
+    work = args.work_dir or tempfile.mkdtemp(prefix="bench_weights_")
+    t0 = time.perf_counter()
+    write_export(work, weights, config, 0, "bench.py weights (random)", "random")
+    t1 = time.perf_counter()
+    del weights
+    load_models(work, "cpu")
+    t2 = time.perf_counter()
+    for name in ("sit_ema", "vae_ema"):
+        sha256(os.path.join(work, f"{name}.safetensors"))
+    t3 = time.perf_counter()
+    on_disk = sum(os.path.getsize(os.path.join(work, f)) for f in os.listdir(work)) / 1e6
+    if not args.work_dir:
+        shutil.rmtree(work)
+    return dict(device="cpu", threads=torch.get_num_threads(), model=args.model, vae=args.vae,
+                sit_mb=mb["sit"], vae_mb=mb["vae"], export_ema_mb=mb["sit"] + mb["vae"],
+                export_ema_raw_mb=2 * (mb["sit"] + mb["vae"]), written_mb=on_disk, write_s=t1 - t0,
+                load_s=t2 - t1, sha256_s=t3 - t2)
+
+
+
 COMMANDS = {"train": (add_train_args, bench_train), "sample": (add_sample_args, bench_sample),
-            "fd": (add_fd_args, bench_fd), "tiling": (add_tiling_args, bench_tiling)}
+            "fd": (add_fd_args, bench_fd), "tiling": (add_tiling_args, bench_tiling),
+            "weights": (add_weights_args, bench_weights)}
 
 
 def main(argv=None):
@@ -369,3 +413,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

@@ -5,6 +5,7 @@
     python sample.py --ckpt CKPT --features feats.npy --n 1          # precomputed (N, 768) CLS features
     python sample.py --ckpt CKPT --interpolate a.png b.png           # Figure 3: factors 0.2 ... 0.8
     python sample.py --ckpt CKPT --num-samples 64                    # unconditional (null embedding)
+    python sample.py --ckpt EXPORT_DIR ...                           # an export (checkpoints.py export)
     torchrun --nproc_per_node=8 sample.py --ckpt CKPT --features feats.npy --n 1 --out DIR   # 100k tiles
 
 Conditioning: the H0-mini CLS token of a 224 x 224 tile. Tiles must already be at 0.5 µm/px (20x), the
@@ -19,6 +20,11 @@ split over any number of processes, or killed and started again, writes the same
 are skipped. OUT/settings.json records the run, and a rerun with other settings is refused rather than
 mixed in. Images do not depend on --batch-size, up to floating-point differences of batched kernels.
 
+From Python, with the released pipeline's keywords (the same jobs, seeds and functions as the CLI):
+    pipe = load_pipeline("EXPORT_DIR")
+    images = pipe(h0_mini_embeds=feats, num_inference_steps=250, guidance_scale=2.5, seed=0)["images"]
+No non-finite image is ever written: every batch is checked before any of it is saved.
+
 Left out: other samplers than those of sampler.py, PixCell-style multi-tile conditioning, metrics
 (metrics.py), and loading weights from the Hugging Face hub.
 """
@@ -27,6 +33,7 @@ import json
 import os
 from collections import namedtuple
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,6 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import load_models
+from cli import check_output_folder, number_in, processes
 from data import TileError, list_images, open_tile
 from features import encoder_features, load_encoder
 from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
@@ -42,6 +50,11 @@ from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
 TILE_MPP = 0.5                                    # µm/px of CytoSyn's training tiles (20x)
 INTERPOLATION_FACTORS = (0.2, 0.4, 0.6, 0.8)      # paper Fig. 3: f = (1 - a) f_left + a f_right
 GRID_ROWS, GRID_COLS = 8, 8                       # the grid shows at most this many rows / samples per row
+# Numeric settings, checked at the boundary (CLI and Python API alike): type, allowed range.
+SETTINGS = {"n": (int, 1, 10_000), "num_samples": (int, 1, 10**9), "steps": (int, 1, 10_000),
+            "cfg_scale": (float, 0.0, 100.0), "guidance_low": (float, 0.0, 1.0), "guidance_high": (float, 0.0, 1.0),
+            "seed": (int, 0, 2**63 - 1), "batch_size": (int, 1, 65_536)}
+API_NAMES = {"n": "num_images_per_prompt", "steps": "num_inference_steps", "cfg_scale": "guidance_scale"}
 
 # One image to generate: its file name, its conditioning as a mix of sources ((index, weight), ...;
 # empty = unconditional), and the id its noise seed comes from.
@@ -127,18 +140,17 @@ class TileSource:
 
 
 class ArraySource:
-    """Precomputed CLS features (N, D) from a .npy file."""
+    """Precomputed CLS features (N, D). An (N, 2 D) array is LazySlide's / TRIDENT's CLS followed by the
+    mean patch token: its first D values are the CLS."""
 
-    def __init__(self, path, dim):
-        if not os.path.isfile(path):
-            fail(f"--features {path}: no such file")
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as err:
-            fail(f"--features {path} is not a .npy array ({err})")
+    def __init__(self, arr, dim, what):
         arr = arr[None] if arr.ndim == 1 else arr
+        if arr.ndim == 2 and arr.shape[1] == 2 * dim:
+            print(f"{what} has shape {arr.shape}: using its first {dim} values, the CLS token (the rest is taken to "
+                  f"be the mean patch token)", flush=True)
+            arr = arr[:, :dim]
         if arr.ndim != 2 or arr.shape[1] != dim or not len(arr):
-            fail(f"--features {path} has shape {arr.shape}; this model needs (N, {dim}) H0-mini CLS features, N >= 1")
+            raise ValueError(f"{what} has shape {arr.shape}; this model needs (N, {dim}) H0-mini CLS features, N >= 1")
         self.arr = arr
         self.names = [f"{i:06d}" for i in range(len(arr))]
 
@@ -252,11 +264,23 @@ def sample_latents(velocity, noise, cond, args, generator, device):
         return euler_sampler(velocity, noise, heun=args.mode == "heun", **common)
 
 
+def check_finite(x, jobs, what):
+    """Stop before a non-finite image is written: a NaN or inf would be saved as a black or garbage tile."""
+    bad = [job.name for job, ok in zip(jobs, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
+    if bad:
+        raise FloatingPointError(
+            f"{len(bad)} image(s) have non-finite {what} ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
+            f"nothing of this batch was written. Likely causes: non-finite weights or conditioning features, or a "
+            f"guidance scale that blows up (try a smaller one)")
+
+
 @torch.no_grad()
-def decode(models, x):
+def decode(models, x, jobs=None):
     """Normalised latents -> uint8 images (B, H, W, 3). NOTE: decoded in float32 even with --precision
     bf16 (once per image, against hundreds of SiT passes), so bf16 cannot band the 8-bit output."""
     images = models.vae.decode(models.sit.denormalize(x.float()))  # (B, 3, H, W), about [-1, 1]
+    if jobs is not None:
+        check_finite(images, jobs, "decoded pixels")
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -266,12 +290,21 @@ def generate(models, source, jobs, args, device):
     shape = (len(jobs), models.sit.in_channels, models.sit.input_size, models.sit.input_size)
     noise = standard_normal(shape, gens, device)  # the first draw of every image's stream
     cond = batch_conditioning(source, jobs, device)
-    return decode(models, sample_latents(models.velocity, noise, cond, args, gens, device))
+    latents = sample_latents(models.velocity, noise, cond, args, gens, device)
+    check_finite(latents, jobs, "latents")
+    return decode(models, latents, jobs)
 
 
 def build_source(args, models, device):
     if args.features:
-        return ArraySource(args.features, models.sit.cond_dim)
+        try:
+            arr = np.load(args.features, mmap_mode="r")
+        except (ValueError, OSError) as err:  # a missing file, or not a .npy array
+            fail(f"--features {args.features}: cannot read it as a .npy array ({type(err).__name__}: {err})")
+        try:
+            return ArraySource(arr, models.sit.cond_dim, f"--features {args.features}")
+        except ValueError as err:
+            fail(err)
     paths = list_tiles(args.cond or args.interpolate)
     # NOTE: the "tiny" encoder is random, drawn from the run's seed: the very encoder a smoke run trained with.
     try:
@@ -310,7 +343,9 @@ def check_settings(args, models, rank):
 
 
 def run(args, rank, world, device):
-    try:
+    try:  # generated tiles must never land among real ones (nor be read back as conditioning by a rerun)
+        check_output_folder(args.out, {"--cond": args.cond, "--features": args.features and [args.features],
+                                       "--interpolate": args.interpolate})
         models = load_models(args.ckpt, device, args.sit_weights == "ema", args.vae_weights == "ema")
     except (FileNotFoundError, ValueError) as err:
         fail(err)
@@ -333,7 +368,11 @@ def run(args, rank, world, device):
     with tqdm(total=len(todo), unit="img", disable=rank != 0) as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            for job, image in zip(batch, generate(models, source, batch, args, device)):
+            try:
+                images = generate(models, source, batch, args, device)
+            except FloatingPointError as err:
+                fail(f"{err}; --cfg-scale is {args.cfg_scale}, --ckpt {args.ckpt}")
+            for job, image in zip(batch, images):
                 save_png(image, path(job))
             bar.update(len(batch))
     if world > 1:
@@ -346,51 +385,99 @@ def run(args, rank, world, device):
 
 
 #################################################################################
+#                     Python API (the released pipeline's keywords)             #
+#################################################################################
+
+class Pipeline(namedtuple("Pipeline", "models device precision")):
+    """CytoSyn called as the released pipeline is (LazySlide): pipe(h0_mini_embeds=(N, 768) or None,
+    ...)["images"] -> PIL images, N x num_images_per_prompt of them, embed by embed. The jobs, seeds and
+    functions are sample.py's, so `sample.py --features` gives the same images for the same seed."""
+
+    def __call__(self, h0_mini_embeds=None, num_images_per_prompt=1, num_inference_steps=250, guidance_scale=2.5,
+                 guidance_low=0.0, guidance_high=0.75, seed=0, batch_size=32, mode="sde"):
+        args = SimpleNamespace(n=num_images_per_prompt, num_samples=None, interpolate=None, mode=mode,
+                               steps=num_inference_steps, cfg_scale=guidance_scale, guidance_low=guidance_low,
+                               guidance_high=guidance_high, seed=seed, batch_size=batch_size, precision=self.precision)
+        for name, value in vars(args).items():  # the CLI's ranges, told with the API's keywords
+            try:
+                value is None or name not in SETTINGS or number_in(*SETTINGS[name])(str(value))
+            except argparse.ArgumentTypeError as err:
+                raise ValueError(f"{API_NAMES.get(name, name)}={value!r}: {err}") from None
+        if guidance_low > guidance_high or mode not in ("sde", "ode", "heun"):
+            raise ValueError("need guidance_low <= guidance_high and mode in sde, ode, heun")
+        source = None  # h0_mini_embeds=None: unconditional (the null embedding; guidance off)
+        if h0_mini_embeds is not None:
+            embeds = (h0_mini_embeds.detach().float().cpu().numpy() if torch.is_tensor(h0_mini_embeds)
+                      else np.asarray(h0_mini_embeds, dtype=np.float32))
+            source = ArraySource(embeds, self.models.sit.cond_dim, "h0_mini_embeds")
+        jobs, _ = make_jobs(args, source)
+        images = []
+        for start in range(0, len(jobs), batch_size):
+            batch = generate(self.models, source, jobs[start:start + batch_size], args, self.device)
+            images += [Image.fromarray(image) for image in batch]
+        return {"images": images}
+
+
+def load_pipeline(path, device=None, sit_weights="ema", vae_weights="ema"):
+    """Any weights sample.py --ckpt takes (an export folder, a train.py or REPA-E checkpoint) -> a Pipeline;
+    on the GPU when there is one (bf16 network passes), else the CPU (float32)."""
+    if sit_weights not in ("ema", "raw") or vae_weights not in ("ema", "raw"):
+        raise ValueError(f"sit_weights / vae_weights are 'ema' or 'raw', not {sit_weights!r} / {vae_weights!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = load_models(path, device, sit_weights == "ema", vae_weights == "ema")
+    models.velocity = velocity_field(models.sit)
+    return Pipeline(models, device, "bf16" if device.type == "cuda" else "fp32")
+
+
+#################################################################################
 #                                  main                                         #
 #################################################################################
 
 def main(args):
-    distributed = "RANK" in os.environ  # torchrun; one process without it
-    use_cuda = torch.cuda.is_available() and args.device != "cpu"
-    if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    try:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
+    with processes(torch.cuda.is_available() and args.device != "cpu") as (rank, world, device):
         if args.precision == "auto":
-            args.precision = "bf16" if use_cuda else "fp32"
+            args.precision = "bf16" if device.type == "cuda" else "fp32"
         return run(args, rank, world, device)
-    finally:
-        if distributed:
-            dist.destroy_process_group()
 
 
 def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.num_samples is not None and (args.cond or args.features or args.interpolate):
+        p.error("--num-samples is for unconditional runs; with --cond/--features each conditioning gets --n images")
+    if args.guidance_low > args.guidance_high:
+        p.error("need --guidance-low <= --guidance-high")
+    if args.interpolate and not all(os.path.isfile(f) for f in args.interpolate):
+        p.error("--interpolate takes two tile files (not folders, and they must exist)")
+    return args
+
+
+def build_parser():
+    num = lambda name: number_in(*SETTINGS[name])  # noqa: E731  (kind, range: shared with the Python API)
     p = argparse.ArgumentParser(description="Generate H&E tiles with CytoSyn. Conditioning tiles must be at "
                                             f"{TILE_MPP} µm/px (20x); they are centre-cropped to 224 px, not resized "
                                             "(see --resize).")
-    p.add_argument("--ckpt", required=True, help="checkpoint from train.py (or REPA-E layout); carries its model config")
+    p.add_argument("--ckpt", required=True, help="train.py checkpoint, export folder (checkpoints.py export) or "
+                                                 "REPA-E checkpoint; carries its model config")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--cond", nargs="+", metavar="TILE", help="conditioning tiles (files or folders)")
     what.add_argument("--features", metavar="FILE.npy", help="precomputed (N, 768) H0-mini CLS features")
     what.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
                       help="Figure 3: condition on (1 - a) f_A + a f_B, a = 0.2, 0.4, 0.6, 0.8")
-    p.add_argument("--resize", type=float, metavar="MPP", default=None,
+    p.add_argument("--resize", type=number_in(float, 0, 100, open_low=True), metavar="MPP", default=None,
                    help=f"the tiles' resolution in µm/px if not {TILE_MPP}: rescale them to {TILE_MPP} "
                         f"before cropping")
-    p.add_argument("--n", type=int, default=5, help="samples per conditioning (rows of the interpolation)")
-    p.add_argument("--num-samples", type=int, default=None, help="unconditional: number of images (default --n)")
+    p.add_argument("--n", type=num("n"), default=5, help="samples per conditioning (rows of the interpolation)")
+    p.add_argument("--num-samples", type=num("num_samples"), help="unconditional: number of images (default --n)")
     p.add_argument("--out", default="samples", help="output folder; a rerun with the same settings keeps its images (resume)")
     p.add_argument("--mode", choices=["sde", "ode", "heun"], default="sde",
                    help="sde: Euler-Maruyama (paper); ode: Euler; heun: ODE with Heun's correction")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (paper: 250)")
-    p.add_argument("--cfg-scale", type=float, default=2.5, help="classifier-free guidance scale (paper: 2.5)")
-    p.add_argument("--guidance-low", type=float, default=0.0, help="guide only for t >= this (t = 1 is noise)")
-    p.add_argument("--guidance-high", type=float, default=0.75, help="guide only for t <= this (paper: 0.75)")
-    p.add_argument("--seed", type=int, default=0, help="every image's noise comes from (seed, its index)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass, per process")
+    p.add_argument("--steps", type=num("steps"), default=250, help="sampling steps (paper: 250)")
+    p.add_argument("--cfg-scale", type=num("cfg_scale"), default=2.5, help="guidance scale (paper: 2.5)")
+    p.add_argument("--guidance-low", type=num("guidance_low"), default=0.0, help="guide for t >= this (t = 1: noise)")
+    p.add_argument("--guidance-high", type=num("guidance_high"), default=0.75, help="guide for t <= this (paper: 0.75)")
+    p.add_argument("--seed", type=num("seed"), default=0, help="image i's noise comes from (seed, i)")
+    p.add_argument("--batch-size", type=num("batch_size"), default=32, help="images per forward pass, per process")
     p.add_argument("--sit-weights", choices=["ema", "raw"], default="ema",
                    help="the SiT's EMA or raw weights (its BatchNorm statistics denormalise the latents)")
     p.add_argument("--vae-weights", choices=["ema", "raw"], default="ema",
@@ -400,21 +487,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: the GPU when there is one")
     p.add_argument("--compile", action="store_true", help="torch.compile the SiT (GPU; compiling comes first: "
                                                           "worth it for long runs, see the README's Performance)")
-    args = p.parse_args(argv)
-    for name in ("n", "steps", "batch_size", "num_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.num_samples is not None and (args.cond or args.features or args.interpolate):
-        p.error("--num-samples is for unconditional runs; with --cond/--features each conditioning gets --n images")
-    if not 0 <= args.guidance_low <= args.guidance_high <= 1:
-        p.error("need 0 <= --guidance-low <= --guidance-high <= 1")
-    if args.seed < 0:
-        p.error("--seed must be a non-negative integer")
-    if args.interpolate and not all(os.path.isfile(f) for f in args.interpolate):
-        p.error("--interpolate takes two tile files (not folders, and they must exist)")
-    if args.resize is not None and args.resize <= 0:
-        p.error("--resize takes the tiles' resolution in µm/px, e.g. 0.25")
-    return args
+    return p
 
 
 if __name__ == "__main__":

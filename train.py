@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import (check_resumable, checkpoint_path, latest_checkpoint, load_checkpoint, read_for_resume,
-                         resume_path, save_all_ranks, set_rng_state)
+from checkpoints import (check_resumable, checkpoint_path, init_from, latest_checkpoint, load_checkpoint,
+                         read_for_resume, resume_path, save_all_ranks, set_rng_state)
 from cli import check_output_folder, error_line, number_in, processes
 from data import feature_dim, find_slide_tiles, find_tiles, first_tiles, training_batches
 from features import ENCODERS, encoder_features, load_encoder
@@ -329,6 +329,9 @@ def main(args):
         if ckpt:
             check_resumable(ckpt, config, path)
             load_checkpoint(ckpt, nets, opts)
+        elif args.init_from:  # a new run (step 0, fresh optimizers) from existing weights: fine-tuning
+            for line in init_from(args.init_from, nets):
+                log.info(line)
         seed_everything(args.seed, rank, world, ckpt, device, log)
         del ckpt
         if nets.lpips is not None and not args.lpips_heads:
@@ -382,7 +385,11 @@ def main(args):
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run, --resume continues one: pass one of them")
+    return args
 
 
 def build_parser():
@@ -432,6 +439,8 @@ def build_parser():
     p.add_argument("--results-dir", default="results/cytosyn")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in --results-dir, or from the given file")
+    p.add_argument("--init-from", default=None, metavar="PATH", help="start a new run from these weights: an "
+                   "export, a train.py or REPA-E checkpoint, or a diffusers VAE (file or folder)")
     p.add_argument("--seed", type=number_in(int, 0, 2 ** 31 - 1), default=0)
     p.add_argument("--log-every", type=number_in(int, 1, 10 ** 10), default=100)
     p.add_argument("--ckpt-every", type=number_in(int, 1, 10 ** 10), default=50_000)

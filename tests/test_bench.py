@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import bench
+import checkpoints
 import metrics as M
 import synthetic_slide
 
@@ -48,7 +49,7 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     out = capsys.readouterr().out
-    assert all(name in out for name in ("train", "sample", "fd", "tiling"))
+    assert all(name in out for name in ("train", "sample", "fd", "tiling", "weights"))
 
 
 def test_bench_tiling_runs_and_reads_identical_pixels(tmp_path, capsys):
@@ -61,3 +62,11 @@ def test_bench_tiling_runs_and_reads_identical_pixels(tmp_path, capsys):
     assert record["slides.worker_slides_tiles_per_s"] > 0 and record["pyramid.run_tiles_per_s"] > 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "one data worker" in line]
     assert len(lines) == 2 and all("identical pixels" in line for line in lines)
+
+
+def test_bench_weights_sizes_from_shapes_match_the_written_files(tmp_path):
+    record = bench.main(["--out", "", "weights", "--model", "SiT-T/2", "--vae", "tiny", "--work-dir", str(tmp_path)])
+    on_disk = {f: (tmp_path / f).stat().st_size / 1e6 for f in ("sit_ema.safetensors", "vae_ema.safetensors")}
+    assert 0 < on_disk["sit_ema.safetensors"] - record["sit_mb"] < 0.05  # the safetensors header, nothing more
+    assert 0 < on_disk["vae_ema.safetensors"] - record["vae_mb"] < 0.05
+    assert record["load_s"] > 0 and checkpoints.load_models(str(tmp_path)).sit.config["model"] == "SiT-T/2"

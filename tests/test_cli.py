@@ -6,6 +6,7 @@ import pytest
 
 import bench
 import cli
+import sample
 import tiling
 import train
 
@@ -20,7 +21,7 @@ def bench_parsers():
     return parsers
 
 
-PARSERS = {"train.py": train.build_parser, "tiling.py": tiling.build_parser,
+PARSERS = {"train.py": train.build_parser, "tiling.py": tiling.build_parser, "sample.py": sample.build_parser,
            **{name: (lambda p=p: p) for name, p in bench_parsers().items()}}
 
 

@@ -1,4 +1,4 @@
-"""sample.py end to end on the CPU, with a tiny random checkpoint built here (SiT-T/2, VAE "tiny", encoder "tiny").
+"""sample.py end to end on the CPU, with a tiny random checkpoint (conftest.py: SiT-T/2, VAE "tiny", encoder "tiny").
 
 What must hold: PNGs of the tile size and a grid appear; a seed fixes the files; an interrupted run resumes
 without regenerating finished images; the output equals the pipeline written out by hand with the EMA
@@ -6,7 +6,6 @@ weights (EMA SiT, its BatchNorm statistics for decoding, EMA VAE); a REPA-E-layo
 images; user errors end in one line on stderr, never a traceback.
 """
 import argparse
-import copy
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import sample
 import sampler
 from features import encoder_features, load_encoder
@@ -28,35 +28,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TILE_DIR = os.path.join(REPO, "tests", "data", "tiles")  # real H&E tiles, 224 px at 0.5 µm/px
 TILES = sorted(os.path.join(TILE_DIR, f) for f in os.listdir(TILE_DIR) if f.endswith(".png"))
 FAST = ["--steps", "4", "--batch-size", "2"]
-
-
-def perturbed(module, seed, std=0.05):
-    """A copy with every weight moved by noise: the zero-initialised adaLN / output layers of a fresh
-    SiT would make the velocity 0 whatever the noise and the conditioning."""
-    module = copy.deepcopy(module)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return module
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A train.py-format checkpoint whose EMA weights and BN statistics differ from the raw ones."""
-    torch.manual_seed(0)
-    encoder = load_encoder("tiny", pretrained=False)  # seed 0, as train.py builds it
-    sit = perturbed(build_sit("SiT-T/2", input_size=28, cond_dim=encoder.embed_dim, z_dim=encoder.embed_dim), 1)
-    sit.y_embedder = perturbed(sit.y_embedder, 5, std=0.5)  # so that the conditioning visibly matters
-    vae = perturbed(build_vae("tiny"), 2)
-    sit_ema, vae_ema = perturbed(sit, 3), perturbed(vae, 4)
-    sit_ema.bn.running_mean.fill_(0.5)
-    sit_ema.bn.running_var.fill_(4.0)
-    config = {"model": "SiT-T/2", "vae": "tiny", "encoder": "tiny", "image_size": 224, "seed": 0, **sit.config}
-    path = str(tmp_path_factory.mktemp("ckpt") / "0000100.pt")
-    torch.save({"config": config, "step": 100, "sit": sit.state_dict(), "sit_ema": sit_ema.state_dict(),
-                "vae": vae.state_dict(), "vae_ema": vae_ema.state_dict()}, path)
-    return path
 
 
 def run(*argv):
@@ -137,7 +108,7 @@ def test_interrupted_run_resumes_without_redoing_finished_images(ckpt, tmp_path,
 
 def by_hand(ckpt_path, tile, noise_id, seed=0, steps=4):
     """The sampling pipeline written out from the contract, with the EMA weights, for one tile."""
-    ck = torch.load(ckpt_path, weights_only=False)
+    ck = torch.load(ckpt_path, weights_only=True)
     cfg = ck["config"]
     torch.manual_seed(cfg["seed"])
     encoder = load_encoder("tiny", pretrained=False)
@@ -167,11 +138,16 @@ def test_output_is_the_ema_pipeline(ckpt, tmp_path):
 
 
 def test_repae_layout_gives_the_same_images(ckpt, tmp_path):
-    ck = torch.load(ckpt, weights_only=False)
+    """REPA-E pickles its argparse.Namespace: refused as it is, it samples the same images once converted."""
+    ck = torch.load(ckpt, weights_only=True)
     repae = {"model": ck["sit"], "ema": ck["sit_ema"], "vae": ck["vae_ema"], "opt": {},
              "args": argparse.Namespace(model="SiT-T/2", encoder_depth=2, seed=0)}
-    torch.save(repae, tmp_path / "repae.pt")
-    features = tmp_path / "f.npy"
+    torch.save(repae, tmp_path / "repae_pickle.pt")
+    with pytest.raises(SystemExit, match=r"could run code.*checkpoints.py convert"):
+        run("--ckpt", tmp_path / "repae_pickle.pt", "--num-samples", 1, "--out", tmp_path / "refused", *FAST)
+    checkpoints.convert(str(tmp_path / "repae_pickle.pt"), str(tmp_path / "repae.pt"))
+    (tmp_path / "in").mkdir()
+    features = tmp_path / "in" / "f.npy"
     np.save(features, np.random.default_rng(0).normal(size=(2, ck["config"]["cond_dim"])).astype(np.float32))
     run("--ckpt", ckpt, "--features", features, "--n", 1, "--out", tmp_path / "ours", *FAST)
     run("--ckpt", tmp_path / "repae.pt", "--features", features, "--n", 1, "--out", tmp_path / "repae", *FAST)
@@ -216,8 +192,9 @@ def test_interpolation_conditions_on_the_mixed_features(ckpt, tmp_path, monkeypa
     f = np.random.default_rng(0).standard_normal((2, 48)).astype(np.float32) * 3
     monkeypatch.setattr(sample.TileSource, "features", lambda self, idx, device: torch.from_numpy(f[idx]))
     run("--ckpt", ckpt, "--interpolate", TILES[0], TILES[1], "--n", 1, "--out", tmp_path / "i", *FAST)
-    np.save(tmp_path / "mix.npy", 0.8 * f[0] + 0.2 * f[1])
-    run("--ckpt", ckpt, "--features", tmp_path / "mix.npy", "--n", 1, "--out", tmp_path / "mix", *FAST)
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "mix.npy", 0.8 * f[0] + 0.2 * f[1])
+    run("--ckpt", ckpt, "--features", tmp_path / "in" / "mix.npy", "--n", 1, "--out", tmp_path / "mix", *FAST)
     mixed = png(tmp_path / "mix" / "000000_00.png").astype(int)
     files = pngs(tmp_path / "i")
     assert np.abs(mixed - png(tmp_path / "i" / files[0])).max() <= 1  # a = 0.2
@@ -241,7 +218,7 @@ def bad_files(tmp_path_factory, ckpt):
         im.crop((0, 0, 200, 224)).save(d / "small.png")
     (d / "notes.png").write_text("not an image")
     other = build_sit("SiT-T/2", input_size=28, cond_dim=48, z_dim=48, hidden_size=96)  # another width
-    ck = torch.load(ckpt, weights_only=False)
+    ck = torch.load(ckpt, weights_only=True)
     ck["sit_ema"] = other.state_dict()
     torch.save(ck, d / "other.pt")
     classes = dict(ck["sit"])
@@ -257,7 +234,7 @@ BAD = {  # argv -> words the one-line message must contain
     "missing checkpoint": (["--ckpt", "{d}/nope.pt"], "not found"),
     "checkpoint of another size": (["--ckpt", "{d}/other.pt"], "pos_embed: expected (1, 196, 64), got (1, 196, 96)"),
     "class-conditional checkpoint": (["--ckpt", "{d}/imagenet.pt"], "class-conditional"),
-    "not a checkpoint": (["--ckpt", "{d}/notes.png"], "not a PyTorch checkpoint"),
+    "not a checkpoint": (["--ckpt", "{d}/notes.png"], "not a readable PyTorch checkpoint"),
     "grey-scale tile": (["--ckpt", "{ckpt}", "--cond", "{d}/grey.png"], "grey-scale"),
     "RGBA tile": (["--ckpt", "{ckpt}", "--cond", "{d}/rgba.png"], "RGBA"),
     "small tile": (["--ckpt", "{ckpt}", "--cond", "{d}/small.png"], "200x224"),
@@ -268,7 +245,7 @@ BAD = {  # argv -> words the one-line message must contain
 
 
 def test_argument_errors(ckpt, tmp_path, capsys):
-    cases = [(["--seed", "-1"], "--seed must be a non-negative integer"),
+    cases = [(["--seed", "-1"], "--seed: -1 is outside the allowed range [0, "),
              (["--interpolate", TILE_DIR, TILES[0]], "two tile files (not folders")]
     for argv, words in cases:
         with pytest.raises(SystemExit):
@@ -323,3 +300,53 @@ def test_torchrun_splits_the_work_and_writes_the_same_files(ckpt, tmp_path):
     assert pngs(tmp_path / "two") == pngs(tmp_path / "one") == [f"{i:06d}.png" for i in range(4)]
     for f in pngs(tmp_path / "one"):
         assert np.abs(png(tmp_path / "one" / f).astype(int) - png(tmp_path / "two" / f)).max() <= 1
+
+
+# -- nothing silently wrong: refused before anything is written ------------------------------------------
+@pytest.mark.parametrize("argv, words", [
+    (["--cfg-scale", "nan"], "--cfg-scale: nan is outside the allowed range [0.0, 100.0]"),
+    (["--cfg-scale", "-1"], "--cfg-scale: -1 is outside the allowed range [0.0, 100.0]"),
+    (["--cfg-scale", "inf"], "--cfg-scale: inf is outside the allowed range [0.0, 100.0]"),
+    (["--steps", "0"], "--steps: 0 is outside the allowed range [1, 10000]"),
+    (["--guidance-high", "1.5"], "--guidance-high: 1.5 is outside the allowed range [0.0, 1.0]"),
+    (["--batch-size", "2.5"], "--batch-size: '2.5' is not an integer"),
+    (["--resize", "0"], "--resize: 0 is outside the allowed range (0, 100]"),
+    (["--guidance-low", "0.8"], "need --guidance-low <= --guidance-high")])
+def test_numeric_settings_are_range_checked(argv, words, ckpt, capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--ckpt", ckpt] + argv)
+    assert words in capsys.readouterr().err
+
+
+def test_output_inside_an_input_folder_is_refused_before_anything_is_written(ckpt, tmp_path):
+    (tmp_path / "real").mkdir()
+    Image.open(TILES[0]).save(tmp_path / "real" / "a.png")
+    np.save(tmp_path / "real" / "f.npy", np.zeros((1, 48), np.float32))
+    for argv in (["--cond", tmp_path / "real"], ["--cond", tmp_path / "real" / "a.png"],
+                 ["--features", tmp_path / "real" / "f.npy"]):
+        for out in (tmp_path / "real", tmp_path / "real" / "fake"):
+            with pytest.raises(SystemExit, match=r"is inside the input folder .*real"):
+                run("--ckpt", ckpt, *argv, "--n", 1, "--out", out, *FAST)
+    assert sorted(os.listdir(tmp_path / "real")) == ["a.png", "f.npy"]
+
+
+def test_a_whole_slide_as_conditioning_points_to_tiling(ckpt, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        run("--ckpt", ckpt, "--cond", os.path.join(REPO, "tests", "data", "cmu_small_region.svs"), "--out", tmp_path,
+            *FAST)
+    assert "whole-slide file" in exit_.value.code and "tiling.py" in exit_.value.code
+    assert "\n" not in exit_.value.code and pngs(tmp_path) == []
+
+
+def test_no_non_finite_image_is_written(ckpt, tmp_path):
+    """Image 000000 is finite and written; 000001's conditioning is inf: sampling stops before writing it."""
+    (tmp_path / "in").mkdir()
+    feats = np.random.default_rng(0).normal(size=(2, 48)).astype(np.float32)
+    feats[1, 3] = np.inf
+    np.save(tmp_path / "in" / "f.npy", feats)
+    with pytest.raises(SystemExit) as exit_:
+        run("--ckpt", ckpt, "--features", tmp_path / "in" / "f.npy", "--n", 1, "--out", tmp_path / "o",
+            "--steps", 2, "--batch-size", 1)
+    message = exit_.value.code
+    assert "non-finite" in message and "000001_00" in message and "guidance scale" in message and "\n" not in message
+    assert pngs(tmp_path / "o") == ["000000_00.png"]

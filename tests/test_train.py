@@ -204,7 +204,7 @@ def test_smoke_run_on_real_tiles(tmp_path):
         assert math.isfinite(float(rows[-1][key])), key
     assert float(rows[-1]["lpips"]) > 0 and float(rows[-1]["disc"]) > 0
 
-    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", map_location="cpu", weights_only=True)
     assert {"config", "step", "sit", "sit_ema", "vae", "vae_ema", "disc", "opt_sit", "opt_vae", "opt_disc",
             "rng"} <= set(ckpt)
     cfg = ckpt["config"]
@@ -227,11 +227,11 @@ def test_resume_is_bitwise_identical(tmp_path):
     train.main(tiny_args(straight, "--max-steps", "6", "--ckpt-every", "100"))
     train.main(tiny_args(split, "--max-steps", "3", "--ckpt-every", "100"))
     train.main(tiny_args(split, "--max-steps", "6", "--ckpt-every", "100", "--resume"))
-    a = torch.load(straight / "checkpoints" / "0000006.pt", weights_only=False)
-    b = torch.load(split / "checkpoints" / "0000006.pt", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "0000006.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "0000006.pt", weights_only=True)
     for key in ("sit", "sit_ema", "vae", "vae_ema", "disc", "opt_sit", "opt_vae", "opt_disc"):
         assert tensors_equal(a[key], b[key]), key
-    assert not tensors_equal(a["sit"], torch.load(split / "checkpoints" / "0000003.pt", weights_only=False)["sit"])
+    assert not tensors_equal(a["sit"], torch.load(split / "checkpoints" / "0000003.pt", weights_only=True)["sit"])
     assert [r["diffusion"] for r in read_metrics(straight)] == [r["diffusion"] for r in read_metrics(split)]
 
 
@@ -259,7 +259,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, m
     with pytest.raises(FloatingPointError, match=r"step 3: diffusion=nan.*0000002\.pt"):
         train.main(tiny_args(tmp_path, "--max-steps", "5", "--ckpt-every", "2"))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000002.pt"]
-    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["sit"].values())
 
 
@@ -295,13 +295,13 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
            "--ckpt-every", "2", "--results-dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["bn_ok"] and r1["bn_ok"]
     for key in ("sit", "vae", "sit_ema", "vae_ema"):  # parameters and the synced latent BN statistics
         assert tensors_equal(r0[key], r1[key]), key
     params = [k for k in r0["disc"] if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(r0["disc"][k], r1["disc"][k]) for k in params)
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000002.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000002.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
     assert ckpt["config"]["world_size"] == 2
     assert not tensors_equal(ckpt["sit"], train.build_models(train.parse_args(TINY), torch.device("cpu"), 1,
@@ -352,3 +352,86 @@ def test_training_from_the_slides_equals_training_from_the_pngs(tmp_path):
     for key in ("sit", "vae", "sit_ema", "vae_ema", "disc"):
         assert tensors_equal(a[key], b[key]), key
     assert "read from the slides in" in (tmp_path / "slides" / "log.txt").read_text()
+
+
+# -- --init-from: a new run from existing weights (export, train.py, REPA-E, diffusers VAE) ---------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step tiny run: its checkpoint's EMA weights differ from a fresh initialisation."""
+    results = tmp_path_factory.mktemp("trained")
+    train.main(tiny_args(results, "--max-steps", "2", "--ckpt-every", "2"))
+    return results / "checkpoints" / "0000002.pt"
+
+
+def fresh_nets(tmp_path):
+    return train.build_models(tiny_args(tmp_path), torch.device("cpu"), 1, None)
+
+
+def test_init_from_a_checkpoint_and_its_export_loads_the_ema_weights(trained, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    checkpoints.export(str(trained), str(tmp_path / "export"))
+    for source in (trained, tmp_path / "export"):
+        nets = fresh_nets(tmp_path)
+        lines = checkpoints.init_from(str(source), nets)
+        assert "left at" in lines[1] and ", 0 left at initialisation" in lines[1], lines
+        for net in ("sit", "sit_ema", "vae", "vae_ema"):
+            assert tensors_equal(getattr(nets, net).state_dict(), ckpt[net.split("_")[0] + "_ema"]), (source, net)
+
+
+def test_init_from_a_class_conditional_repae_checkpoint_leaves_the_conditioning_at_init(trained, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    sit = {k: v for k, v in ckpt["sit"].items() if not k.startswith("y_embedder.")}
+    sit["y_embedder.embedding_table.weight"] = torch.randn(1001, 64)  # ImageNet's class table
+    torch.save({"model": sit, "ema": sit, "vae": ckpt["vae"], "opt": {}, "args": {"seed": 0}}, tmp_path / "repae.pt")
+    nets = fresh_nets(tmp_path)
+    init = snapshot(nets.sit)
+    lines = checkpoints.init_from(str(tmp_path / "repae.pt"), nets)
+    assert "class table" in lines[0] and "left at initialisation: y_embedder (5)" in lines[1], lines
+    for k, v in nets.sit.state_dict().items():
+        assert torch.equal(v, init[k] if k.startswith("y_embedder.") else ckpt["sit"][k]), k
+    assert tensors_equal(nets.vae.state_dict(), ckpt["vae"]) and tensors_equal(nets.vae_ema.state_dict(), ckpt["vae"])
+
+
+def test_init_from_a_diffusers_vae_converts_it_and_leaves_the_sit(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors.torch import save_file
+    torch.manual_seed(1)
+    ref = diffusers.AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                                  block_out_channels=[32] * 4, layers_per_block=1, latent_channels=4, norm_num_groups=32)
+    (tmp_path / "vae").mkdir()
+    save_file(ref.state_dict(), tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    nets = fresh_nets(tmp_path)
+    sit = snapshot(nets.sit)
+    lines = checkpoints.init_from(str(tmp_path), nets)  # the folder holding vae/diffusion_pytorch_model.*
+    assert "diffusers VAE" in lines[0] and "SIT: nothing" in lines[1] and ", 0 left at" in lines[2], lines
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(nets.vae_ema.decode(nets.vae.encode(x).mean), ref.decode(ref.encode(x).latent_dist.mean)
+                              .sample, atol=1e-5)
+    assert tensors_equal(snapshot(nets.sit), sit)
+
+
+def test_init_from_weights_of_another_size_names_the_tensors(trained, tmp_path):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["sit_ema"]["pos_embed"] = torch.zeros(1, 4, 96)
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"SIT weights does not fit .*pos_embed \(1, 4, 96\) \(this run: \(1, 4, 64\)\)"):
+        checkpoints.init_from(str(tmp_path / "other.pt"), fresh_nets(tmp_path))
+
+
+def test_init_from_starts_a_new_run_and_excludes_resume(trained, tmp_path, capsys):
+    train.main(tiny_args(tmp_path / "run", "--max-steps", "1", "--init-from", str(trained)))
+    assert "--init-from" in (tmp_path / "run" / "log.txt").read_text()
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == ["1"]  # step 0 + 1: a new run
+    with pytest.raises(SystemExit):
+        tiny_args(tmp_path, "--resume", "--init-from", str(trained))
+    assert "--init-from starts a new run, --resume continues one" in capsys.readouterr().err
+
+
+def test_truncated_latest_checkpoint_names_the_newest_readable_one(trained, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    good = tmp_path / "checkpoints" / "0000002.pt"
+    good.write_bytes(trained.read_bytes())
+    (tmp_path / "checkpoints" / "0000004.pt").write_bytes(trained.read_bytes()[:5000])  # killed mid-copy
+    with pytest.raises(ValueError, match=rf"0000004.pt is unreadable .* newest readable one is {good}: pass --resume"):
+        train.main(tiny_args(tmp_path, "--max-steps", "6", "--resume"))

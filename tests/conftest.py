@@ -1,0 +1,38 @@
+"""Fixtures shared by the test modules: a tiny random train.py-format checkpoint."""
+import copy
+
+import pytest
+import torch
+
+from features import load_encoder
+from sit import build_sit
+from vae import build_vae
+
+
+def perturbed(module, seed, std=0.05):
+    """A copy with every weight moved by noise: the zero-initialised adaLN / output layers of a fresh
+    SiT would make the velocity 0 whatever the noise and the conditioning."""
+    module = copy.deepcopy(module)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return module
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """A train.py-format checkpoint whose EMA weights and BN statistics differ from the raw ones."""
+    torch.manual_seed(0)
+    encoder = load_encoder("tiny", pretrained=False)  # seed 0, as train.py builds it
+    sit = perturbed(build_sit("SiT-T/2", input_size=28, cond_dim=encoder.embed_dim, z_dim=encoder.embed_dim), 1)
+    sit.y_embedder = perturbed(sit.y_embedder, 5, std=0.5)  # so that the conditioning visibly matters
+    vae = perturbed(build_vae("tiny"), 2)
+    sit_ema, vae_ema = perturbed(sit, 3), perturbed(vae, 4)
+    sit_ema.bn.running_mean.fill_(0.5)
+    sit_ema.bn.running_var.fill_(4.0)
+    config = {"model": "SiT-T/2", "vae": "tiny", "encoder": "tiny", "image_size": 224, "seed": 0, **sit.config}
+    path = str(tmp_path_factory.mktemp("ckpt") / "0000100.pt")
+    torch.save({"config": config, "step": 100, "sit": sit.state_dict(), "sit_ema": sit_ema.state_dict(),
+                "vae": vae.state_dict(), "vae_ema": vae_ema.state_dict()}, path)
+    return path
