@@ -24,7 +24,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import sys
@@ -43,14 +42,11 @@ from tqdm import tqdm
 
 from cli import error_line
 from data import TileError, list_images, open_tile
+from fld import FLD_EPOCHS, FLD_GEN_SIZE, IsotropicMoG, fld  # noqa: F401 (metrics.fld)
 from features import EXTRACTORS, ExtractorUnavailable, build_extractor, spec_record, weights_id
 
 PR_K = 3  # nearest neighbours that set a sample's radius (Kynkaanniemi et al. 2019)
 FD_FAKE_SIZE = 50_000  # generated samples FD uses; Jiralerspong et al.'s FID code (the paper's) keeps 50k
-FLD_GEN_SIZE = 10_000  # generated samples FLD uses (Jiralerspong et al.'s default)
-FLD_EPOCHS, FLD_LR, FLD_BATCH = 50, 0.5, 10_000  # Adam on the per-component log-variances
-FLD_ORIGIN_SCALE = 0.9  # the fit-time wide component sees distances shrunk by (1 - 0.1)
-FLD_LOGVAR_RANGE = (-40.0, 20.0)  # clamp, so components on duplicated points cannot collapse to NaN
 DIST_BUDGET = 2**28  # bytes of float32 distances held at once (P/R, FLD); float64 stats chunks likewise
 
 
@@ -278,77 +274,6 @@ def paired_cosine(real_stems, real, fake_stems, fake):
     a, b = real[ri].astype(np.float64), fake[fi].astype(np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return float(cos.mean()), float(cos.std()), len(pairs)
-
-
-# -------- FLD (Jiralerspong et al. 2023) -------------------------------------------------------
-class IsotropicMoG:
-    """Equal-weight mixture of N(c_j, exp(logvar_j) I) on fixed centres c_j (M, D): FLD's density."""
-
-    def __init__(self, centres):
-        self.centres, (self.m, self.d) = centres, centres.shape
-        self.logvar = torch.zeros(self.m, device=centres.device)
-
-    def _log_normal(self, sq_dist, logvar):  # log N(x | c, exp(logvar) I) from |x - c|^2
-        return -0.5 * sq_dist / logvar.exp() - 0.5 * self.d * (logvar + math.log(2 * math.pi))
-
-    def _sq_dist(self, x):
-        return torch.cdist(x, self.centres).square()  # (N, M)
-
-    def nll(self, x):
-        """Mean negative log-likelihood of x (N, D), per dimension."""
-        total = 0.0
-        for i, j in _rows(len(x), self.m):
-            log_p = self._log_normal(self._sq_dist(x[i:j]), self.logvar) - math.log(self.m)  # (n, M)
-            total -= torch.logsumexp(log_p, dim=1).sum().item()
-        return total / (len(x) * self.d)
-
-    def fit(self, x, epochs=FLD_EPOCHS, generator=None):
-        """Fit the log-variances to maximise the likelihood of x (the training features)."""
-        x = x[torch.randperm(len(x), generator=generator).to(x.device)]
-        nearest = torch.stack([self._sq_dist(x[i:j]).min(0).values for i, j in _rows(len(x), self.m)])
-        logvar = ((nearest.min(0).values + 1e-3) / self.d).log().requires_grad_()  # at its nearest point
-        # NOTE: as in Jiralerspong et al.'s code, one extra wide component (unweighted, own variance) at the
-        # data mean keeps every point's likelihood finite during the fit; it is not part of the density.
-        origin_logvar = torch.zeros((), device=x.device, requires_grad=True)
-        origin_sq = FLD_ORIGIN_SCALE**2 * (x - x.mean(0)).square().sum(1, keepdim=True)  # (N, 1)
-        opt = torch.optim.Adam([logvar, origin_logvar], lr=FLD_LR)
-        for _ in range(epochs):
-            for i in range(0, len(x), FLD_BATCH):
-                sq = self._sq_dist(x[i:i + FLD_BATCH])  # recomputed: cheap on a GPU, no N x M cache
-                log_p = torch.cat([self._log_normal(sq, logvar) - math.log(self.m),  # (b, M)
-                                   self._log_normal(origin_sq[i:i + FLD_BATCH], origin_logvar)], 1)
-                loss = -torch.logsumexp(log_p, dim=1).mean() / self.d
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    logvar.clamp_(*FLD_LOGVAR_RANGE)
-        self.logvar = logvar.detach()
-        return self
-
-
-def fld(train, test, gen, gen_size=FLD_GEN_SIZE, epochs=FLD_EPOCHS, seed=0, device="cpu"):
-    """FLD = 100 (NLL_test - NLL_baseline); gap = 100 (NLL_train - NLL_test), very negative = memorised.
-
-    The MoG is centred on (at most gen_size) generated samples with its variances fit on train; the
-    baseline MoG is centred on half of train and fit on the other half. All sets are standardised with
-    the test mean and std."""
-    g = torch.Generator().manual_seed(seed)
-    train, test, gen = (torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)
-                        for a in (train, test, gen))
-    if len(gen) > gen_size:
-        gen = gen[torch.randperm(len(gen), generator=g)[:gen_size].to(device)]
-    # NOTE: dims constant on the test set (std 0: dead ReLU channels, tiny sets) are dropped; Jiralerspong
-    # et al.'s code divides by that 0 and returns NaN.
-    mean, std = test.mean(0), test.std(0)
-    keep = std > 0
-    train, test, gen = ((a[:, keep] - mean[keep]) / std[keep] for a in (train, test, gen))
-    mog = IsotropicMoG(gen).fit(train, epochs, g)
-    nll_test, nll_train = mog.nll(test), mog.nll(train)
-    perm, split = torch.randperm(len(train), generator=g).to(device), min(len(gen), len(train) // 2)
-    baseline = IsotropicMoG(train[perm[:split]]).fit(train[perm[split:]], epochs, g).nll(test)
-    return dict(fld=100 * (nll_test - baseline), fld_gap=100 * (nll_train - nll_test), nll_test=nll_test,
-                nll_train=nll_train, nll_baseline=baseline, n_gen=len(gen), n_dims=int(keep.sum()))
 
 
 # -------- Command line -------------------------------------------------------------------------

@@ -133,6 +133,61 @@ def test_fld_punishes_memorisation():
     assert copycat["fld_gap"] < -100 < honest["fld_gap"]  # copies: train NLL far below test NLL
 
 
+def reference_mog_fit(train, centres, perm, max_epochs=50):
+    """The authors' fit written out again from its description (not from fld.py): one cached distance
+    matrix, Adam lr 0.5, an origin component at 0.81 x the squared distance to the training mean, clamp to
+    [-40, 40], and the early stop after epoch 5 on the largest of the last 5 epoch-to-epoch changes."""
+    x = train[perm]
+    d = x.shape[1]
+    sq = ((x[:, None, :] - centres[None]) ** 2).sum(-1)  # (N, M), exact, no cdist
+    origin_sq = 0.81 * ((x - x.mean(0)) ** 2).sum(1, keepdim=True)
+    logvar = ((sq.min(0).values + 1e-3) / d).log().requires_grad_()
+    origin_logvar = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([logvar, origin_logvar], lr=0.5)
+
+    def log_normal(s, lv):
+        return -0.5 * s / lv.exp() - 0.5 * d * lv - 0.5 * d * np.log(2 * np.pi)
+
+    means = []
+    for epoch in range(max_epochs):
+        lp = torch.cat([log_normal(sq, logvar) - np.log(len(centres)), log_normal(origin_sq, origin_logvar)], 1)
+        loss = -torch.logsumexp(lp, 1).mean() / d  # one batch: the set is smaller than 10k
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            logvar.clamp_(-40, 40)
+        means.append(loss.item())
+        if epoch + 1 > 5 and max(abs(a - b) for a, b in zip(means[-6:-1], means[-5:])) < 5e-4:
+            break
+    return logvar.detach(), len(means)
+
+
+def test_fld_fit_equals_a_reference_of_the_early_stopped_fit():
+    from fld import IsotropicMoG
+    rng = np.random.default_rng(3)
+    train = torch.tensor(rng.standard_normal((300, 16)), dtype=torch.float32)
+    centres = torch.tensor(rng.standard_normal((40, 16)), dtype=torch.float32)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    for copies in (False, True):
+        if copies:  # a generated sample that copies a training point: its variance collapses (-34 in 50 epochs)
+            centres[0] = train[5]
+        mog = IsotropicMoG(centres).fit(train, 50, torch.Generator().manual_seed(0))
+        ref_logvar, ref_epochs = reference_mog_fit(train, centres, perm)
+        assert len(mog.epoch_losses) == ref_epochs
+        assert torch.allclose(mog.logvar, ref_logvar, atol=1e-3, rtol=1e-4)
+        assert (ref_epochs == 50) if copies else (5 < ref_epochs < 50)  # stopped early, at the same epoch
+    assert -40 <= mog.logvar.min() < -20
+
+
+def test_fld_early_stop_rule():
+    from fld import converged
+    flat = [1.0, 0.5, 0.4, 0.3] + [0.2] * 6
+    assert not converged(flat[:5]) and not converged(flat[:9]) and converged(flat)
+    assert not converged([1.0] * 5)  # never before epoch 6
+    assert not converged([0.2] * 5 + [0.2 + 6e-4])
+
+
 def test_fld_ignores_dims_that_are_constant_on_the_test_set():
     rng = np.random.default_rng(12)
     train, test, gen = (rng.standard_normal((n, 8)) for n in (300, 200, 200))
