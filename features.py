@@ -48,11 +48,18 @@ class ExtractorSpec:
     access: str = "public weights: check the network or the Hugging Face cache (HF_HOME)"  # or how to get them
     bf16_ok: bool = True  # may run under bf16 autocast on GPU
     hub_kwargs: dict | None = None  # what pretrained=True passes, where the model card says other than kwargs
+    resize_inside: bool = False  # the network resizes its input itself: tiles reach it at their own size
 
 
 EXTRACTORS = {
-    # NOTE: the paper's Inception is pytorch-fid's TF graph (bilinear resize to 299); timm has the
-    # torchvision weights only, so Inception FD here is comparable with itself, not with Table 2.
+    # The paper's Inception (through Jiralerspong et al.'s code): pytorch-fid's InceptionV3([pool3],
+    # resize_input=True, normalize_input=True) with the FID weights (pt_inception-2015-12-05, fetched by
+    # pytorch-fid on first use). [0, 1] input at the tile's own size, bilinear resize to 299 inside, 2048-d.
+    "fid-inception": ExtractorSpec("pt_inception-2015-12-05 (pytorch-fid)", "pytorch-fid InceptionV3", {}, 299,
+                                   "bilinear", dim=2048, backend="pytorch-fid", bf16_ok=False, resize_inside=True,
+                                   access="pytorch-fid downloads its FID weights from github.com on first use"),
+    # NOTE: timm's torchvision Inception is another network than the paper's (fid-inception): its FD is
+    # comparable with itself, not with Table 2.
     "inception": ExtractorSpec("inception_v3.tv_in1k", "inception_v3", dict(num_classes=0), 299,
                                "bilinear", INCEPTION_MEAN, INCEPTION_STD, "head", 2048, bf16_ok=False),
     "dinov2": ExtractorSpec("vit_base_patch14_dinov2.lvd142m", "vit_base_patch14_dinov2",
@@ -130,6 +137,8 @@ def create_model(name, pretrained=True, seed=0, device="cpu"):
         raise ExtractorUnavailable(f"{name}: not available in this build: {spec.access}")
     if pretrained and spec.hub is None:
         raise ExtractorUnavailable(f"{name}: has no pretrained weights; use --random-weights")
+    if spec.backend == "pytorch-fid":
+        return fid_inception(pretrained, seed).to(device)
     if pretrained:
         try:
             kwargs = spec.kwargs if spec.hub_kwargs is None else spec.hub_kwargs
@@ -143,6 +152,28 @@ def create_model(name, pretrained=True, seed=0, device="cpu"):
                 torch.manual_seed(seed)
                 model = timm.create_model(spec.arch, pretrained=False, **spec.kwargs)
     return model.eval().requires_grad_(False).to(device)
+
+
+def fid_inception(pretrained=True, seed=0):
+    """pytorch-fid's FID Inception, pool3 (2048-d), in eval mode. pretrained=False builds the same network
+    (the FID blocks, 1008 classes) with seeded random weights, without fetching the FID weights."""
+    from unittest import mock
+
+    from pytorch_fid import inception as fid_module
+    if pretrained:
+        try:
+            model = fid_module.InceptionV3([3], resize_input=True, normalize_input=True)
+        except Exception as err:
+            raise ExtractorUnavailable(f"fid-inception: could not fetch pytorch-fid's FID weights "
+                                       f"({hub_failure(err)}); or use --random-weights to test the pipeline") from err
+        return model.eval().requires_grad_(False)
+    # fid_inception_v3() builds the FID architecture and then loads the downloaded weights: skip the load
+    with torch.random.fork_rng(devices=[]), \
+            mock.patch.object(fid_module, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fid_module.torchvision.models.Inception3, "load_state_dict", lambda *a, **k: None):
+        torch.manual_seed(seed)
+        model = fid_module.InceptionV3([3], resize_input=True, normalize_input=True)
+    return model.eval().requires_grad_(False)
 
 
 def hub_failure(err):
@@ -215,6 +246,7 @@ class Extractor:
     def __init__(self, name, model, weights="pretrained"):
         self.name, self.spec, self.model, self.weights = name, EXTRACTORS[name], model, weights
         device = next(model.parameters()).device
+        self.num_prefix = getattr(model, "num_prefix_tokens", 0)
         self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
                                for v in (self.spec.mean, self.spec.std))
 
@@ -223,12 +255,13 @@ class Extractor:
         with torch.autocast("cuda", torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
             if self.spec.backend == "h0":  # normalises inside, as in training; CLS
                 return encoder_features(self.model, x)[0].float()
+            if self.spec.backend == "pytorch-fid":  # [0, 1] in; resizes and normalises inside
+                return self.model(x)[0].flatten(1).float()  # (B, 2048, 1, 1) -> (B, 2048)
             x = (x - self.mean) / self.std
             if self.spec.pooling == "head":
                 out = self.model(x)  # (B, D) timm global pool, num_classes=0
             else:
-                out = pool_tokens(self.model.forward_features(x), self.spec.pooling,
-                                  self.model.num_prefix_tokens)
+                out = pool_tokens(self.model.forward_features(x), self.spec.pooling, self.num_prefix)
         return out.float()
 
 

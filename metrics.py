@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cli import error_line
+from cli import INF, error_line, number_in
 from data import TileError, list_images, open_tile
 from fld import FLD_EPOCHS, FLD_GEN_SIZE, IsotropicMoG, fld  # noqa: F401 (metrics.fld)
 from features import EXTRACTORS, ExtractorUnavailable, build_extractor, spec_record, weights_id
@@ -62,6 +62,39 @@ class Preprocess:
     jpeg: int | None = None  # 1. re-encode as JPEG at this quality (PIL defaults; DS-MIL writes q70)
     crop: int | None = None  # 2. centre-crop to this many px (a 256 tile -> the 224 tile inside it)
     kernel: str | None = None  # 3. PIL resize kernel to the input size (None: the extractor's own)
+    resize_to_input: bool = False  # tiles of several sizes: resize each straight to the input size
+
+
+def tile_sizes(files):
+    """The distinct (width, height) of the tiles, from their headers -> {size: first file}."""
+    sizes = {}
+    for path in files:
+        sizes.setdefault(open_tile(path, decode=False).size, path)
+    return sizes
+
+
+def check_one_size(folder, files, prep):
+    """A folder of mixed tile sizes would be resized silently to one input size: refused unless the
+    preprocessing says how to bring them to one size -> the tiles' size ((w, h), or "mixed")."""
+    sizes = tile_sizes(files)
+    if len(sizes) == 1:
+        return next(iter(sizes))
+    if prep.crop is None and not prep.resize_to_input:
+        shown = ", ".join(f"{w}x{h} ({Path(p).name})" for (w, h), p in list(sizes.items())[:3])
+        raise TileError(f"{folder} holds tiles of {len(sizes)} sizes ({shown}): keep one size, or pass --crop N "
+                        f"(centre crop) or --resize-to-input (resize each to the extractor's input)")
+    return "mixed"
+
+
+def resize_record(tile_size, spec, prep):
+    """What brought the tiles of one set to the extractor's input size, in words, for every report."""
+    size = prep.crop or tile_size
+    side = size if isinstance(size, int) else (size[0] if size != "mixed" and size[0] == size[1] else None)
+    if side == spec.input_size:
+        return f"none ({spec.input_size} px tiles)"
+    if spec.resize_inside:
+        return f"{size} -> {spec.input_size} px, {spec.kernel} inside the network (torch, not antialiased)"
+    return f"{size} -> {spec.input_size} px, PIL {prep.kernel or spec.kernel} (antialiased when shrinking)"
 
 
 def load_tile(path, prep, size, kernel):
@@ -79,7 +112,7 @@ def load_tile(path, prep, size, kernel):
             raise ValueError(f"{path}: tile is {w}x{h} px, smaller than the centre crop {prep.crop}")
         left, top = (w - prep.crop) // 2, (h - prep.crop) // 2
         im = im.crop((left, top, left + prep.crop, top + prep.crop))
-    if im.size != (size, size):
+    if size is not None and im.size != (size, size):  # None: the network resizes (resize_inside)
         im = im.resize((size, size), KERNELS[kernel])  # PIL antialiases when it downsamples
     return np.asarray(im)
 
@@ -110,14 +143,15 @@ def extract_features(folder, name, prep, get_extractor, *, weights, bf16=False,
     if not files:
         raise FileNotFoundError(f"{folder}: no tiles (PNG, JPEG or TIFF) inside")
     stems = [p.stem for p in files]
-    cache = None
+    tile_size, cache = check_one_size(folder, files, prep), None
     if cache_dir is not None:
         key = cache_key(files, Path(folder), name, prep, weights, bf16)
         cache = Path(cache_dir) / f"{Path(folder).resolve().name}-{name}-{key[:16]}.npy"
         if cache.exists():
             return stems, np.load(cache)
     extractor, kernel = get_extractor(), prep.kernel or spec.kernel
-    collate = functools.partial(load_batch, prep=prep, size=spec.input_size, kernel=kernel)
+    size = None if spec.resize_inside and not prep.resize_to_input and tile_size != "mixed" else spec.input_size
+    collate = functools.partial(load_batch, prep=prep, size=size, kernel=kernel)
     loader = torch.utils.data.DataLoader(files, batch_size, num_workers=workers, collate_fn=collate,
                                          pin_memory=torch.device(device).type == "cuda")
     feats, i = np.empty((len(files), spec.dim), np.float32), 0
@@ -277,6 +311,20 @@ def paired_cosine(real_stems, real, fake_stems, fake):
 
 
 # -------- Command line -------------------------------------------------------------------------
+def same_tiles(folder_a, folder_b):
+    """True when two folders are one folder, or hold byte-identical sets of tiles (a degenerate comparison:
+    FD 0 says nothing about a generator). Contents are hashed only when names and sizes already agree."""
+    if os.path.realpath(folder_a) == os.path.realpath(folder_b):
+        return True
+    files = [sorted(Path(p) for p in list_images(f)) for f in (folder_a, folder_b)]
+    if [p.stat().st_size for p in files[0]] and \
+            sorted(p.stat().st_size for p in files[0]) != sorted(p.stat().st_size for p in files[1]):
+        return False
+    digests = [sorted(hashlib.sha1(p.read_bytes()).hexdigest() for p in group) for group in files]
+    return digests[0] == digests[1]
+
+
+
 def evaluate(name, args, preps, device):
     """Every requested metric for one extractor -> rows {extractor, metric, value, ..., settings}."""
     spec, weights = EXTRACTORS[name], weights_id(name, not args.random_weights, args.seed)
@@ -287,7 +335,9 @@ def evaluate(name, args, preps, device):
                               cache_dir=None if args.no_cache else args.cache_dir)
     real_stems, real = feats(args.real, prep=preps["real"])
     fake_stems, fake = feats(args.fake, prep=preps["fake"])
-    base = dict(extractor=spec_record(spec), weights=weights, precision="bf16" if bf16 else "fp32",
+    resize = {s: resize_record(check_one_size(folder, [Path(p) for p in list_images(folder)], preps[s]), spec, preps[s])
+              for s, folder in (("real", args.real), ("fake", args.fake), ("train", args.train)) if folder}
+    base = dict(extractor=spec_record(spec), weights=weights, resize=resize, degenerate=args.degenerate, precision="bf16" if bf16 else "fp32",
                 device=str(device), real=str(args.real), fake=str(args.fake), n_real=len(real),
                 n_fake=len(fake), seed=args.seed,
                 preprocess={k: {**asdict(p), "kernel": p.kernel or spec.kernel} for k, p in preps.items()})
@@ -344,8 +394,15 @@ def main(argv=None):
     if args.random_weights:
         print("WARNING: --random-weights: untrained extractors; the numbers only test the pipeline",
               file=sys.stderr)
-    preps = {s: Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel)
+    preps = {s: Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel, args.resize_to_input)
              for s in ("real", "fake", "train")}
+    try:
+        args.degenerate = same_tiles(args.real, args.fake)
+    except FileNotFoundError as e:
+        sys.exit(f"metrics.py: error: {error_line(e)}")
+    if args.degenerate:
+        print(f"WARNING: --real and --fake hold the same tiles ({args.real}, {args.fake}): a degenerate "
+              f"comparison (FD 0 by construction); flagged as degenerate in the report", file=sys.stderr)
     rows, skipped = [], []
     for name in args.extractors:
         try:
@@ -353,10 +410,12 @@ def main(argv=None):
         except ExtractorUnavailable as e:
             print(f"skipped: {e}", file=sys.stderr)
             skipped.append(dict(extractor=name, error=str(e)))
-        except (FileNotFoundError, ValueError) as e:  # a missing folder, a non-square tile, unpaired names
+        except (FileNotFoundError, ValueError) as e:  # a missing folder, a bad tile (also from a
+            # DataLoader worker: its TileError names the file), unpaired names
             sys.exit(f"metrics.py: error: {error_line(e)}")
     print_table(rows, skipped)
     report = dict(date=str(date.today()), argv=sys.argv if argv is None else argv, results=rows,
+                  degenerate=args.degenerate,
                   skipped=skipped, versions=dict(torch=torch.__version__, timm=timm.__version__,
                                                  numpy=np.__version__, scipy=scipy.__version__))
     write_json(args.out or Path("results/metrics.json"), report)
@@ -373,26 +432,28 @@ def parse_args(argv=None):
     p.add_argument("--train", type=Path, help="training / guidance tiles (FLD only)")
     p.add_argument("--extractors", default="inception", help=f"comma-separated: {', '.join(EXTRACTORS)}")
     p.add_argument("--metrics", default="fd,pr", help=f"comma-separated: {', '.join(METRICS)}")
-    p.add_argument("--crop", type=int, default=None, help="centre-crop every tile to this size (256 -> 224)")
-    p.add_argument("--jpeg-real", type=int, default=None, help="re-encode real tiles as JPEG at this quality")
-    p.add_argument("--jpeg-fake", type=int, default=None, help="same for generated tiles (DS-MIL: 70)")
-    p.add_argument("--jpeg-train", type=int, default=None, help="same for the FLD training tiles")
+    p.add_argument("--crop", type=number_in(int, 1, 4096), default=None, help="centre-crop every tile to this size (256 -> 224)")
+    p.add_argument("--jpeg-real", type=number_in(int, 1, 100), default=None, help="re-encode real tiles as JPEG at this quality")
+    p.add_argument("--jpeg-fake", type=number_in(int, 1, 100), default=None, help="same for generated tiles (DS-MIL: 70)")
+    p.add_argument("--jpeg-train", type=number_in(int, 1, 100), default=None, help="same for the FLD training tiles")
+    p.add_argument("--resize-to-input", action="store_true",
+                   help="tiles of several sizes: resize each straight to the extractor's input size")
     p.add_argument("--resize-kernel", choices=list(KERNELS), default=None,
                    help="kernel to the extractor's input size (default: each extractor's own)")
-    p.add_argument("--k", type=int, default=PR_K, help="nearest neighbours for precision / recall")
-    p.add_argument("--fd-fake-size", type=int, default=FD_FAKE_SIZE, help="generated samples FD uses (0: all)")
-    p.add_argument("--bootstrap-draws", type=int, default=50, help="paper §5: 50")
-    p.add_argument("--bootstrap-size", type=int, help="generated samples per draw (default: half of them)")
-    p.add_argument("--fld-gen-size", type=int, default=FLD_GEN_SIZE)
+    p.add_argument("--k", type=number_in(int, 1, 1000), default=PR_K, help="nearest neighbours for precision / recall")
+    p.add_argument("--fd-fake-size", type=number_in(int, 0, INF), default=FD_FAKE_SIZE, help="generated samples FD uses (0: all)")
+    p.add_argument("--bootstrap-draws", type=number_in(int, 1, 100_000), default=50, help="paper §5: 50")
+    p.add_argument("--bootstrap-size", type=number_in(int, 2, INF), help="generated samples per draw (default: half of them)")
+    p.add_argument("--fld-gen-size", type=number_in(int, 2, INF), default=FLD_GEN_SIZE)
     p.add_argument("--random-weights", action="store_true", help="untrained extractors (pipeline tests)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on GPU where the extractor allows it; the CPU always runs fp32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--batch-size", type=number_in(int, 1, 100_000), default=64)
+    p.add_argument("--workers", type=number_in(int, 0, 256), default=min(8, os.cpu_count() or 1))
     p.add_argument("--cache-dir", type=Path, default=Path("results/features"))
     p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number_in(int, 0, 2**63 - 1), default=0)
     p.add_argument("--out", type=Path, help="JSON report (default results/metrics.json)")
     args = p.parse_args(argv)
     args.extractors, args.metrics = args.extractors.split(","), args.metrics.split(",")
