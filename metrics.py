@@ -92,6 +92,7 @@ def resize_record(tile_size, spec, prep):
     side = size if isinstance(size, int) else (size[0] if size != "mixed" and size[0] == size[1] else None)
     if side == spec.input_size:
         return f"none ({spec.input_size} px tiles)"
+    size = f"{side} px" if side else "mixed" if size == "mixed" else f"{size[0]}x{size[1]} px"
     if spec.resize_inside:
         return f"{size} -> {spec.input_size} px, {spec.kernel} inside the network (torch, not antialiased)"
     return f"{size} -> {spec.input_size} px, PIL {prep.kernel or spec.kernel} (antialiased when shrinking)"
