@@ -117,8 +117,10 @@ EXTRACTORS = {
     # NOTE: not a pathology model: a random two-block ViT/14 with H0-mini's token layout (CLS, 4 registers,
     # 16 x 16 patches), the one small encoder of the repo: smoke runs, the demo and the tests, for
     # conditioning and alignment as for metrics. Random weights only, seeded (`build_extractor`).
+    # NOTE: LayerScale at 1 (DINOv2 initialises it at 1e-5): at 1e-5 a random CLS token hardly sees the tile
+    # (norm 0.006 after the final norm, cosine 0.99 between any two tiles), so nothing could condition on it.
     "tiny": ExtractorSpec(None, "vit_base_patch14_reg4_dinov2",
-                          dict(img_size=224, num_classes=0, embed_dim=48, depth=2, num_heads=3),
+                          dict(img_size=224, num_classes=0, embed_dim=48, depth=2, num_heads=3, init_values=1.0),
                           mean=H0_MINI_MEAN, std=H0_MINI_STD, dim=48, backend="h0"),
 }
 ENCODERS = ("h0-mini", "tiny")  # the extractors that can condition and align a SiT (H0-mini's token layout)
