@@ -395,6 +395,8 @@ def precompute(args):
     if distributed and not dist.is_initialized():
         dist.init_process_group("gloo")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
     kind, items = find_tiles(args.tiles)
     os.makedirs(args.out, exist_ok=True)
     done = {tile_stem(f) for f in os.listdir(args.out) if f.endswith(".npy") and f != CLS_FILE}
