@@ -115,6 +115,9 @@ def guidance_features(args, paths, device):
     sample.py --cond computes them (centre crop to the model's tile size); kept once written."""
     out = args.out / "guidance_cls.npy"
     if out.exists():
+        if len(np.load(out, mmap_mode="r")) != len(paths):
+            raise ValueError(f"{out} holds features of another guidance set (not {len(paths)} tiles): choose "
+                             f"another --out")
         return out
     models = sample.load_models(args.ckpt, device)
     # NOTE: the "tiny" encoder is random, drawn from the run's seed, as sample.py and train.py draw it.
@@ -297,10 +300,9 @@ def main(argv=None):
     try:
         check_output_folder(str(args.out), {"--tiles": [str(args.tiles)]})
         args.out.mkdir(parents=True, exist_ok=True)
-        paths = prepare_tiles(args)
         if int(os.environ.get("RANK", 0)) == 0:
-            cls_path = guidance_features(args, paths, device)
-        else:  # NOTE: rank 0 writes the guidance features; the other ranks wait for the file
+            cls_path = guidance_features(args, prepare_tiles(args), device)
+        else:  # rank 0 links the tiles and writes the guidance features; the other ranks wait for them
             cls_path = wait_for(args.out / "guidance_cls.npy")
         folders = {(s, n): generate(args, cls_path, s, n) for s in args.sampler for n in args.steps}
         if int(os.environ.get("RANK", 0)) != 0:
