@@ -15,6 +15,10 @@ Definitions:
                                                                               (Kynkaanniemi et al. 2019)
     FLD    100 x [NLL(test | MoG centred on generated, variances fit on train) - train-split baseline]
            and its generalisation gap 100 x [NLL(train) - NLL(test)]           (Jiralerspong et al. 2023)
+           fit as the authors' code fits it: fld.py
+
+The whole benchmark (guidance, sampling, every extractor against val-in and val-out, Table 2's layout):
+evaluate.py.
 
 The extractors and what each sees of a tile: features.py. Left out: KID, AuthPct, the C_T test;
 multi-GPU extraction.
