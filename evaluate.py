@@ -149,7 +149,10 @@ def shuffled_cosine(real_stems, real, fake_stems, fake, seed):
     """The paired cosine with the pairing shuffled (each generated tile against another guidance tile):
     the chance level the paired cosine must beat."""
     order = np.random.default_rng(seed).permutation(len(real))
-    order = np.roll(order, 1) if len(order) > 1 and (order == np.arange(len(order))).any() else order
+    for i in range(len(order) if len(order) > 1 else 0):
+        if order[i] == i:  # a tile paired with itself: swap with the next, so that no pairing is the true one
+            j = (i + 1) % len(order)
+            order[i], order[j] = order[j], order[i]
     return M.paired_cosine(real_stems, real[order], fake_stems, fake)
 
 

@@ -141,3 +141,12 @@ def test_guidance_is_stratified_by_tss():
     picked = E.stratified(rows, 8, seed=0)
     assert sum(r["tss"] == "A" for r in picked) == 6 and sum(r["tss"] == "B" for r in picked) == 2
     assert picked == E.stratified(rows, 8, seed=0) and len({r["path"] for r in picked}) == 8
+
+
+def test_shuffled_pairing_never_pairs_a_tile_with_its_own_sample():
+    stems = [f"{i:06d}" for i in range(7)]
+    real = np.eye(7)  # orthogonal features: the true pairing has cosine 1, any other 0
+    fake_stems = [s + "_00" for s in stems]
+    assert E.M.paired_cosine(stems, real, fake_stems, real)[0] == 1.0
+    for seed in range(20):
+        assert E.shuffled_cosine(stems, real, fake_stems, real, seed)[0] == 0.0
