@@ -117,7 +117,10 @@ def test_a_killed_run_resumes_without_redoing_finished_samples(ckpt, tmp_path, m
     stamps = {p: os.stat(p).st_mtime_ns for p in saved}
     written = []
     monkeypatch.setattr(sample, "save_png", lambda image, path: (written.append(path), real_save(image, path)))
-    assert E.main(argv(ckpt, tiles, out, "--steps", "2", "--sample-batch-size", "1")) == 0
+    assert E.main(argv(ckpt, tiles, out, "--steps", "2", "--sample-batch-size", "1",
+                       "--extractors", "tiny,conch-v1")) == 0  # an unavailable extractor: skipped, one line
+    skipped = json.loads((out / "report.json").read_text())["skipped"]
+    assert [s["extractor"] for s in skipped] == ["conch-v1"] and "\n" not in skipped[0]["error"]
     written = [p for p in written if not p.endswith("_grid.png")]  # sample.py's overview grid is redrawn
     assert len(written) == 5 and not set(written) & set(saved)  # only the missing 5 of 8 images
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items())
