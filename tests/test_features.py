@@ -76,3 +76,19 @@ def test_lazyslide_trident_features_give_their_cls_half(tmp_path, capsys):
     np.save(tmp_path / "bad.npy", pooled[:, :100])
     with pytest.raises(SystemExit, match=r"features.py: error: .*bad.npy has shape \(6, 100\)"):
         F.main([str(tmp_path / "bad.npy"), str(tmp_path / "out3")])
+
+
+def test_ranks_split_the_tiles_and_rank_0_writes_the_cls_array(tmp_path, monkeypatch):
+    """torchrun's rank r takes tiles r, r + world, ...; only rank 0 assembles cls.npy, after the barrier."""
+    tiles, out = write_tiles(tmp_path / "tiles", 5), tmp_path / "feats"
+    for name in ("init_process_group", "barrier", "destroy_process_group"):
+        monkeypatch.setattr(F.dist, name, lambda *a, **k: None)
+    monkeypatch.setattr(F.dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    run(tiles, out)
+    assert sorted(p.name for p in out.iterdir()) == ["tile1.npy", "tile3.npy"]
+    monkeypatch.setenv("RANK", "0")
+    run(tiles, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"tile{i}.npy" for i in range(5)] + [F.CLS_FILE, F.NAMES_FILE])
+    assert np.load(out / F.CLS_FILE).shape == (5, 48)
