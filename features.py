@@ -11,16 +11,32 @@ in one registry, `EXTRACTORS`: what `pretrained=True` loads from the hub, what a
 `pretrained=False` builds offline with random weights (tests, pipeline checks), the input size, the
 resize kernel, the normalisation and the pooling. Every tile reaches them as uint8, or floats in [0, 1].
 
+`python features.py TILES OUT` precomputes, per tile, what `train.py --features OUT` reads: the CLS token
+and the patch tokens resized to the token grid, fp16 (1 + 196) x 768 x 2 bytes = 303 KB per 224 px tile,
+about 12 TB for 40 M tiles; also OUT/cls.npy (N, 768), the CLS array `sample.py --features` takes.
+
 Left out: CONCH-v1 (needs the `conch` package) and Phikon-v2 (a `transformers` model), which are
 registered but report that they are unavailable; REPA's other alignment encoders (DINOv2, CLIP, MAE).
 """
+import argparse
 import contextlib
+import functools
+import io
+import os
+import sys
+import tarfile
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import timm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import SwiGLUPacked
+from tqdm import tqdm
+
+from cli import error_line, number_in
+from data import IMAGE_EXTENSIONS, decode_tile, find_tiles
 
 # H0-mini's input normalisation (its model card; the same constants as H-optimus-0).
 H0_MINI_MEAN = (0.707223, 0.578729, 0.703617)
@@ -48,11 +64,18 @@ class ExtractorSpec:
     access: str = "public weights: check the network or the Hugging Face cache (HF_HOME)"  # or how to get them
     bf16_ok: bool = True  # may run under bf16 autocast on GPU
     hub_kwargs: dict | None = None  # what pretrained=True passes, where the model card says other than kwargs
+    resize_inside: bool = False  # the network resizes its input itself: tiles reach it at their own size
 
 
 EXTRACTORS = {
-    # NOTE: the paper's Inception is pytorch-fid's TF graph (bilinear resize to 299); timm has the
-    # torchvision weights only, so Inception FD here is comparable with itself, not with Table 2.
+    # The paper's Inception (through Jiralerspong et al.'s code): pytorch-fid's InceptionV3([pool3],
+    # resize_input=True, normalize_input=True) with the FID weights (pt_inception-2015-12-05, fetched by
+    # pytorch-fid on first use). [0, 1] input at the tile's own size, bilinear resize to 299 inside, 2048-d.
+    "fid-inception": ExtractorSpec("pt_inception-2015-12-05 (pytorch-fid)", "pytorch-fid InceptionV3", {}, 299,
+                                   "bilinear", dim=2048, backend="pytorch-fid", bf16_ok=False, resize_inside=True,
+                                   access="pytorch-fid downloads its FID weights from github.com on first use"),
+    # NOTE: timm's torchvision Inception is another network than the paper's (fid-inception): its FD is
+    # comparable with itself, not with Table 2.
     "inception": ExtractorSpec("inception_v3.tv_in1k", "inception_v3", dict(num_classes=0), 299,
                                "bilinear", INCEPTION_MEAN, INCEPTION_STD, "head", 2048, bf16_ok=False),
     "dinov2": ExtractorSpec("vit_base_patch14_dinov2.lvd142m", "vit_base_patch14_dinov2",
@@ -94,8 +117,10 @@ EXTRACTORS = {
     # NOTE: not a pathology model: a random two-block ViT/14 with H0-mini's token layout (CLS, 4 registers,
     # 16 x 16 patches), the one small encoder of the repo: smoke runs, the demo and the tests, for
     # conditioning and alignment as for metrics. Random weights only, seeded (`build_extractor`).
+    # NOTE: LayerScale at 1 (DINOv2 initialises it at 1e-5): at 1e-5 a random CLS token hardly sees the tile
+    # (norm 0.006 after the final norm, cosine 0.99 between any two tiles), so nothing could condition on it.
     "tiny": ExtractorSpec(None, "vit_base_patch14_reg4_dinov2",
-                          dict(img_size=224, num_classes=0, embed_dim=48, depth=2, num_heads=3),
+                          dict(img_size=224, num_classes=0, embed_dim=48, depth=2, num_heads=3, init_values=1.0),
                           mean=H0_MINI_MEAN, std=H0_MINI_STD, dim=48, backend="h0"),
 }
 ENCODERS = ("h0-mini", "tiny")  # the extractors that can condition and align a SiT (H0-mini's token layout)
@@ -130,6 +155,8 @@ def create_model(name, pretrained=True, seed=0, device="cpu"):
         raise ExtractorUnavailable(f"{name}: not available in this build: {spec.access}")
     if pretrained and spec.hub is None:
         raise ExtractorUnavailable(f"{name}: has no pretrained weights; use --random-weights")
+    if spec.backend == "pytorch-fid":
+        return fid_inception(pretrained, seed).to(device)
     if pretrained:
         try:
             kwargs = spec.kwargs if spec.hub_kwargs is None else spec.hub_kwargs
@@ -143,6 +170,28 @@ def create_model(name, pretrained=True, seed=0, device="cpu"):
                 torch.manual_seed(seed)
                 model = timm.create_model(spec.arch, pretrained=False, **spec.kwargs)
     return model.eval().requires_grad_(False).to(device)
+
+
+def fid_inception(pretrained=True, seed=0):
+    """pytorch-fid's FID Inception, pool3 (2048-d), in eval mode. pretrained=False builds the same network
+    (the FID blocks, 1008 classes) with seeded random weights, without fetching the FID weights."""
+    from unittest import mock
+
+    from pytorch_fid import inception as fid_module
+    if pretrained:
+        try:
+            model = fid_module.InceptionV3([3], resize_input=True, normalize_input=True)
+        except Exception as err:
+            raise ExtractorUnavailable(f"fid-inception: could not fetch pytorch-fid's FID weights "
+                                       f"({hub_failure(err)}); or use --random-weights to test the pipeline") from err
+        return model.eval().requires_grad_(False)
+    # fid_inception_v3() builds the FID architecture and then loads the downloaded weights: skip the load
+    with torch.random.fork_rng(devices=[]), \
+            mock.patch.object(fid_module, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fid_module.torchvision.models.Inception3, "load_state_dict", lambda *a, **k: None):
+        torch.manual_seed(seed)
+        model = fid_module.InceptionV3([3], resize_input=True, normalize_input=True)
+    return model.eval().requires_grad_(False)
 
 
 def hub_failure(err):
@@ -215,6 +264,7 @@ class Extractor:
     def __init__(self, name, model, weights="pretrained"):
         self.name, self.spec, self.model, self.weights = name, EXTRACTORS[name], model, weights
         device = next(model.parameters()).device
+        self.num_prefix = getattr(model, "num_prefix_tokens", 0)
         self.mean, self.std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
                                for v in (self.spec.mean, self.spec.std))
 
@@ -223,12 +273,13 @@ class Extractor:
         with torch.autocast("cuda", torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
             if self.spec.backend == "h0":  # normalises inside, as in training; CLS
                 return encoder_features(self.model, x)[0].float()
+            if self.spec.backend == "pytorch-fid":  # [0, 1] in; resizes and normalises inside
+                return self.model(x)[0].flatten(1).float()  # (B, 2048, 1, 1) -> (B, 2048)
             x = (x - self.mean) / self.std
             if self.spec.pooling == "head":
                 out = self.model(x)  # (B, D) timm global pool, num_classes=0
             else:
-                out = pool_tokens(self.model.forward_features(x), self.spec.pooling,
-                                  self.model.num_prefix_tokens)
+                out = pool_tokens(self.model.forward_features(x), self.spec.pooling, self.num_prefix)
         return out.float()
 
 
@@ -237,3 +288,175 @@ def build_extractor(name, pretrained=True, device="cpu", seed=0):
     `seed` (device="meta" builds it without memory, for shape checks)."""
     model = create_model(name, pretrained, seed, device)
     return Extractor(name, model, weights_id(name, pretrained, seed))
+
+
+# -------- Precomputed tokens (CytoSyn §3.1): python features.py TILES OUT -------------------------
+TOKEN_STRIDE = 16  # image px per SiT token: the VAE's factor 8 x the SiT's patch 2 (every preset)
+CLS_FILE, NAMES_FILE = "cls.npy", "cls_names.txt"  # what sample.py --features and evaluate.py take
+
+
+def save_npy_atomic(path, array):
+    """np.save to a temporary name, then a rename: a killed run never leaves a half-written file."""
+    tmp = f"{path}.tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def tile_stem(name):
+    return os.path.splitext(os.path.basename(name))[0]
+
+
+def decoded_files(paths, args):
+    """(stems, uint8 (B, 3, S, S)) batches of tile files, decoded in DataLoader workers as in training."""
+    decode = functools.partial(decode_batch, size=args.image_size, resize=args.resize)
+    return torch.utils.data.DataLoader(paths, args.batch_size, num_workers=args.workers, collate_fn=decode)
+
+
+def decode_batch(paths, size, resize):
+    return [tile_stem(p) for p in paths], torch.stack([decode_tile(p, p, size, resize) for p in paths])
+
+
+def decoded_shard(path, args, done):
+    """(stems, uint8 batch) from one tar shard, in member order; tiles already written are skipped."""
+    stems, tiles = [], []
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            stem, ext = os.path.splitext(os.path.basename(member.name))
+            if not member.isfile() or ext.lower() not in IMAGE_EXTENSIONS or stem in done:
+                continue
+            data = io.BytesIO(tar.extractfile(member).read())
+            stems.append(stem)
+            tiles.append(decode_tile(data, f"{path}:{member.name}", args.image_size, args.resize))
+            if len(tiles) == args.batch_size:
+                yield stems, torch.stack(tiles)
+                stems, tiles = [], []
+    if tiles:
+        yield stems, torch.stack(tiles)
+
+
+def shard_names(path):
+    """The tile stems of a tar shard, in member order (headers only)."""
+    with tarfile.open(path, mode="r|*") as tar:
+        return [tile_stem(m.name) for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
+def write_tokens(encoder, batches, out, token_grid, device, bar):
+    """Per tile OUT/<stem>.npy: fp16 (1 + token_grid^2, D), the CLS token then the resized patch tokens."""
+    for stems, tiles in batches:
+        cls, patches = encoder_features(encoder, tiles.to(device), token_grid)  # (B, D), (B, T, D)
+        tokens = torch.cat([cls[:, None], patches], 1).half().cpu().numpy()   # (B, 1 + T, D)
+        for stem, array in zip(stems, tokens):
+            save_npy_atomic(os.path.join(out, stem + ".npy"), array)
+        bar.update(len(stems))
+
+
+def write_cls_array(out, names):
+    """OUT/cls.npy (N, D) float32 (the fp16 CLS tokens) and OUT/cls_names.txt, the tile stems in order."""
+    cls = np.stack([np.load(os.path.join(out, n + ".npy"), mmap_mode="r")[0] for n in names]).astype(np.float32)
+    save_npy_atomic(os.path.join(out, CLS_FILE), cls)
+    with open(os.path.join(out, NAMES_FILE + ".tmp"), "w") as f:
+        f.write("".join(n + "\n" for n in names))
+    os.replace(os.path.join(out, NAMES_FILE + ".tmp"), os.path.join(out, NAMES_FILE))
+    return cls
+
+
+def import_pooled(path, out, dim=768):
+    """LazySlide's / TRIDENT's H0-mini features, CLS then the mean of the patch tokens ((N, 1536), .npy or
+    .h5 `features`) -> OUT/cls.npy, the first `dim` columns (the CLS token CytoSyn conditions on)."""
+    if path.endswith((".h5", ".hdf5")):
+        import h5py
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                raise ValueError(f"{path} has no 'features' dataset (found {list(f)}); TRIDENT writes 'features'")
+            feats = f["features"][:]
+            names = [f"{x}_{y}" for x, y in f["coords"][:]] if "coords" in f else None
+    else:
+        feats, names = np.load(path), None
+    if feats.ndim != 2 or feats.shape[1] not in (dim, 2 * dim):
+        raise ValueError(f"{path} has shape {feats.shape}: expected (N, {dim}) CLS or (N, {2 * dim}) CLS + mean "
+                         f"patch H0-mini features")
+    names = names or [f"{i:06d}" for i in range(len(feats))]
+    cls = np.ascontiguousarray(feats[:, :dim], dtype=np.float32)
+    os.makedirs(out, exist_ok=True)
+    save_npy_atomic(os.path.join(out, CLS_FILE), cls)
+    with open(os.path.join(out, NAMES_FILE), "w") as f:
+        f.write("".join(n + "\n" for n in names))
+    took = ("the first 768 of 1536 dims (the CLS token; the rest is the mean of the patch tokens, which "
+            "CytoSyn does not condition on)" if feats.shape[1] == 2 * dim else "all 768 dims (CLS)")
+    print(f"{path}: took {took} of {len(cls)} tiles -> {out}/{CLS_FILE} (no patch tokens: sampling only, "
+          f"train.py --features needs `python features.py TILES OUT`)")
+    return cls
+
+
+def precompute(args):
+    """Every tile of --data's kinds -> OUT/<stem>.npy tokens and OUT/cls.npy; resumable, split over ranks."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
+    kind, items = find_tiles(args.tiles)
+    os.makedirs(args.out, exist_ok=True)
+    done = {tile_stem(f) for f in os.listdir(args.out) if f.endswith(".npy") and f != CLS_FILE}
+    encoder = load_encoder(args.encoder, pretrained=not args.random_weights, seed=args.seed).to(device)
+    grid = args.token_grid or args.image_size // TOKEN_STRIDE
+    if kind == "files":
+        names = [tile_stem(p) for p in items]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{args.tiles}: two tiles share a file name; features are stored by name")
+        todo = [p for p in items[rank::world] if tile_stem(p) not in done]
+        batches, total = decoded_files(todo, args), len(todo)
+    else:
+        todo = items[rank::world]
+        batches = (b for shard in todo for b in decoded_shard(shard, args, done))
+        total = None
+    print(f"rank {rank}/{world}: {len(items)} {kind}, {len(done)} tiles already in {args.out}", flush=True)
+    with tqdm(total=total, unit="tile", disable=rank != 0, desc="tokens") as bar:
+        write_tokens(encoder, batches, args.out, grid, device, bar)
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        names = names if kind == "files" else [n for shard in items for n in shard_names(shard)]
+        cls = write_cls_array(args.out, names)
+        per_tile = (1 + grid * grid) * cls.shape[1] * 2
+        print(f"done: {len(names)} x (1 + {grid}x{grid}, {cls.shape[1]}) fp16 tokens ({per_tile / 1e3:.0f} KB per "
+              f"tile) in {args.out}/, and {args.out}/{CLS_FILE} {cls.shape} for sample.py --features")
+    if distributed:
+        dist.destroy_process_group()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Precompute H0-mini tokens for train.py --features (CytoSyn §3.1), "
+                                            "or import (N, 1536) LazySlide/TRIDENT features as CLS for sampling.")
+    p.add_argument("tiles", help="what train.py --data takes (a tile folder, a manifest .csv, tar shards), or an "
+                                 "(N, 1536) / (N, 768) .npy or .h5 of H0-mini features to import")
+    p.add_argument("out", help="output folder: <tile stem>.npy per tile, cls.npy and cls_names.txt")
+    p.add_argument("--encoder", choices=ENCODERS, default="h0-mini", help="tiny: the random seeded test encoder")
+    p.add_argument("--random-weights", action="store_true", help="untrained encoder (pipeline tests)")
+    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224, help="train.py's --image-size")
+    p.add_argument("--resize", choices=["crop", "scale"], default=None, help="train.py's --resize")
+    p.add_argument("--token-grid", type=number_in(int, 1, 256), default=None,
+                   help=f"side of the SiT's token grid (default: image size / {TOKEN_STRIDE}, 14 for 224 px)")
+    p.add_argument("--batch-size", type=number_in(int, 1, 100_000), default=64)
+    p.add_argument("--workers", type=number_in(int, 0, 256), default=min(8, os.cpu_count() or 1))
+    p.add_argument("--seed", type=number_in(int, 0, 2**63 - 1), default=0, help="the random encoder's seed")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if os.path.isfile(args.tiles) and args.tiles.endswith((".npy", ".h5", ".hdf5")):
+            import_pooled(args.tiles, args.out)
+        else:
+            precompute(args)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"features.py: error: {error_line(err)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

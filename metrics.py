@@ -15,6 +15,10 @@ Definitions:
                                                                               (Kynkaanniemi et al. 2019)
     FLD    100 x [NLL(test | MoG centred on generated, variances fit on train) - train-split baseline]
            and its generalisation gap 100 x [NLL(train) - NLL(test)]           (Jiralerspong et al. 2023)
+           fit as the authors' code fits it: fld.py
+
+The whole benchmark (guidance, sampling, every extractor against val-in and val-out, Table 2's layout):
+evaluate.py.
 
 The extractors and what each sees of a tile: features.py. Left out: KID, AuthPct, the C_T test;
 multi-GPU extraction.
@@ -24,7 +28,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import sys
@@ -41,16 +44,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cli import error_line
+from cli import INF, error_line, number_in
 from data import TileError, list_images, open_tile
+from fld import FLD_EPOCHS, FLD_GEN_SIZE, IsotropicMoG, fld  # noqa: F401 (metrics.fld)
 from features import EXTRACTORS, ExtractorUnavailable, build_extractor, spec_record, weights_id
 
 PR_K = 3  # nearest neighbours that set a sample's radius (Kynkaanniemi et al. 2019)
 FD_FAKE_SIZE = 50_000  # generated samples FD uses; Jiralerspong et al.'s FID code (the paper's) keeps 50k
-FLD_GEN_SIZE = 10_000  # generated samples FLD uses (Jiralerspong et al.'s default)
-FLD_EPOCHS, FLD_LR, FLD_BATCH = 50, 0.5, 10_000  # Adam on the per-component log-variances
-FLD_ORIGIN_SCALE = 0.9  # the fit-time wide component sees distances shrunk by (1 - 0.1)
-FLD_LOGVAR_RANGE = (-40.0, 20.0)  # clamp, so components on duplicated points cannot collapse to NaN
 DIST_BUDGET = 2**28  # bytes of float32 distances held at once (P/R, FLD); float64 stats chunks likewise
 
 
@@ -66,6 +66,40 @@ class Preprocess:
     jpeg: int | None = None  # 1. re-encode as JPEG at this quality (PIL defaults; DS-MIL writes q70)
     crop: int | None = None  # 2. centre-crop to this many px (a 256 tile -> the 224 tile inside it)
     kernel: str | None = None  # 3. PIL resize kernel to the input size (None: the extractor's own)
+    resize_to_input: bool = False  # tiles of several sizes: resize each straight to the input size
+
+
+def tile_sizes(files):
+    """The distinct (width, height) of the tiles, from their headers -> {size: first file}."""
+    sizes = {}
+    for path in files:
+        sizes.setdefault(open_tile(path, decode=False).size, path)
+    return sizes
+
+
+def check_one_size(folder, files, prep):
+    """A folder of mixed tile sizes would be resized silently to one input size: refused unless the
+    preprocessing says how to bring them to one size -> the tiles' size ((w, h), or "mixed")."""
+    sizes = tile_sizes(files)
+    if len(sizes) == 1:
+        return next(iter(sizes))
+    if prep.crop is None and not prep.resize_to_input:
+        shown = ", ".join(f"{w}x{h} ({Path(p).name})" for (w, h), p in list(sizes.items())[:3])
+        raise TileError(f"{folder} holds tiles of {len(sizes)} sizes ({shown}): keep one size, or pass --crop N "
+                        f"(centre crop) or --resize-to-input (resize each to the extractor's input)")
+    return "mixed"
+
+
+def resize_record(tile_size, spec, prep):
+    """What brought the tiles of one set to the extractor's input size, in words, for every report."""
+    size = prep.crop or tile_size
+    side = size if isinstance(size, int) else (size[0] if size != "mixed" and size[0] == size[1] else None)
+    if side == spec.input_size:
+        return f"none ({spec.input_size} px tiles)"
+    size = f"{side} px" if side else "mixed" if size == "mixed" else f"{size[0]}x{size[1]} px"
+    if spec.resize_inside:
+        return f"{size} -> {spec.input_size} px, {spec.kernel} inside the network (torch, not antialiased)"
+    return f"{size} -> {spec.input_size} px, PIL {prep.kernel or spec.kernel} (antialiased when shrinking)"
 
 
 def load_tile(path, prep, size, kernel):
@@ -83,7 +117,7 @@ def load_tile(path, prep, size, kernel):
             raise ValueError(f"{path}: tile is {w}x{h} px, smaller than the centre crop {prep.crop}")
         left, top = (w - prep.crop) // 2, (h - prep.crop) // 2
         im = im.crop((left, top, left + prep.crop, top + prep.crop))
-    if im.size != (size, size):
+    if size is not None and im.size != (size, size):  # None: the network resizes (resize_inside)
         im = im.resize((size, size), KERNELS[kernel])  # PIL antialiases when it downsamples
     return np.asarray(im)
 
@@ -114,14 +148,15 @@ def extract_features(folder, name, prep, get_extractor, *, weights, bf16=False,
     if not files:
         raise FileNotFoundError(f"{folder}: no tiles (PNG, JPEG or TIFF) inside")
     stems = [p.stem for p in files]
-    cache = None
+    tile_size, cache = check_one_size(folder, files, prep), None
     if cache_dir is not None:
         key = cache_key(files, Path(folder), name, prep, weights, bf16)
         cache = Path(cache_dir) / f"{Path(folder).resolve().name}-{name}-{key[:16]}.npy"
         if cache.exists():
             return stems, np.load(cache)
     extractor, kernel = get_extractor(), prep.kernel or spec.kernel
-    collate = functools.partial(load_batch, prep=prep, size=spec.input_size, kernel=kernel)
+    size = None if spec.resize_inside and not prep.resize_to_input and tile_size != "mixed" else spec.input_size
+    collate = functools.partial(load_batch, prep=prep, size=size, kernel=kernel)
     loader = torch.utils.data.DataLoader(files, batch_size, num_workers=workers, collate_fn=collate,
                                          pin_memory=torch.device(device).type == "cuda")
     feats, i = np.empty((len(files), spec.dim), np.float32), 0
@@ -280,78 +315,21 @@ def paired_cosine(real_stems, real, fake_stems, fake):
     return float(cos.mean()), float(cos.std()), len(pairs)
 
 
-# -------- FLD (Jiralerspong et al. 2023) -------------------------------------------------------
-class IsotropicMoG:
-    """Equal-weight mixture of N(c_j, exp(logvar_j) I) on fixed centres c_j (M, D): FLD's density."""
-
-    def __init__(self, centres):
-        self.centres, (self.m, self.d) = centres, centres.shape
-        self.logvar = torch.zeros(self.m, device=centres.device)
-
-    def _log_normal(self, sq_dist, logvar):  # log N(x | c, exp(logvar) I) from |x - c|^2
-        return -0.5 * sq_dist / logvar.exp() - 0.5 * self.d * (logvar + math.log(2 * math.pi))
-
-    def _sq_dist(self, x):
-        return torch.cdist(x, self.centres).square()  # (N, M)
-
-    def nll(self, x):
-        """Mean negative log-likelihood of x (N, D), per dimension."""
-        total = 0.0
-        for i, j in _rows(len(x), self.m):
-            log_p = self._log_normal(self._sq_dist(x[i:j]), self.logvar) - math.log(self.m)  # (n, M)
-            total -= torch.logsumexp(log_p, dim=1).sum().item()
-        return total / (len(x) * self.d)
-
-    def fit(self, x, epochs=FLD_EPOCHS, generator=None):
-        """Fit the log-variances to maximise the likelihood of x (the training features)."""
-        x = x[torch.randperm(len(x), generator=generator).to(x.device)]
-        nearest = torch.stack([self._sq_dist(x[i:j]).min(0).values for i, j in _rows(len(x), self.m)])
-        logvar = ((nearest.min(0).values + 1e-3) / self.d).log().requires_grad_()  # at its nearest point
-        # NOTE: as in Jiralerspong et al.'s code, one extra wide component (unweighted, own variance) at the
-        # data mean keeps every point's likelihood finite during the fit; it is not part of the density.
-        origin_logvar = torch.zeros((), device=x.device, requires_grad=True)
-        origin_sq = FLD_ORIGIN_SCALE**2 * (x - x.mean(0)).square().sum(1, keepdim=True)  # (N, 1)
-        opt = torch.optim.Adam([logvar, origin_logvar], lr=FLD_LR)
-        for _ in range(epochs):
-            for i in range(0, len(x), FLD_BATCH):
-                sq = self._sq_dist(x[i:i + FLD_BATCH])  # recomputed: cheap on a GPU, no N x M cache
-                log_p = torch.cat([self._log_normal(sq, logvar) - math.log(self.m),  # (b, M)
-                                   self._log_normal(origin_sq[i:i + FLD_BATCH], origin_logvar)], 1)
-                loss = -torch.logsumexp(log_p, dim=1).mean() / self.d
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    logvar.clamp_(*FLD_LOGVAR_RANGE)
-        self.logvar = logvar.detach()
-        return self
-
-
-def fld(train, test, gen, gen_size=FLD_GEN_SIZE, epochs=FLD_EPOCHS, seed=0, device="cpu"):
-    """FLD = 100 (NLL_test - NLL_baseline); gap = 100 (NLL_train - NLL_test), very negative = memorised.
-
-    The MoG is centred on (at most gen_size) generated samples with its variances fit on train; the
-    baseline MoG is centred on half of train and fit on the other half. All sets are standardised with
-    the test mean and std."""
-    g = torch.Generator().manual_seed(seed)
-    train, test, gen = (torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)
-                        for a in (train, test, gen))
-    if len(gen) > gen_size:
-        gen = gen[torch.randperm(len(gen), generator=g)[:gen_size].to(device)]
-    # NOTE: dims constant on the test set (std 0: dead ReLU channels, tiny sets) are dropped; Jiralerspong
-    # et al.'s code divides by that 0 and returns NaN.
-    mean, std = test.mean(0), test.std(0)
-    keep = std > 0
-    train, test, gen = ((a[:, keep] - mean[keep]) / std[keep] for a in (train, test, gen))
-    mog = IsotropicMoG(gen).fit(train, epochs, g)
-    nll_test, nll_train = mog.nll(test), mog.nll(train)
-    perm, split = torch.randperm(len(train), generator=g).to(device), min(len(gen), len(train) // 2)
-    baseline = IsotropicMoG(train[perm[:split]]).fit(train[perm[split:]], epochs, g).nll(test)
-    return dict(fld=100 * (nll_test - baseline), fld_gap=100 * (nll_train - nll_test), nll_test=nll_test,
-                nll_train=nll_train, nll_baseline=baseline, n_gen=len(gen), n_dims=int(keep.sum()))
-
-
 # -------- Command line -------------------------------------------------------------------------
+def same_tiles(folder_a, folder_b):
+    """True when two folders are one folder, or hold byte-identical sets of tiles (a degenerate comparison:
+    FD 0 says nothing about a generator). Contents are hashed only when names and sizes already agree."""
+    if os.path.realpath(folder_a) == os.path.realpath(folder_b):
+        return True
+    files = [sorted(Path(p) for p in list_images(f)) for f in (folder_a, folder_b)]
+    if [p.stat().st_size for p in files[0]] and \
+            sorted(p.stat().st_size for p in files[0]) != sorted(p.stat().st_size for p in files[1]):
+        return False
+    digests = [sorted(hashlib.sha1(p.read_bytes()).hexdigest() for p in group) for group in files]
+    return digests[0] == digests[1]
+
+
+
 def evaluate(name, args, preps, device):
     """Every requested metric for one extractor -> rows {extractor, metric, value, ..., settings}."""
     spec, weights = EXTRACTORS[name], weights_id(name, not args.random_weights, args.seed)
@@ -362,7 +340,9 @@ def evaluate(name, args, preps, device):
                               cache_dir=None if args.no_cache else args.cache_dir)
     real_stems, real = feats(args.real, prep=preps["real"])
     fake_stems, fake = feats(args.fake, prep=preps["fake"])
-    base = dict(extractor=spec_record(spec), weights=weights, precision="bf16" if bf16 else "fp32",
+    resize = {s: resize_record(check_one_size(folder, [Path(p) for p in list_images(folder)], preps[s]), spec, preps[s])
+              for s, folder in (("real", args.real), ("fake", args.fake), ("train", args.train)) if folder}
+    base = dict(extractor=spec_record(spec), weights=weights, resize=resize, degenerate=args.degenerate, precision="bf16" if bf16 else "fp32",
                 device=str(device), real=str(args.real), fake=str(args.fake), n_real=len(real),
                 n_fake=len(fake), seed=args.seed,
                 preprocess={k: {**asdict(p), "kernel": p.kernel or spec.kernel} for k, p in preps.items()})
@@ -419,8 +399,15 @@ def main(argv=None):
     if args.random_weights:
         print("WARNING: --random-weights: untrained extractors; the numbers only test the pipeline",
               file=sys.stderr)
-    preps = {s: Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel)
+    preps = {s: Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel, args.resize_to_input)
              for s in ("real", "fake", "train")}
+    try:
+        args.degenerate = same_tiles(args.real, args.fake)
+    except FileNotFoundError as e:
+        sys.exit(f"metrics.py: error: {error_line(e)}")
+    if args.degenerate:
+        print(f"WARNING: --real and --fake hold the same tiles ({args.real}, {args.fake}): a degenerate "
+              f"comparison (FD 0 by construction); flagged as degenerate in the report", file=sys.stderr)
     rows, skipped = [], []
     for name in args.extractors:
         try:
@@ -428,10 +415,12 @@ def main(argv=None):
         except ExtractorUnavailable as e:
             print(f"skipped: {e}", file=sys.stderr)
             skipped.append(dict(extractor=name, error=str(e)))
-        except (FileNotFoundError, ValueError) as e:  # a missing folder, a non-square tile, unpaired names
+        except (FileNotFoundError, ValueError) as e:  # a missing folder, a bad tile (also from a
+            # DataLoader worker: its TileError names the file), unpaired names
             sys.exit(f"metrics.py: error: {error_line(e)}")
     print_table(rows, skipped)
     report = dict(date=str(date.today()), argv=sys.argv if argv is None else argv, results=rows,
+                  degenerate=args.degenerate,
                   skipped=skipped, versions=dict(torch=torch.__version__, timm=timm.__version__,
                                                  numpy=np.__version__, scipy=scipy.__version__))
     write_json(args.out or Path("results/metrics.json"), report)
@@ -448,26 +437,28 @@ def parse_args(argv=None):
     p.add_argument("--train", type=Path, help="training / guidance tiles (FLD only)")
     p.add_argument("--extractors", default="inception", help=f"comma-separated: {', '.join(EXTRACTORS)}")
     p.add_argument("--metrics", default="fd,pr", help=f"comma-separated: {', '.join(METRICS)}")
-    p.add_argument("--crop", type=int, default=None, help="centre-crop every tile to this size (256 -> 224)")
-    p.add_argument("--jpeg-real", type=int, default=None, help="re-encode real tiles as JPEG at this quality")
-    p.add_argument("--jpeg-fake", type=int, default=None, help="same for generated tiles (DS-MIL: 70)")
-    p.add_argument("--jpeg-train", type=int, default=None, help="same for the FLD training tiles")
+    p.add_argument("--crop", type=number_in(int, 1, 4096), default=None, help="centre-crop every tile to this size (256 -> 224)")
+    p.add_argument("--jpeg-real", type=number_in(int, 1, 100), default=None, help="re-encode real tiles as JPEG at this quality")
+    p.add_argument("--jpeg-fake", type=number_in(int, 1, 100), default=None, help="same for generated tiles (DS-MIL: 70)")
+    p.add_argument("--jpeg-train", type=number_in(int, 1, 100), default=None, help="same for the FLD training tiles")
+    p.add_argument("--resize-to-input", action="store_true",
+                   help="tiles of several sizes: resize each straight to the extractor's input size")
     p.add_argument("--resize-kernel", choices=list(KERNELS), default=None,
                    help="kernel to the extractor's input size (default: each extractor's own)")
-    p.add_argument("--k", type=int, default=PR_K, help="nearest neighbours for precision / recall")
-    p.add_argument("--fd-fake-size", type=int, default=FD_FAKE_SIZE, help="generated samples FD uses (0: all)")
-    p.add_argument("--bootstrap-draws", type=int, default=50, help="paper §5: 50")
-    p.add_argument("--bootstrap-size", type=int, help="generated samples per draw (default: half of them)")
-    p.add_argument("--fld-gen-size", type=int, default=FLD_GEN_SIZE)
+    p.add_argument("--k", type=number_in(int, 1, 1000), default=PR_K, help="nearest neighbours for precision / recall")
+    p.add_argument("--fd-fake-size", type=number_in(int, 0, INF), default=FD_FAKE_SIZE, help="generated samples FD uses (0: all)")
+    p.add_argument("--bootstrap-draws", type=number_in(int, 1, 100_000), default=50, help="paper §5: 50")
+    p.add_argument("--bootstrap-size", type=number_in(int, 2, INF), help="generated samples per draw (default: half of them)")
+    p.add_argument("--fld-gen-size", type=number_in(int, 2, INF), default=FLD_GEN_SIZE)
     p.add_argument("--random-weights", action="store_true", help="untrained extractors (pipeline tests)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on GPU where the extractor allows it; the CPU always runs fp32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--batch-size", type=number_in(int, 1, 100_000), default=64)
+    p.add_argument("--workers", type=number_in(int, 0, 256), default=min(8, os.cpu_count() or 1))
     p.add_argument("--cache-dir", type=Path, default=Path("results/features"))
     p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number_in(int, 0, 2**63 - 1), default=0)
     p.add_argument("--out", type=Path, help="JSON report (default results/metrics.json)")
     args = p.parse_args(argv)
     args.extractors, args.metrics = args.extractors.split(","), args.metrics.split(",")

@@ -214,8 +214,8 @@ def build_models(args, device, world, feature_dim_=None, pretrained=True):
     if world > 1:
         sit.bn = synced_batchnorm(sit.bn)  # the EMA keeps a plain BatchNorm2d (same state-dict names)
     disc = None if args.no_gan else NLayerDiscriminator().to(device)
-    lpips = None if args.no_lpips else LPIPS(pretrained=pretrained and not args.lpips_random,
-                                             heads=args.lpips_heads).to(device)
+    lpips = None if args.no_lpips else LPIPS(pretrained and not args.lpips_random, args.lpips_heads,
+                                             args.lpips_vgg_range_quirk).to(device)
     # NOTE: bf16 autocast where REPA-E uses fp16 (no loss scaler needed, same speed on A100/H100).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16 else nullcontext()
     return SimpleNamespace(sit=sit, sit_ema=sit_ema, vae=vae, vae_ema=vae_ema, disc=disc, lpips=lpips,
@@ -334,9 +334,8 @@ def main(args):
                 log.info(line)
         seed_everything(args.seed, rank, world, ckpt, device, log)
         del ckpt
-        if nets.lpips is not None and not args.lpips_heads:
-            log.info("WARNING: LPIPS without --lpips-heads weighs VGG's channels uniformly, not the calibrated LPIPS "
-                     "the paper trains with (the README shows how to fetch vgg.pth)")
+        if nets.lpips is not None and not nets.lpips.calibrated:
+            log.info("WARNING: --lpips-uniform weighs VGG's channels 1/C, not the calibrated LPIPS the paper trains with")
         log.info(f"SiT {args.model}: {sum(p.numel() for p in nets.sit.parameters()) / 1e6:.2f} M parameters; "
                  f"VAE {args.vae}: {sum(p.numel() for p in nets.vae.parameters()) / 1e6:.2f} M")
         wrap_models(nets, args, distributed)
@@ -433,7 +432,10 @@ def build_parser():
     p.add_argument("--gan-weight", type=LOSS_WEIGHT, default=0.1)
     p.add_argument("--no-lpips", action="store_true", help="ablation / smoke run: no LPIPS term")
     p.add_argument("--no-gan", action="store_true", help="ablation / smoke run: no discriminator")
-    p.add_argument("--lpips-heads", default=None, help="LPIPS linear heads (vgg.pth); without: uniform, uncalibrated")
+    p.add_argument("--lpips-heads", default=None, help="LPIPS heads file (default: the lpips package's calibrated vgg.pth)")
+    p.add_argument("--lpips-uniform", dest="lpips_heads", action="store_const", const="uniform",
+                   help="ablation: weigh VGG channels 1/C instead of the calibrated heads (not LPIPS)")
+    p.add_argument("--lpips-vgg-range-quirk", action="store_true", help="REPA-E's code: VGG sees [-3, 1]")
     p.add_argument("--lpips-random", action="store_true", help="random VGG weights (tests and offline smoke runs)")
     # run
     p.add_argument("--results-dir", default="results/cytosyn")

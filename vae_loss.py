@@ -8,11 +8,11 @@ hinge losses; train.py weighs and sums the terms (REPA-E §3).
 - `LPIPS` (Zhang et al. 2018, "lin" variant): VGG16 features at relu1_2, relu2_2, relu3_3,
   relu4_3, relu5_3 (timm `vgg16.tv_in1k`, the same torchvision ImageNet weights LPIPS uses),
   each unit-normalised over channels, squared difference, a learned 1x1 linear head per layer,
-  spatial mean, sum over layers. The heads are loaded from the published `vgg.pth` layout
-  (`lin0.model.1.weight` ... `lin4.model.1.weight`, each (1, C, 1, 1); the file ships inside the
-  `lpips` wheel as `lpips/weights/v0.1/vgg.pth`) when a path is given. WITHOUT that file the
-  heads are uniform (every channel weighted 1/C): a perceptual distance on the same features,
-  but NOT the calibrated LPIPS, and its numbers are not comparable with published LPIPS values.
+  spatial mean, sum over layers. By default the heads are the calibrated ones REPA-E trains with:
+  `lpips/weights/v0.1/vgg.pth` inside the `lpips` package (a requirement; read from the installed
+  package, no network), keys `lin0.model.1.weight` ... `lin4.model.1.weight`, each (1, C, 1, 1),
+  summing to 6.93 / 8.86 / 17.52 / 51.52 / 47.03. Another file can be given; `heads="uniform"`
+  weighs every channel 1/C, which is NOT the calibrated LPIPS (an explicit opt-in, for ablations).
 - `NLayerDiscriminator`: the pix2pix / taming PatchGAN, module names as in taming (`main.N`), so
   a taming or REPA-E discriminator state dict loads as is.
 
@@ -32,6 +32,18 @@ LPIPS_SCALE = (0.458, 0.448, 0.450)
 VGG16_TIMM_NAME = "vgg16.tv_in1k"
 VGG16_TAPS = (0, 1, 2, 3, 4)
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
+UNIFORM = "uniform"  # heads= value for 1/C per channel (not the calibrated LPIPS)
+
+
+def calibrated_heads_path():
+    """The calibrated heads file of the installed `lpips` package (the one REPA-E's code loads)."""
+    from importlib.resources import files
+    try:
+        path = files("lpips") / "weights" / "v0.1" / "vgg.pth"
+    except ModuleNotFoundError:
+        raise FileNotFoundError("the calibrated LPIPS heads ship with the `lpips` package: pip install lpips "
+                                "(or pass --lpips-heads PATH, or --lpips-uniform for uncalibrated heads)") from None
+    return str(path)
 
 
 def load_lpips_heads(path):
@@ -64,11 +76,12 @@ class LPIPS(nn.Module):
 
     pretrained: load the ImageNet VGG16 weights through timm (hub download); False gives a random
         VGG, only useful for tests and smoke runs.
-    heads: path to the published `vgg.pth` linear heads; None -> uniform heads, which is NOT the
-        calibrated LPIPS (see the module docstring).
+    heads: None -> the calibrated heads of the `lpips` package (REPA-E's); a path -> that `vgg.pth`;
+        "uniform" -> 1/C per channel, which is NOT the calibrated LPIPS (see the module docstring).
+    vgg_range_quirk: feed VGG REPA-E's doubly rescaled input (see `forward`); off by default.
     """
 
-    def __init__(self, pretrained=True, heads=None):
+    def __init__(self, pretrained=True, heads=None, vgg_range_quirk=False):
         super().__init__()
         import timm  # imported here so that the discriminator alone needs no timm
 
@@ -77,11 +90,13 @@ class LPIPS(nn.Module):
         assert tuple(self.vgg.feature_info.channels()) == VGG16_CHANNELS
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
-        # NOTE: without the published heads every channel weighs 1/C: not the calibrated LPIPS (module docstring)
-        weights = load_lpips_heads(heads) if heads else [torch.full((1, c, 1, 1), 1.0 / c) for c in VGG16_CHANNELS]
+        if heads == UNIFORM:  # NOTE: an opt-in ablation: every channel weighs 1/C, not the calibrated LPIPS
+            weights = [torch.full((1, c, 1, 1), 1.0 / c) for c in VGG16_CHANNELS]
+        else:
+            weights = load_lpips_heads(heads or calibrated_heads_path())
         for k, w in enumerate(weights):
             self.register_buffer(f"head{k}", w, persistent=False)
-        self.calibrated = heads is not None
+        self.calibrated, self.vgg_range_quirk = heads != UNIFORM, vgg_range_quirk
         self.requires_grad_(False)
         self.eval()
 
@@ -89,6 +104,10 @@ class LPIPS(nn.Module):
         return super().train(False)  # frozen metric: never let a .train() call reach the VGG
 
     def forward(self, x, y):
+        if self.vgg_range_quirk:
+            # NOTE: REPA-E's loss rescales its [-1, 1] images once more (2 x - 1), so its VGG sees [-3, 1];
+            # CytoSyn kept REPA-E's code. Off by default: LPIPS is defined on [-1, 1] input.
+            x, y = 2 * x - 1, 2 * y - 1
         feats_x = self.vgg((x - self.shift) / self.scale)  # 5 x (B, C_k, H/2^k, W/2^k)
         feats_y = self.vgg((y - self.shift) / self.scale)
         dist = 0.0

@@ -1,4 +1,4 @@
-"""The README's first run, end to end at a reduced step count: demo.py tiles, trains, samples, scores."""
+"""The README's first run, end to end at a reduced step count: demo.py tiles, trains, samples, benchmarks."""
 import csv
 import json
 import math
@@ -39,8 +39,16 @@ def test_demo_pipeline(tmp_path):
     assert len(images) == 2 * len(val) and Image.open(images[0]).size == (64, 64)
     assert (out / "generated_grid.png").exists()  # the grid lies beside the tiles, not among them
 
-    # metrics of the generated tiles against the held-out ones (random extractor: a pipeline check)
-    results = {r["metric"]: r["value"] for r in json.loads((out / "metrics.json").read_text())["results"]}
-    assert set(results) >= {"fd", "precision", "recall", "cosine"}, results
-    assert math.isfinite(results["fd"]) and results["fd"] >= 0
-    assert 0 <= results["precision"] <= 1 and 0 <= results["recall"] <= 1
+    # the benchmark (evaluate.py) on the untrained, middle and last checkpoints, and the verdict on learning
+    benches = sorted(p.name for p in (out / "bench").iterdir())
+    assert benches == ["0000000", "0000012", "0000020"]
+    for step in benches:
+        report = json.loads((out / "bench" / step / "report.json").read_text())
+        metrics = {(r["row"], r["metric"]) for r in report["results"]}
+        assert {("CytoSyn (sde, 5 steps)", m) for m in ("fd", "fld", "precision", "recall", "cosine",
+                                                        "cosine_shuffled")} <= metrics
+        assert ("guidance vs val", "fd") in metrics
+        assert all(math.isfinite(r["value"]) for r in report["results"])
+    learning = json.loads((out / "learning.json").read_text())
+    assert learning["steps"] == [0, 12, 20] and len(learning["fd"]) == 3
+    assert ("FD fell" in proc.stdout) == learning["fd_falls"]

@@ -133,6 +133,61 @@ def test_fld_punishes_memorisation():
     assert copycat["fld_gap"] < -100 < honest["fld_gap"]  # copies: train NLL far below test NLL
 
 
+def reference_mog_fit(train, centres, perm, max_epochs=50):
+    """The authors' fit written out again from its description (not from fld.py): one cached distance
+    matrix, Adam lr 0.5, an origin component at 0.81 x the squared distance to the training mean, clamp to
+    [-40, 40], and the early stop after epoch 5 on the largest of the last 5 epoch-to-epoch changes."""
+    x = train[perm]
+    d = x.shape[1]
+    sq = ((x[:, None, :] - centres[None]) ** 2).sum(-1)  # (N, M), exact, no cdist
+    origin_sq = 0.81 * ((x - x.mean(0)) ** 2).sum(1, keepdim=True)
+    logvar = ((sq.min(0).values + 1e-3) / d).log().requires_grad_()
+    origin_logvar = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([logvar, origin_logvar], lr=0.5)
+
+    def log_normal(s, lv):
+        return -0.5 * s / lv.exp() - 0.5 * d * lv - 0.5 * d * np.log(2 * np.pi)
+
+    means = []
+    for epoch in range(max_epochs):
+        lp = torch.cat([log_normal(sq, logvar) - np.log(len(centres)), log_normal(origin_sq, origin_logvar)], 1)
+        loss = -torch.logsumexp(lp, 1).mean() / d  # one batch: the set is smaller than 10k
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            logvar.clamp_(-40, 40)
+        means.append(loss.item())
+        if epoch + 1 > 5 and max(abs(a - b) for a, b in zip(means[-6:-1], means[-5:])) < 5e-4:
+            break
+    return logvar.detach(), len(means)
+
+
+def test_fld_fit_equals_a_reference_of_the_early_stopped_fit():
+    from fld import IsotropicMoG
+    rng = np.random.default_rng(3)
+    train = torch.tensor(rng.standard_normal((300, 16)), dtype=torch.float32)
+    centres = torch.tensor(rng.standard_normal((40, 16)), dtype=torch.float32)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    for copies in (False, True):
+        if copies:  # a generated sample that copies a training point: its variance collapses (-34 in 50 epochs)
+            centres[0] = train[5]
+        mog = IsotropicMoG(centres).fit(train, 50, torch.Generator().manual_seed(0))
+        ref_logvar, ref_epochs = reference_mog_fit(train, centres, perm)
+        assert len(mog.epoch_losses) == ref_epochs
+        assert torch.allclose(mog.logvar, ref_logvar, atol=1e-3, rtol=1e-4)
+        assert (ref_epochs == 50) if copies else (5 < ref_epochs < 50)  # stopped early, at the same epoch
+    assert -40 <= mog.logvar.min() < -20
+
+
+def test_fld_early_stop_rule():
+    from fld import converged
+    flat = [1.0, 0.5, 0.4, 0.3] + [0.2] * 6
+    assert not converged(flat[:5]) and not converged(flat[:9]) and converged(flat)
+    assert not converged([1.0] * 5)  # never before epoch 6
+    assert not converged([0.2] * 5 + [0.2 + 6e-4])
+
+
 def test_fld_ignores_dims_that_are_constant_on_the_test_set():
     rng = np.random.default_rng(12)
     train, test, gen = (rng.standard_normal((n, 8)) for n in (300, 200, 200))
@@ -234,7 +289,9 @@ def test_command_line_writes_every_setting_next_to_each_number(tmp_path):
     for row in report["results"]:
         s = row["settings"]
         assert np.isfinite(row["value"]) and s["weights"] == "random(seed=0)" and s["n_real"] == 6
-        assert s["preprocess"]["fake"] == {"jpeg": 70, "crop": 224, "kernel": "bicubic"}  # tiny's own kernel
+        assert s["preprocess"]["fake"] == {"jpeg": 70, "crop": 224, "kernel": "bicubic",  # tiny's own kernel
+                                           "resize_to_input": False}
+        assert s["resize"] == {"real": "none (224 px tiles)", "fake": "none (224 px tiles)"} and not s["degenerate"]
         assert s["preprocess"]["real"]["jpeg"] is None and s["extractor"]["dim"] == 48
 
 
@@ -245,8 +302,66 @@ def test_command_line_bad_input_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"metrics.py: error: .*nope: no such folder"):
         M.main(["--real", str(real), "--fake", str(tmp_path / "nope")] + args)
     Image.new("RGB", (224, 200)).save(tmp_path / "real" / "wide.png")
-    with pytest.raises(SystemExit, match=r"metrics.py: error: .*wide.png is 224x200 px, not a square tile"):
+    with pytest.raises(SystemExit, match=r"metrics.py: error: .*real holds tiles of 2 sizes .*--resize-to-input"):
         M.main(["--real", str(real), "--fake", str(real)] + args)
+    with pytest.raises(SystemExit, match=r"metrics.py: error: .*wide.png is 224x200 px, not a square tile"):
+        M.main(["--real", str(real), "--fake", str(real), "--crop", "200"] + args)
+    with pytest.raises(SystemExit) as err:  # every numeric setting is range-checked at the boundary
+        M.parse_args(["--real", str(real), "--fake", str(real), "--jpeg-fake", "0"])
+    assert err.value.code == 2
+
+
+def test_mixed_sizes_need_an_explicit_resize_and_the_report_says_which(tmp_path, capsys):
+    real = write_tiles(tmp_path / "real", ["a", "b", "c", "d"], size=256)
+    write_tiles(real, ["e"], size=240, seed=3)
+    fake = write_tiles(tmp_path / "fake", ["a_00", "b_00", "c_00", "d_00"], size=224, seed=1)
+    out = tmp_path / "r.json"
+    M.main(["--real", str(real), "--fake", str(fake), "--extractors", "tiny", "--random-weights", "--device",
+            "cpu", "--workers", "0", "--no-cache", "--resize-to-input", "--out", str(out)])
+    resize = json.loads(out.read_text())["results"][0]["settings"]["resize"]
+    assert resize == {"real": "mixed -> 224 px, PIL bicubic (antialiased when shrinking)", "fake": "none (224 px tiles)"}
+
+
+def test_worker_errors_come_back_as_one_line_naming_the_file(tmp_path):
+    real = write_tiles(tmp_path / "real", ["a", "b", "c"], size=224)
+    data = (real / "b.png").read_bytes()
+    (real / "b.png").write_bytes(data[:len(data) // 2])  # truncated
+    with pytest.raises(SystemExit) as err:
+        M.main(["--real", str(real), "--fake", str(real), "--extractors", "tiny", "--random-weights", "--device",
+                "cpu", "--workers", "1", "--no-cache", "--out", str(tmp_path / "r.json")])
+    assert "\n" not in str(err.value) and "b.png could not be decoded" in str(err.value)
+
+
+def test_same_tiles_are_a_degenerate_comparison_and_random_extractors_reproduce(tmp_path, capsys):
+    real = write_tiles(tmp_path / "real", ["a", "b", "c", "d", "e"], size=224)
+    copy = write_tiles(tmp_path / "copy", ["a", "b", "c", "d", "e"], size=224)  # byte-identical, other folder
+    fake = write_tiles(tmp_path / "fake", ["a", "b", "c", "d", "e"], size=224, seed=1)
+    args = ["--extractors", "tiny", "--random-weights", "--device", "cpu", "--workers", "0", "--seed", "3"]
+    reports = []
+    for n, (a, b) in enumerate(((real, copy), (real, fake), (real, fake))):
+        out = tmp_path / f"r{n}.json"
+        M.main(["--real", str(a), "--fake", str(b), "--cache-dir", str(tmp_path / f"cache{n}"), "--out", str(out)] + args)
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["degenerate"] and reports[0]["results"][0]["settings"]["degenerate"]
+    assert "degenerate comparison" in capsys.readouterr().err
+    assert not reports[1]["degenerate"]
+    values = [[r["value"] for r in rep["results"]] for rep in reports[1:]]
+    assert values[0] == values[1] and values[0][0] > 0  # two runs, two caches: the same numbers
+
+
+def test_fid_inception_is_pytorch_fids_network_built_without_weights():
+    """The paper's Inception: pytorch-fid's FID blocks and 1008-class graph, 2048-d pool3, built offline."""
+    pytest.importorskip("pytorch_fid")
+    from pytorch_fid.inception import FIDInceptionA, FIDInceptionE_2, InceptionV3
+    extractor = F.build_extractor("fid-inception", pretrained=False, seed=0)
+    model = extractor.model
+    assert isinstance(model, InceptionV3) and model.resize_input and model.normalize_input
+    assert isinstance(model.blocks[2][0], FIDInceptionA) and isinstance(model.blocks[3][2], FIDInceptionE_2)
+    x = torch.rand(2, 3, 224, 224)  # a tile at its own size: the network resizes to 299 itself
+    feats = extractor.embed(x)
+    assert feats.shape == (2, 2048) == (2, F.EXTRACTORS["fid-inception"].dim)
+    assert torch.equal(feats, F.build_extractor("fid-inception", pretrained=False, seed=0).embed(x))
+    assert F.EXTRACTORS["fid-inception"].resize_inside and F.EXTRACTORS["fid-inception"].kernel == "bilinear"
 
 
 # ---------------------------------------------------------------------------------- known answers, boundaries

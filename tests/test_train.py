@@ -117,6 +117,13 @@ def test_paper_defaults():
     assert (a.vae_align_coeff, a.proj_coeff, a.cond_dropout, a.ema_decay) == (1.5, 0.5, 0.1, 0.9999)
     assert (a.lr, a.vae_lr, a.disc_lr, a.adam_beta1, a.adam_beta2, a.weight_decay, a.max_grad_norm) == (
         1e-4, 1e-4, 1e-4, 0.9, 0.999, 0.0, 1.0)
+    from vae_loss import LPIPS
+    # LPIPS: the calibrated heads REPA-E trains with (not 1/C per channel), on the correct [-1, 1] range
+    assert (a.no_lpips, a.lpips_heads, a.lpips_vgg_range_quirk) == (False, None, False)
+    lpips = LPIPS(pretrained=False, heads=a.lpips_heads, vgg_range_quirk=a.lpips_vgg_range_quirk)
+    sums = [round(float(getattr(lpips, f"head{k}").sum()), 2) for k in range(5)]
+    assert lpips.calibrated and sums == [6.93, 8.86, 17.52, 51.52, 47.03]
+    assert train.parse_args(["--data", "tiles", "--lpips-uniform"]).lpips_heads == "uniform"
 
 
 def test_step_losses_are_the_weighted_sums_of_their_terms(step_setup):

@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def lpips():
     torch.manual_seed(0)
-    return LPIPS(pretrained=False)
+    return LPIPS(pretrained=False, heads="uniform")
 
 
 def images(seed, n=2, size=32):
@@ -85,6 +85,36 @@ def test_lpips_heads_file_layout(tmp_path, lpips):
     for k, w in enumerate(load_lpips_heads(tmp_path / "flat.pth")):
         setattr(calibrated, f"head{k}", w)
     assert torch.allclose(calibrated(x, y), lpips(x, y), atol=1e-7)
+
+
+CALIBRATED_SUMS = (6.93, 8.86, 17.52, 51.52, 47.03)  # SPEC: the lpips 0.1.4 wheel's vgg.pth
+
+
+def test_default_lpips_carries_the_calibrated_heads(lpips):
+    """Without a heads argument the loss weighs VGG's channels with REPA-E's calibrated heads, not 1/C."""
+    default = LPIPS(pretrained=False)
+    sums = [round(float(getattr(default, f"head{k}").sum()), 2) for k in range(5)]
+    assert default.calibrated and sums == list(CALIBRATED_SUMS)
+    assert [float(getattr(lpips, f"head{k}").sum()) for k in range(5)] == pytest.approx([1.0] * 5)
+
+
+def test_lpips_equals_the_lpips_package():
+    """Same VGG weights, same heads: our LPIPS is the lpips package's LPIPS(net='vgg') to float precision."""
+    lpips_pkg = pytest.importorskip("lpips")
+    torch.manual_seed(1)
+    reference = lpips_pkg.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    ours = LPIPS(pretrained=False)
+    # the package slices torchvision's vgg16.features (sliceK.N keeps index N); timm names it features_N
+    vgg = {f"features_{k.split('.')[1]}.{k.split('.')[2]}": v for k, v in reference.net.state_dict().items()}
+    ours.vgg.load_state_dict(vgg)
+    x, y = images(7, size=64), images(8, size=64)
+    with torch.no_grad():
+        assert torch.allclose(ours(x, y), reference(x, y).flatten(), rtol=1e-4, atol=1e-6)
+        # REPA-E's quirk is the same distance on twice-rescaled images (VGG sees [-3, 1])
+        quirk = LPIPS(pretrained=False, vgg_range_quirk=True)
+        quirk.vgg.load_state_dict(vgg)
+        assert torch.allclose(quirk(x, y), reference(2 * x - 1, 2 * y - 1).flatten(), rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(quirk(x, y), ours(x, y), rtol=1e-3)
 
 
 def test_lpips_heads_bad_file(tmp_path):

@@ -1,0 +1,94 @@
+"""features.py's precomputed tokens are what train.py would compute on the fly (CytoSyn §3.1)."""
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import features as F
+
+torch.set_num_threads(1)
+
+
+def write_tiles(folder, n, size=64, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"tile{i}.png")
+    return folder
+
+
+def run(tiles, out, *extra):
+    return F.main([str(tiles), str(out), "--encoder", "tiny", "--random-weights", "--image-size", "64",
+                   "--workers", "0", "--batch-size", "3", "--device", "cpu", *extra])
+
+
+def test_precomputed_tokens_equal_the_on_the_fly_ones(tmp_path):
+    tiles, out = write_tiles(tmp_path / "tiles", 5), tmp_path / "feats"
+    assert run(tiles, out) == 0
+    paths = sorted(str(p) for p in tiles.iterdir())
+    grid = 64 // F.TOKEN_STRIDE  # the token grid train.py uses for 64 px tiles: 4 x 4
+    dataset = data.TileFolder(paths, 64, features=str(out), tokens=grid * grid)  # train.py's reader
+    encoder = F.load_encoder("tiny", pretrained=False, seed=0)
+    for i in range(len(paths)):
+        image, stored = dataset[i]
+        cls, patches = F.encoder_features(encoder, image[None], grid)
+        on_the_fly = torch.cat([cls[:, None], patches], 1)[0]  # (1 + T, D)
+        assert stored.shape == (1 + grid * grid, 48) and np.load(out / f"tile{i}.npy").dtype == np.float16
+        assert torch.allclose(stored, on_the_fly, rtol=1e-3, atol=1e-3)  # fp16 on disk
+    cls_array = np.load(out / F.CLS_FILE)
+    names = (out / F.NAMES_FILE).read_text().split()
+    assert names == [f"tile{i}" for i in range(5)] and cls_array.shape == (5, 48)
+    assert np.array_equal(cls_array[2], np.load(out / "tile2.npy")[0].astype(np.float32))
+
+
+def test_resume_skips_finished_tiles_and_shards_give_the_same_tokens(tmp_path):
+    tiles, out = write_tiles(tmp_path / "tiles", 4), tmp_path / "feats"
+    run(tiles, out)
+    os.remove(out / "tile3.npy")
+    before = os.stat(out / "tile0.npy").st_mtime_ns
+    run(tiles, out)
+    assert os.stat(out / "tile0.npy").st_mtime_ns == before and (out / "tile3.npy").exists()
+    shard = tmp_path / "shard.tar"  # the same tiles as a tar shard: the same tokens
+    with tarfile.open(shard, "w") as tar:
+        for p in sorted(tiles.iterdir()):
+            tar.add(p, arcname=p.name)
+    run(shard, tmp_path / "from_tar")
+    for i in range(4):
+        assert np.array_equal(np.load(out / f"tile{i}.npy"), np.load(tmp_path / "from_tar" / f"tile{i}.npy"))
+
+
+def test_lazyslide_trident_features_give_their_cls_half(tmp_path, capsys):
+    pooled = np.random.default_rng(0).standard_normal((6, 1536)).astype(np.float32)
+    np.save(tmp_path / "lazyslide.npy", pooled)
+    assert F.main([str(tmp_path / "lazyslide.npy"), str(tmp_path / "out")]) == 0
+    assert np.array_equal(np.load(tmp_path / "out" / F.CLS_FILE), pooled[:, :768])
+    assert "took the first 768 of 1536 dims" in capsys.readouterr().out
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "trident.h5", "w") as f:
+        f["features"], f["coords"] = pooled, np.arange(12).reshape(6, 2)
+    F.main([str(tmp_path / "trident.h5"), str(tmp_path / "out2")])
+    assert (tmp_path / "out2" / F.NAMES_FILE).read_text().split()[1] == "2_3"
+    np.save(tmp_path / "bad.npy", pooled[:, :100])
+    with pytest.raises(SystemExit, match=r"features.py: error: .*bad.npy has shape \(6, 100\)"):
+        F.main([str(tmp_path / "bad.npy"), str(tmp_path / "out3")])
+
+
+def test_ranks_split_the_tiles_and_rank_0_writes_the_cls_array(tmp_path, monkeypatch):
+    """torchrun's rank r takes tiles r, r + world, ...; only rank 0 assembles cls.npy, after the barrier."""
+    tiles, out = write_tiles(tmp_path / "tiles", 5), tmp_path / "feats"
+    for name in ("init_process_group", "barrier", "destroy_process_group"):
+        monkeypatch.setattr(F.dist, name, lambda *a, **k: None)
+    monkeypatch.setattr(F.dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    run(tiles, out)
+    assert sorted(p.name for p in out.iterdir()) == ["tile1.npy", "tile3.npy"]
+    monkeypatch.setenv("RANK", "0")
+    run(tiles, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"tile{i}.npy" for i in range(5)] + [F.CLS_FILE, F.NAMES_FILE])
+    assert np.load(out / F.CLS_FILE).shape == (5, 48)
