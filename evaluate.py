@@ -6,7 +6,7 @@
 
 1. Guidance: --num-guidance training tiles of the tiling manifest (paper: 100 k), stratified by TSS,
    linked as DIR/guidance/000000.png ...; their CLS features from the checkpoint's encoder
-   (H0-mini) in DIR/guidance_cls.npy.
+   (H0-mini) in DIR/guidance/cls.npy.
 2. One generated tile per guidance tile, by sample.py itself (`sample.main`): DIR/generated/SAMPLER-STEPS/
    000000_00.png ...; sample.py splits the work over torchrun ranks, skips finished images and refuses
    other settings in the same folder. Paper defaults: SDE, 250 steps, cfg 2.5 on t in [0, 0.75].
@@ -24,7 +24,6 @@ ranks only sample), KID and the other metrics metrics.py leaves out.
 import argparse
 import csv
 import functools
-import json
 import os
 import sys
 from datetime import date
@@ -111,9 +110,9 @@ def prepare_tiles(args):
 
 @torch.no_grad()
 def guidance_features(args, paths, device):
-    """DIR/guidance_cls.npy: the CLS features of the guidance tiles from the checkpoint's encoder, as
+    """DIR/guidance/cls.npy: the CLS features of the guidance tiles from the checkpoint's encoder, as
     sample.py --cond computes them (centre crop to the model's tile size); kept once written."""
-    out = args.out / "guidance_cls.npy"
+    out = args.out / "guidance" / "cls.npy"
     if out.exists():
         if len(np.load(out, mmap_mode="r")) != len(paths):
             raise ValueError(f"{out} holds features of another guidance set (not {len(paths)} tiles): choose "
@@ -306,7 +305,7 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             cls_path = guidance_features(args, prepare_tiles(args), device)
         else:  # rank 0 links the tiles and writes the guidance features; the other ranks wait for them
-            cls_path = wait_for(args.out / "guidance_cls.npy")
+            cls_path = wait_for(args.out / "guidance" / "cls.npy")
         folders = {(s, n): generate(args, cls_path, s, n) for s in args.sampler for n in args.steps}
         if int(os.environ.get("RANK", 0)) != 0:
             return 0

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from cli import INF, error_line, number_in
 from data import TileError, list_images, open_tile
-from fld import FLD_EPOCHS, FLD_GEN_SIZE, IsotropicMoG, fld  # noqa: F401 (metrics.fld)
+from fld import FLD_EPOCHS, FLD_GEN_SIZE, fld
 from features import EXTRACTORS, ExtractorUnavailable, build_extractor, spec_record, weights_id
 
 PR_K = 3  # nearest neighbours that set a sample's radius (Kynkaanniemi et al. 2019)

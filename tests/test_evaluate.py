@@ -1,5 +1,4 @@
 """evaluate.py end to end on a tiny checkpoint and a tiny tiling output (CPU, random extractors)."""
-import copy
 import csv
 import json
 import os
@@ -11,25 +10,18 @@ from PIL import Image
 
 import evaluate as E
 import sample
+from conftest import perturbed
 from features import load_encoder
 from sit import build_sit
 from vae import build_vae
 
 torch.set_num_threads(1)
-
-
-def perturbed(module, seed, std=0.05):
-    """A copy with every weight moved by noise (a fresh SiT's zero-initialised output gives velocity 0)."""
-    module = copy.deepcopy(module)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module
+pytestmark = pytest.mark.filterwarnings("ignore:FD from")  # a handful of tiles in 48 dims: expected here
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    """64 px tiles (an 8 x 8 latent), unlike conftest's 224 px checkpoint: the benchmark samples many."""
     torch.manual_seed(0)
     encoder = load_encoder("tiny", pretrained=False)
     sit = perturbed(build_sit("SiT-T/2", input_size=8, cond_dim=encoder.embed_dim, z_dim=encoder.embed_dim), 1)

@@ -1,5 +1,4 @@
 """features.py's precomputed tokens are what train.py would compute on the fly (CytoSyn §3.1)."""
-import io
 import os
 import tarfile
 
