@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # tiles: the one list of the repo
 SLIDE_COLUMNS = ("slide_file", "x", "y", "level", "scale", "size")  # where a manifest row lies in its slide
-SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".czi", ".isyntax")  # never tiles
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".czi", ".isyntax", ".svslide",
+                    ".dcm")  # whole-slide formats: never tiles (a .tif may be either)
 MAX_TILE_PX = 2048  # a larger image is a slide or a region, not a tile (CytoSyn's are 224 px)
 
 

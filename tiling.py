@@ -48,6 +48,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from cli import number_in
+from data import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 from slides import (RESAMPLE, SlideError, centred_tiles, csv_mpp_for, open_slide, read_coords,
                     read_mpp_csv, read_tile_at, resolve_mpp, slide_geometry, thumbnail, write_coords)
 
@@ -63,8 +64,7 @@ MANIFEST_FIELDS = ["slide_id", "slide_file", "tss", "x", "y", "level", "scale", 
                    "slide_mpp", "mpp_source", "tissue", "file", "context_file", "split"]
 # Files a slide folder may hold: OpenSlide's formats and plain images are slides; anything else
 # is one only if OpenSlide or Pillow recognises its bytes.
-SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
-                    ".bif", ".dcm", ".png", ".jpg", ".jpeg", ".bmp"}
+SLIDE_FILES = set(SLIDE_EXTENSIONS) | set(IMAGE_EXTENSIONS)  # data.py's two lists: slides, and plain images
 OUTPUT_FILES = {"manifest.csv", "tiling.json"}  # ours, when OUT_DIR is SLIDES_DIR
 
 
@@ -401,7 +401,7 @@ def read_csv(path):
 
 def looks_like_a_slide(path):
     """A slide extension, else bytes that OpenSlide or Pillow recognise."""
-    if path.suffix.lower() in SLIDE_EXTENSIONS or openslide.OpenSlide.detect_format(str(path)):
+    if path.suffix.lower() in SLIDE_FILES or openslide.OpenSlide.detect_format(str(path)):
         return True
     try:
         with warnings.catch_warnings(), Image.open(path):
