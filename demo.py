@@ -31,6 +31,7 @@ import sample
 import tiling
 import train
 from checkpoints import CHECKPOINT, latest_checkpoint
+from cli import error_line, number_in
 
 SLIDES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data")
 TRAIN = dict(model="SiT-T/2", vae="tiny", encoder="tiny", image_size=64, resize="crop", global_batch_size=8,
@@ -69,9 +70,9 @@ def tile(out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/demo", help="everything the demo writes goes here")
-    p.add_argument("--max-steps", type=int, default=1500)
-    p.add_argument("--sample-steps", type=int, default=50, help="SDE steps of the generated tiles")
-    p.add_argument("--n", type=int, default=4, help="generated tiles per held-out tile")
+    p.add_argument("--max-steps", type=number_in(int, 1, 10 ** 7), default=1500)
+    p.add_argument("--sample-steps", type=number_in(int, 1, 10000), default=50, help="SDE steps of the generated tiles")
+    p.add_argument("--n", type=number_in(int, 1, 100), default=4, help="generated tiles per held-out tile")
     args = p.parse_args(argv)
 
     manifest, val = tile(args.out)
@@ -106,7 +107,7 @@ def untrained_checkpoint(train_argv, trained, out):
     path = os.path.join(out, "untrained", "0000000.pt")
     if not os.path.exists(path):
         nets = train.build_models(train.parse_args(train_argv), torch.device("cpu"), 1)
-        config = torch.load(trained, map_location="cpu", weights_only=False)["config"]
+        config = torch.load(trained, map_location="cpu", weights_only=True)["config"]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save({"config": config, "step": 0, "sit": nets.sit.state_dict(), "sit_ema": nets.sit_ema.state_dict(),
                     "vae": nets.vae.state_dict(), "vae_ema": nets.vae_ema.state_dict()}, path + ".tmp")
@@ -150,4 +151,7 @@ def benchmark(checkpoints, tiles, args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:  # one line, no traceback
+        raise SystemExit(f"demo.py: error: {error_line(err)}")

@@ -91,3 +91,11 @@ def test_ranks_split_the_tiles_and_rank_0_writes_the_cls_array(tmp_path, monkeyp
     run(tiles, out)
     assert sorted(p.name for p in out.iterdir()) == sorted([f"tile{i}.npy" for i in range(5)] + [F.CLS_FILE, F.NAMES_FILE])
     assert np.load(out / F.CLS_FILE).shape == (5, 48)
+
+
+def test_a_failed_download_says_network_or_access():
+    """Offline and no-licence are different problems with different fixes: the message tells them apart."""
+    offline = F.hub_failure(OSError("Failed to resolve 'huggingface.co' ([Errno -3] Temporary failure)"))
+    gated = F.hub_failure(OSError("401 Client Error. GatedRepoError: access to model is restricted"))
+    assert offline.startswith("network unreachable") and gated.startswith("no access")
+    assert "network" not in gated and "access" not in offline
