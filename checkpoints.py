@@ -80,12 +80,12 @@ def latest_checkpoint(results_dir):
     return (checkpoints_in(results_dir) or [None])[-1]
 
 
-def save_checkpoint(path, m, opts, step, config, rngs):
+def save_checkpoint(path, nets, opts, step, config, rngs):
     """torch.save to a temporary file, synced, then an atomic rename: a kill never leaves a broken checkpoint."""
     ckpt = {"config": config, "step": step,
-            "sit": m.sit.state_dict(), "sit_ema": m.sit_ema.state_dict(),
-            "vae": m.vae.state_dict(), "vae_ema": m.vae_ema.state_dict(),
-            "disc": m.disc.state_dict() if m.disc is not None else None,
+            "sit": nets.sit.state_dict(), "sit_ema": nets.sit_ema.state_dict(),
+            "vae": nets.vae.state_dict(), "vae_ema": nets.vae_ema.state_dict(),
+            "disc": nets.disc.state_dict() if nets.disc is not None else None,
             "opt_sit": opts["sit"].state_dict(), "opt_vae": opts["vae"].state_dict(),
             "opt_disc": opts["disc"].state_dict() if "disc" in opts else None, "rng": rngs}
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -186,14 +186,14 @@ def check_resumable(ckpt, config, path):
         raise ValueError(f"{path}: --no-gan differs from the run that wrote it")
 
 
-def load_checkpoint(ckpt, m, opts):
+def load_checkpoint(ckpt, nets, opts):
     for name in ("sit", "sit_ema", "vae", "vae_ema"):
         check_finite(ckpt[name], f"checkpoint {name}")
-        getattr(m, name).load_state_dict(ckpt[name])
+        getattr(nets, name).load_state_dict(ckpt[name])
     opts["sit"].load_state_dict(ckpt["opt_sit"])
     opts["vae"].load_state_dict(ckpt["opt_vae"])
-    if m.disc is not None:
-        m.disc.load_state_dict(ckpt["disc"])
+    if nets.disc is not None:
+        nets.disc.load_state_dict(ckpt["disc"])
         opts["disc"].load_state_dict(ckpt["opt_disc"])
 
 
