@@ -36,7 +36,7 @@ from timm.layers import SwiGLUPacked
 from tqdm import tqdm
 
 from cli import error_line, number_in
-from data import IMAGE_EXTENSIONS, decode_tile, find_tiles
+from data import IMAGE_EXTENSIONS, SlideTiles, decode_tile, find_slide_tiles, find_tiles
 
 # H0-mini's input normalisation (its model card; the same constants as H-optimus-0).
 H0_MINI_MEAN = (0.707223, 0.578729, 0.703617)
@@ -316,6 +316,18 @@ def decode_batch(paths, size, resize):
     return [tile_stem(p) for p in paths], torch.stack([decode_tile(p, p, size, resize) for p in paths])
 
 
+def decode_slide_batch(indices, dataset):
+    """(stems, uint8 (B, 3, S, S)) of a SlideTiles batch: the tiles read from their slides."""
+    return [dataset.paths[i] for i in indices], torch.stack([dataset[i][0] for i in indices])
+
+
+def decoded_slides(rows, slides_dir, resample, args):
+    """Batches of a manifest's tiles read from the slides (no PNG copy), in DataLoader workers."""
+    dataset = SlideTiles(rows, slides_dir, resample, args.image_size, args.resize)
+    decode = functools.partial(decode_slide_batch, dataset=dataset)
+    return torch.utils.data.DataLoader(range(len(rows)), args.batch_size, num_workers=args.workers, collate_fn=decode)
+
+
 def decoded_shard(path, args, done):
     """(stems, uint8 batch) from one tar shard, in member order; tiles already written are skipped."""
     stems, tiles = [], []
@@ -397,7 +409,7 @@ def precompute(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
-    kind, items = find_tiles(args.tiles)
+    kind, items = find_slide_tiles(args.tiles, args.slides) if args.slides else find_tiles(args.tiles)
     os.makedirs(args.out, exist_ok=True)
     done = {tile_stem(f) for f in os.listdir(args.out) if f.endswith(".npy") and f != CLS_FILE}
     encoder = load_encoder(args.encoder, pretrained=not args.random_weights, seed=args.seed).to(device)
@@ -408,17 +420,24 @@ def precompute(args):
             raise ValueError(f"{args.tiles}: two tiles share a file name; features are stored by name")
         todo = [p for p in items[rank::world] if tile_stem(p) not in done]
         batches, total = decoded_files(todo, args), len(todo)
+    elif kind == "slides":
+        rows, slides_dir, resample = items
+        names = [r["name"] for r in rows]
+        todo = [r for r in rows[rank::world] if r["name"] not in done]
+        batches, total = decoded_slides(todo, slides_dir, resample, args), len(todo)
     else:
         todo = items[rank::world]
         batches = (b for shard in todo for b in decoded_shard(shard, args, done))
         total = None
-    print(f"rank {rank}/{world}: {len(items)} {kind}, {len(done)} tiles already in {args.out}", flush=True)
+    count = f"{len(names)} tiles" if kind != "shards" else f"{len(items)} tar shards"
+    print(f"rank {rank}/{world}: {count}{' read from their slides' if kind == 'slides' else ''}, {len(done)} tiles "
+          f"already in {args.out}", flush=True)
     with tqdm(total=total, unit="tile", disable=rank != 0, desc="tokens") as bar:
         write_tokens(encoder, batches, args.out, grid, device, bar)
     if distributed:
         dist.barrier()
     if rank == 0:
-        names = names if kind == "files" else [n for shard in items for n in shard_names(shard)]
+        names = names if kind != "shards" else [n for shard in items for n in shard_names(shard)]
         cls = write_cls_array(args.out, names)
         per_tile = (1 + grid * grid) * cls.shape[1] * 2
         print(f"done: {len(names)} x (1 + {grid}x{grid}, {cls.shape[1]}) fp16 tokens ({per_tile / 1e3:.0f} KB per "
@@ -433,6 +452,8 @@ def parse_args(argv=None):
     p.add_argument("tiles", help="what train.py --data takes (a tile folder, a manifest .csv, tar shards), or an "
                                  "(N, 1536) / (N, 768) .npy or .h5 of H0-mini features to import")
     p.add_argument("out", help="output folder: <tile stem>.npy per tile, cls.npy and cls_names.txt")
+    p.add_argument("--slides", default=None, metavar="SLIDES_DIR",
+                   help="read the tiles of a tiling.py manifest from its slides (train.py --slides): no PNG copy")
     p.add_argument("--encoder", choices=ENCODERS, default="h0-mini", help="tiny: the random seeded test encoder")
     p.add_argument("--random-weights", action="store_true", help="untrained encoder (pipeline tests)")
     p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224, help="train.py's --image-size")

@@ -99,3 +99,19 @@ def test_a_failed_download_says_network_or_access():
     gated = F.hub_failure(OSError("401 Client Error. GatedRepoError: access to model is restricted"))
     assert offline.startswith("network unreachable") and gated.startswith("no access")
     assert "network" not in gated and "access" not in offline
+
+
+def test_tokens_from_the_slides_equal_tokens_from_the_pngs(tmp_path):
+    """--slides: a cohort precomputes its tokens without a PNG copy, and they are the PNGs' tokens."""
+    import tiling
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert tiling.main([os.path.join(repo, "tests", "data"), str(tmp_path / "tiles"), "--max-tiles-per-slide", "4"]) == 0
+    manifest = tmp_path / "tiles" / "manifest.csv"
+    common = [str(manifest), "--encoder", "tiny", "--random-weights", "--image-size", "224", "--workers", "0",
+              "--batch-size", "3", "--device", "cpu"]
+    assert F.main([common[0], str(tmp_path / "png"), *common[1:]]) == 0
+    assert F.main([common[0], str(tmp_path / "slides"), *common[1:], "--slides", os.path.join(repo, "tests", "data")]) == 0
+    names = (tmp_path / "png" / F.NAMES_FILE).read_text().split()
+    assert len(names) == 4 and (tmp_path / "slides" / F.NAMES_FILE).read_text().split() == names
+    for name in names:
+        assert np.array_equal(np.load(tmp_path / "png" / f"{name}.npy"), np.load(tmp_path / "slides" / f"{name}.npy"))
