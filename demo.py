@@ -1,6 +1,6 @@
 """The README's first run as one command: tile the bundled CC0 slide, train, sample, benchmark.
 
-    python demo.py                       # about 15 minutes on a 2-core CPU; results/demo/
+    python demo.py                       # about 9 minutes on a 2-core CPU; results/demo/
     python demo.py --max-steps 20        # a quick check that everything runs
 
 The four tools in the order a user runs them (tiling.py, train.py, sample.py, evaluate.py), each called
