@@ -34,7 +34,7 @@ import torch
 
 import metrics as M
 import sample
-from cli import INF, check_output_folder, error_line, number_in
+from cli import INF, check_output_folder, error_line, number_in, processes
 from features import EXTRACTORS, ExtractorUnavailable, build_extractor, load_encoder, spec_record, weights_id
 
 PAPER_EXTRACTORS = "h-optimus-0,virchow2,uni2-h,fid-inception"  # Table 2's four, pytorch-fid's Inception
@@ -298,26 +298,30 @@ def draw_fd_vs_steps(curves, path, title, size=(640, 400), margin=60):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        check_output_folder(str(args.out), {"--tiles": [str(args.tiles)]})
-        args.out.mkdir(parents=True, exist_ok=True)
-        if int(os.environ.get("RANK", 0)) == 0:
-            cls_path = guidance_features(args, prepare_tiles(args), device)
-        else:  # rank 0 links the tiles and writes the guidance features; the other ranks wait for them
-            cls_path = wait_for(args.out / "guidance" / "cls.npy")
-        folders = {(s, n): generate(args, cls_path, s, n) for s in args.sampler for n in args.steps}
-        if int(os.environ.get("RANK", 0)) != 0:
-            return 0
-        rows, skipped = [], []
-        for name in args.extractors:
-            try:
-                rows += score_extractor(name, args, folders, device)
-            except ExtractorUnavailable as err:
-                print(f"skipped: {err}", file=sys.stderr)
-                skipped.append(dict(extractor=name, error=str(err)))
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"evaluate.py: error: {error_line(err)}")
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    # One process group for the whole run (under torchrun): sample.py's runs join it rather than each
+    # starting and ending its own.
+    with processes(use_cuda) as (rank, world, device):
+        device = torch.device(args.device) if args.device and args.device != "cpu" else device
+        try:
+            check_output_folder(str(args.out), {"--tiles": [str(args.tiles)]})
+            args.out.mkdir(parents=True, exist_ok=True)
+            if rank == 0:
+                cls_path = guidance_features(args, prepare_tiles(args), device)
+            else:  # rank 0 links the tiles and writes the guidance features; the other ranks wait for them
+                cls_path = wait_for(args.out / "guidance" / "cls.npy")
+            folders = {(s, n): generate(args, cls_path, s, n) for s in args.sampler for n in args.steps}
+            if rank != 0:
+                return 0
+            rows, skipped = [], []
+            for name in args.extractors:
+                try:
+                    rows += score_extractor(name, args, folders, device)
+                except ExtractorUnavailable as err:
+                    print(f"skipped: {err}", file=sys.stderr)
+                    skipped.append(dict(extractor=name, error=str(err)))
+        except (FileNotFoundError, ValueError) as err:
+            sys.exit(f"evaluate.py: error: {error_line(err)}")
     write_reports(rows, skipped, args, argv)
     return 1 if skipped and not rows else 0
 
