@@ -39,8 +39,8 @@ def read_manifest(path):
     return [os.path.join(base, r[column]) for r in rows]
 
 
-def read_manifest_rows(path):
-    """-> (the tile column's name, the manifest's `train` rows as dicts)."""
+def read_manifest_rows(path, split="train"):
+    """-> (the tile column's name, the manifest's rows of `split` as dicts; all rows with split=None)."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows, columns = list(reader), reader.fieldnames or []
@@ -50,10 +50,10 @@ def read_manifest_rows(path):
     if column is None:
         raise ValueError(f"{path}: a tile manifest needs a 'file' column (tiling.py writes one); "
                          f"found columns {columns}")
-    if "split" in columns:
-        rows = [r for r in rows if r["split"] == "train"]
+    if split and "split" in columns:
+        rows = [r for r in rows if r["split"] == split]
         if not rows:
-            raise ValueError(f"{path} has no row with split == 'train'")
+            raise ValueError(f"{path} has no row with split == {split!r}")
     return column, rows
 
 

@@ -35,7 +35,8 @@ import torch
 import metrics as M
 import sample
 from cli import INF, check_output_folder, error_line, number_in, processes
-from features import EXTRACTORS, ExtractorUnavailable, build_extractor, load_encoder, spec_record, weights_id
+from data import read_manifest_rows
+from features import EXTRACTORS, build_extractor, load_encoder, spec_record, weights_id
 
 PAPER_EXTRACTORS = "h-optimus-0,virchow2,uni2-h,fid-inception"  # Table 2's four, pytorch-fid's Inception
 VAL_SETS = ("val_in", "val_out")
@@ -44,15 +45,15 @@ BASELINE = "guidance vs val"
 
 # -------- Guidance and validation tiles from the tiling manifest -----------------------------------
 def read_manifest(tiles):
+    """Every row of tiling.py's manifest (data.py reads it), with the tile's path."""
     path = Path(tiles) / "manifest.csv"
     if not path.exists():
         raise FileNotFoundError(f"--tiles {tiles}: no manifest.csv; pass the output folder of tiling.py")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "split" not in rows[0] or "file" not in rows[0]:
-        raise ValueError(f"{path} has no 'split' and 'file' columns; write it with tiling.py")
+    column, rows = read_manifest_rows(path, split=None)
+    if "split" not in rows[0]:
+        raise ValueError(f"{path} has no 'split' column; write it with tiling.py")
     for row in rows:
-        row["path"] = str(Path(tiles) / row["file"])
+        row["path"] = str(Path(tiles) / row[column])
     return rows
 
 
@@ -313,13 +314,8 @@ def main(argv=None):
             folders = {(s, n): generate(args, cls_path, s, n) for s in args.sampler for n in args.steps}
             if rank != 0:
                 return 0
-            rows, skipped = [], []
-            for name in args.extractors:
-                try:
-                    rows += score_extractor(name, args, folders, device)
-                except ExtractorUnavailable as err:
-                    print(f"skipped: {err}", file=sys.stderr)
-                    skipped.append(dict(extractor=name, error=str(err)))
+            rows, skipped = M.score_extractors(args.extractors,
+                                               lambda name: score_extractor(name, args, folders, device))
         except (FileNotFoundError, ValueError) as err:
             sys.exit(f"evaluate.py: error: {error_line(err)}")
     write_reports(rows, skipped, args, argv)

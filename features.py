@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.layers import SwiGLUPacked
 from tqdm import tqdm
 
-from cli import error_line, number_in
+from cli import error_line, number_in, processes
 from data import IMAGE_EXTENSIONS, SlideTiles, decode_tile, find_slide_tiles, find_tiles
 
 # H0-mini's input normalisation (its model card; the same constants as H-optimus-0).
@@ -402,13 +402,13 @@ def import_pooled(path, out, dim=768):
 
 def precompute(args):
     """Every tile of --data's kinds -> OUT/<stem>.npy tokens and OUT/cls.npy; resumable, split over ranks."""
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per rank
+    with processes(torch.cuda.is_available() and args.device != "cpu") as (rank, world, device):
+        device = torch.device(args.device) if args.device and args.device != "cpu" else device
+        write_features(args, rank, world, device)
+
+
+def write_features(args, rank, world, device):
+    """This rank's share of the tiles (r, r + world, ...); rank 0 then writes the CLS array."""
     kind, items = find_slide_tiles(args.tiles, args.slides) if args.slides else find_tiles(args.tiles)
     os.makedirs(args.out, exist_ok=True)
     done = {tile_stem(f) for f in os.listdir(args.out) if f.endswith(".npy") and f != CLS_FILE}
@@ -434,16 +434,14 @@ def precompute(args):
           f"already in {args.out}", flush=True)
     with tqdm(total=total, unit="tile", disable=rank != 0, desc="tokens") as bar:
         write_tokens(encoder, batches, args.out, grid, device, bar)
-    if distributed:
-        dist.barrier()
+    if world > 1:
+        dist.barrier()  # every rank's tokens are written before rank 0 reads them all
     if rank == 0:
         names = names if kind != "shards" else [n for shard in items for n in shard_names(shard)]
         cls = write_cls_array(args.out, names)
         per_tile = (1 + grid * grid) * cls.shape[1] * 2
         print(f"done: {len(names)} x (1 + {grid}x{grid}, {cls.shape[1]}) fp16 tokens ({per_tile / 1e3:.0f} KB per "
               f"tile) in {args.out}/, and {args.out}/{CLS_FILE} {cls.shape} for sample.py --features")
-    if distributed:
-        dist.destroy_process_group()
 
 
 def parse_args(argv=None):

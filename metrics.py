@@ -393,6 +393,19 @@ def write_json(path, obj):
     print(f"wrote {path}")
 
 
+def score_extractors(names, score):
+    """score(name) -> rows, for every extractor; one that is not available here (gated, offline, a package
+    missing) is skipped with its reason, printed and returned, so the report lists it."""
+    rows, skipped = [], []
+    for name in names:
+        try:
+            rows += score(name)
+        except ExtractorUnavailable as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            skipped.append(dict(extractor=name, error=str(e)))
+    return rows, skipped
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -408,16 +421,11 @@ def main(argv=None):
     if args.degenerate:
         print(f"WARNING: --real and --fake hold the same tiles ({args.real}, {args.fake}): a degenerate "
               f"comparison (FD 0 by construction); flagged as degenerate in the report", file=sys.stderr)
-    rows, skipped = [], []
-    for name in args.extractors:
-        try:
-            rows += evaluate(name, args, preps, device)
-        except ExtractorUnavailable as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            skipped.append(dict(extractor=name, error=str(e)))
-        except (FileNotFoundError, ValueError) as e:  # a missing folder, a bad tile (also from a
-            # DataLoader worker: its TileError names the file), unpaired names
-            sys.exit(f"metrics.py: error: {error_line(e)}")
+    try:
+        rows, skipped = score_extractors(args.extractors, lambda name: evaluate(name, args, preps, device))
+    except (FileNotFoundError, ValueError) as e:  # a missing folder, a bad tile (also from a
+        # DataLoader worker: its TileError names the file), unpaired names
+        sys.exit(f"metrics.py: error: {error_line(e)}")
     print_table(rows, skipped)
     report = dict(date=str(date.today()), argv=sys.argv if argv is None else argv, results=rows,
                   degenerate=args.degenerate,

@@ -83,6 +83,8 @@ def test_ranks_split_the_tiles_and_rank_0_writes_the_cls_array(tmp_path, monkeyp
     for name in ("init_process_group", "barrier", "destroy_process_group"):
         monkeypatch.setattr(F.dist, name, lambda *a, **k: None)
     monkeypatch.setattr(F.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(F.dist, "get_rank", lambda: int(os.environ["RANK"]))  # what torchrun's group would say
+    monkeypatch.setattr(F.dist, "get_world_size", lambda: int(os.environ["WORLD_SIZE"]))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     run(tiles, out)
