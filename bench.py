@@ -40,14 +40,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tiling
 import train
-from cli import number_in
+from support.cli import number_in
 from metrics import fd, feature_stats
-from perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
+from support.perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
 from sample import decode, sample_latents, velocity_field
 from sampler import standard_normal
 from sit import SiT_models, build_sit
-from slides import RESAMPLE, SlideError, SlideTileReader, open_slide, read_tile_at
-from synthetic_slide import synthetic_tissue, write_pyramid_tiff
+from support.slides import RESAMPLE, SlideError, SlideTileReader, open_slide, read_tile_at
+from tests.synthetic_slide import synthetic_tissue, write_pyramid_tiff
 from vae import build_vae, vae_models
 
 
@@ -364,7 +364,7 @@ def add_weights_args(p):
 def bench_weights(args):
     """Export size (from meta-device shapes) and load_models' time for that export on the CPU (random fp32
     weights written once; page cache warm), with the sha256 check's share of it."""
-    from checkpoints import load_models, sha256, write_export  # (imported here: the other benchmarks do without)
+    from support.checkpoints import load_models, sha256, write_export  # (imported here: the other benchmarks do without)
     with torch.device("meta"):
         vae = build_vae(args.vae)
         sit = build_sit(args.model, input_size=args.image_size // vae.factor)

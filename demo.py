@@ -30,8 +30,8 @@ import evaluate
 import sample
 import tiling
 import train
-from checkpoints import CHECKPOINT, latest_checkpoint
-from cli import error_line, number_in
+from support.checkpoints import CHECKPOINT, latest_checkpoint
+from support.cli import error_line, number_in
 
 SLIDES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data")
 TRAIN = dict(model="SiT-T/2", vae="tiny", encoder="tiny", image_size=64, resize="crop", global_batch_size=8,

@@ -34,8 +34,8 @@ import torch
 
 import metrics as M
 import sample
-from cli import INF, check_output_folder, error_line, number_in, processes
-from data import read_manifest_rows
+from support.cli import INF, check_output_folder, error_line, number_in, processes
+from support.data import read_manifest_rows
 from features import EXTRACTORS, build_extractor, load_encoder, spec_record, weights_id
 
 PAPER_EXTRACTORS = "h-optimus-0,virchow2,uni2-h,fid-inception"  # Table 2's four, pytorch-fid's Inception

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from timm.layers import SwiGLUPacked
 from tqdm import tqdm
 
-from cli import error_line, number_in, processes
-from data import IMAGE_EXTENSIONS, SlideTiles, decode_tile, find_slide_tiles, find_tiles
+from support.cli import error_line, number_in, processes
+from support.data import IMAGE_EXTENSIONS, SlideTiles, decode_tile, find_slide_tiles, find_tiles
 
 # H0-mini's input normalisation (its model card; the same constants as H-optimus-0).
 H0_MINI_MEAN = (0.707223, 0.578729, 0.703617)

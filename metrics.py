@@ -44,8 +44,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cli import INF, error_line, number_in
-from data import TileError, list_images, open_tile
+from support.cli import INF, error_line, number_in
+from support.data import TileError, list_images, open_tile
 from fld import FLD_EPOCHS, FLD_GEN_SIZE, fld
 from features import EXTRACTORS, ExtractorUnavailable, build_extractor, spec_record, weights_id
 

@@ -41,9 +41,9 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoints import load_models
-from cli import check_output_folder, number_in, processes
-from data import TileError, list_images, open_tile
+from support.checkpoints import load_models
+from support.cli import check_output_folder, number_in, processes
+from support.data import TileError, list_images, open_tile
 from features import encoder_features, load_encoder
 from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
 

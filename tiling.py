@@ -47,9 +47,9 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-from cli import number_in
-from data import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
-from slides import (RESAMPLE, SlideError, centred_tiles, csv_mpp_for, open_slide, read_coords,
+from support.cli import number_in
+from support.data import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
+from support.slides import (RESAMPLE, SlideError, centred_tiles, csv_mpp_for, open_slide, read_coords,
                     read_mpp_csv, read_tile_at, resolve_mpp, slide_geometry, thumbnail, write_coords)
 
 THUMB_PX_PER_TILE = 16    # the tissue mask sees each tile as about 16 x 16 pixels

@@ -38,13 +38,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import (check_resumable, checkpoint_path, init_from, latest_checkpoint, load_checkpoint,
+from support.checkpoints import (check_resumable, checkpoint_path, init_from, latest_checkpoint, load_checkpoint,
                          read_for_resume, resume_path, save_all_ranks, set_rng_state)
-from cli import check_output_folder, error_line, number_in, processes
-from data import feature_dim, find_slide_tiles, find_tiles, first_tiles, training_batches
+from support.cli import check_output_folder, error_line, number_in, processes
+from support.data import feature_dim, find_slide_tiles, find_tiles, first_tiles, training_batches
 from features import ENCODERS, encoder_features, load_encoder
-from logs import Logger, append_line, sample_grid
-from perf import peak_memory_gb, untimed
+from support.logs import Logger, append_line, sample_grid
+from support.perf import peak_memory_gb, untimed
 from repa_loss import diffusion_loss, interpolate, repa_loss, sample_t, velocity_target
 from sit import SiT_models, build_sit, synced_batchnorm
 from vae import build_vae, vae_models

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import bench
-import checkpoints
+from support import checkpoints
 import metrics as M
 import synthetic_slide
 

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import pytest
 
-import checkpoints
+from support import checkpoints
 
 
 def test_resume_from_a_file_that_is_not_a_checkpoint_says_so(tmp_path):

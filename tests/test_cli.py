@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 import bench
-import cli
+from support import cli
 import sample
 import tiling
 import train

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from support import data
 
 REPO = Path(__file__).resolve().parents[1]
 TILES = REPO / "tests" / "data" / "tiles"

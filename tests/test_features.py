@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from support import data
 import features as F
 
 torch.set_num_threads(1)

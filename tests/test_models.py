@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import checkpoints
+from support import checkpoints
 import features
 import repa_loss
 import sit

@@ -1,7 +1,7 @@
 """perf.py: the numerator (FLOPs per phase) and the denominator (the GPU's bf16 peak) of MFU."""
 import torch
 
-import perf
+from support import perf
 
 
 def test_phase_flops_counts_each_phase_apart():

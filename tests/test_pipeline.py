@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from support import checkpoints
 import sample
 import train
 from test_sample_cli import FAST, REPO, pngs, run

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
+from support import checkpoints
 import sample
 import sampler
 from features import encoder_features, load_encoder

@@ -15,7 +15,7 @@ import openslide
 import pytest
 from PIL import Image
 
-import slides
+from support import slides
 import synthetic_slide
 import tiling
 

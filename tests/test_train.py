@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import data
+from support import checkpoints
+from support import data
 import train
 
 torch.set_num_threads(1)
@@ -272,7 +272,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, m
 
 HELPER = """
 import os, sys, torch, torch.distributed as dist
-import data
+from support import data
 import sit
 import train
 dist.init_process_group("gloo")

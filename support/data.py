@@ -259,7 +259,7 @@ class SlideTiles(TileFolder):
         self.reader, self.pid = None, None
 
     def __getitem__(self, i):
-        from slides import SlideError, SlideTileReader  # OpenSlide only where slides are read
+        from support.slides import SlideError, SlideTileReader  # OpenSlide only where slides are read
         if self.reader is None or self.pid != os.getpid():  # a fresh reader after a fork
             self.reader, self.pid = SlideTileReader(self.slides_dir, self.resample), os.getpid()
         row, name = self.rows[i], self.paths[i]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file as load_safetensors, save_file as save_safetensors
 
-from cli import error_line
+from support.cli import error_line
 from sit import SiT_models, build_sit
 from vae import build_vae, convert_diffusers_state_dict, vae_models
 
