@@ -1,18 +1,19 @@
 """Every speed measurement of the repo, apart from the tools that do the work (as nanoGPT's bench.py).
 
-    python bench.py train --batch-size 32 --steps 10     # the full REPA-E step: images/s, ms and MFU per phase
+    python bench.py train --batch-size 32 --timed-steps 10   # the full REPA-E step: images/s, ms, MFU per phase
     python bench.py sample --batch-size 64               # network evaluations per image, images/s, MFU
     python bench.py fd                                   # our FD against the scipy.linalg.sqrtm formula
-    python bench.py tiling [SLIDES_DIR]                  # tiles/s: tiler, whole run, a data worker (slides vs PNG)
+    python bench.py tiling [--slides SLIDES_DIR]         # tiles/s: tiler, whole run, a data worker (slides vs PNG)
+    python bench.py weights                              # an export's size and load time
 
 Random weights throughout (the timings do not depend on them), so nothing needs the gated hub models.
 One report format: a line `bench <name>: key=value ...` on stdout, and the same record appended as one
-JSON line to --out (results/bench.jsonl), with the machine, torch version and date.
-MFU = FLOPs counted by PyTorch's FlopCounterMode / seconds / the GPU's dense bf16 peak (perf.py); only
-for bf16 runs on a GPU in perf.py's table. CPU numbers are never GPU numbers.
+JSON line to OUT/bench.jsonl (--out, default results/bench), with the machine, torch version and date.
+MFU = FLOPs counted by PyTorch's FlopCounterMode / seconds / the GPU's dense bf16 peak (support/perf.py);
+only for bf16 runs on a GPU in its table. CPU numbers are never GPU numbers.
 
 `tiling` times, on the slides of SLIDES_DIR (default tests/data: the CMU slide) and on a synthetic
-8192 px JPEG pyramid at 0.25 µm/px (40x) written by synthetic_slide.py: (1) reading only,
+8192 px JPEG pyramid at 0.25 µm/px (40x) written by tests/synthetic_slide.py: (1) reading only,
 slides.read_tile_at against a plain per-tile read_region loop (same tiles and kernel, a freshly opened
 slide each round); (2) a whole single-process tiling run (masks, reads, PNG writes, previews); (3) what
 one data worker gets for training: SlideTileReader.read(row) from the slide against decoding the PNG
@@ -20,6 +21,7 @@ one data worker gets for training: SlideTileReader.read(row) from the slide agai
 cold-cache disk reads, remote storage.
 """
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -29,7 +31,6 @@ import time
 import warnings
 from datetime import date
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import scipy
@@ -40,56 +41,80 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tiling
 import train
-from support.cli import number_in
+from features import ENCODERS
 from metrics import fd, feature_stats
-from support.perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
-from sample import decode, sample_latents, velocity_field
-from sampler import standard_normal
+from sample import Pipeline, SamplingSettings
 from sit import SiT_models, build_sit
+from support.cli import (SEED, Unavailable, add_device_args, add_sampling_args, autocast, number_in,
+                         resolve_precision, run)
+from support.perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
 from support.slides import RESAMPLE, SlideError, SlideTileReader, open_slide, read_tile_at
-from tests.synthetic_slide import synthetic_tissue, write_pyramid_tiff
+from tiling import TILE_SIZE
 from vae import build_vae, vae_models
 
 
-def report(name, result, out):
-    """The one report format: a printed line and a JSON line (with machine, torch and date)."""
-    record = {"bench": name, "date": str(date.today()), "torch": torch.__version__, **result}
+def record(name, result, out):
+    """The one report format: a printed line and a JSON line in OUT/bench.jsonl (with torch and date)."""
+    line = {"bench": name, "date": str(date.today()), "torch": torch.__version__, **result}
     print(f"bench {name}: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in record.items() if k != "bench"), flush=True)
+                                       for k, v in line.items() if k != "bench"), flush=True)
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
-    return record
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "bench.jsonl"), "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+    return line
 
 
-def default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name):
+    """--device auto: the GPU when there is one."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 # -------- train: the full REPA-E step (train.train_step), on synthetic tiles ---------------------------
 def add_train_args(p):
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
-    p.add_argument("--encoder", choices=["h0-mini", "tiny"], default="h0-mini", help="architecture, random weights")
-    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224)
+    p.add_argument("--encoder", choices=list(ENCODERS), default="h0-mini", help="architecture, random weights")
+    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=TILE_SIZE)
     p.add_argument("--batch-size", type=number_in(int, 1, 10 ** 5), default=32, help="tiles per step (one process)")
-    p.add_argument("--steps", type=number_in(int, 1, 10 ** 5), default=10, help="timed steps")
+    p.add_argument("--timed-steps", type=number_in(int, 1, 10 ** 5), default=10, help="steps timed")
     p.add_argument("--warmup", type=number_in(int, 0, 10 ** 5), default=3, help="untimed steps first (compiling happens here)")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--no-lpips", action="store_true")
     p.add_argument("--no-gan", action="store_true")
+    add_device_args(p)
+
+
+def timed_step(nets, opts, images, feats, args, phase):
+    """train.train_step with each phase inside `phase(name)` (a timer or a FLOP counter): the same calls in
+    the same order, so the same weights come out (tested)."""
+    with phase("encoder"):
+        batch = train.make_batch(nets, images, feats)
+    with phase("vae"):
+        loss, z, recon, _ = train.vae_loss(nets, batch, args)
+        loss.backward()
+    with phase("vae_opt"):
+        train.optimizer_step(nets.vae, opts["vae"], args.max_grad_norm)
+    if nets.disc is not None:
+        with phase("disc"):
+            train.disc_update(nets, opts["disc"], batch.x, recon.detach(), args)
+    with phase("sit"):
+        loss, _ = train.sit_loss(nets, z.detach(), batch, args)
+        loss.backward()
+    with phase("sit_opt"):
+        train.optimizer_step(nets.sit, opts["sit"], args.max_grad_norm)
+    with phase("ema"):
+        train.update_ema(nets.sit_ema, nets.sit, args.ema_decay)
+        train.update_ema(nets.vae_ema, nets.vae, args.ema_decay)
 
 
 def bench_train(args):
     """Images/s, time per phase, FLOPs per phase, MFU and peak memory of train.train_step."""
-    device = default_device()
+    device = pick_device(args.device)
     targs = train.parse_args(["--data", "unused", "--model", args.model, "--vae", args.vae, "--encoder", args.encoder,
                               "--image-size", str(args.image_size), "--global-batch-size", str(args.batch_size),
-                              "--lpips-random", *(["--compile"] if args.compile else []),
-                              *(["--no-bf16"] if not args.bf16 else []), *(["--no-lpips"] if args.no_lpips else []),
-                              *(["--no-gan"] if args.no_gan else [])])
+                              "--lpips-random", "--precision", args.precision, *(["--compile"] if args.compile else []),
+                              *(["--no-lpips"] if args.no_lpips else []), *(["--no-gan"] if args.no_gan else [])])
     nets = train.wrap_models(train.build_models(targs, device, 1, pretrained=False), targs, distributed=False)
     opts = train.build_optimizers(targs, nets)
     g = torch.Generator().manual_seed(0)
@@ -102,27 +127,28 @@ def bench_train(args):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        train.train_step(nets, opts, images, feats, targs, timer)
-    per_step = (time.perf_counter() - start) / args.steps
+    for _ in range(args.timed_steps):
+        timed_step(nets, opts, images, feats, targs, timer)
+    per_step = (time.perf_counter() - start) / args.timed_steps
     peak_mem = peak_memory_gb(device)
     # FLOPs of one step, counted on the uncompiled modules (FlopCounterMode does not see inside compiled
     # graphs) and on a few tiles: every counted operation is per image, so the count scales with the batch.
-    flops, compiled, n = PhaseFlops(), dict(nets.wrapped), min(args.batch_size, 4)
-    nets.wrapped.update(sit=nets.sit, vae=nets.vae, disc=nets.disc, sit_align=nets.sit)
-    train.train_step(nets, opts, images[:n], feats, targs, flops)
-    nets.wrapped.update(compiled)
+    flops, compiled, n = PhaseFlops(), vars(nets.forward).copy(), min(args.batch_size, 4)
+    vars(nets.forward).update(sit=nets.sit, vae=nets.vae, disc=nets.disc, sit_align=nets.sit)
+    timed_step(nets, opts, images[:n], feats, targs, flops)
+    vars(nets.forward).update(compiled)
     flops.totals = {k: v * args.batch_size / n for k, v in flops.totals.items()}
-    peak = peak_flops(device) if args.bf16 else None
+    bf16 = resolve_precision(args.precision, device) == "bf16" and device.type == "cuda"
+    peak = peak_flops(device) if bf16 else None
     mfu = {}
     if peak:
-        seconds = {k: v / args.steps for k, v in timer.totals.items()}
+        seconds = {k: v / args.timed_steps for k, v in timer.totals.items()}
         mfu = {f"mfu_{k}": flops.totals[k] / seconds[k] / peak for k in seconds if flops.totals.get(k)}
         mfu["mfu_step"] = sum(flops.totals.values()) / per_step / peak
     return dict(device=device_name(device), model=args.model, vae=args.vae, encoder=args.encoder,
-                image_size=args.image_size, batch=args.batch_size, compile=args.compile,
-                bf16=device.type == "cuda" and args.bf16, img_per_s=args.batch_size / per_step, sec_per_step=per_step,
-                **{f"ms_{k}": 1000 * v / args.steps for k, v in timer.totals.items()},
+                image_size=args.image_size, batch=args.batch_size, compile=args.compile, bf16=bf16,
+                img_per_s=args.batch_size / per_step, sec_per_step=per_step,
+                **{f"ms_{k}": 1000 * v / args.timed_steps for k, v in timer.totals.items()},
                 **{f"tflop_{k}": v / 1e12 for k, v in flops.totals.items()}, **mfu, peak_mem_gb=peak_mem)
 
 
@@ -130,68 +156,62 @@ def bench_train(args):
 def add_sample_args(p):
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
-    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224)
+    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=TILE_SIZE)
     p.add_argument("--batch-size", type=number_in(int, 1, 10 ** 5), default=64)
-    p.add_argument("--mode", choices=["sde", "ode", "heun"], default="sde")
-    p.add_argument("--steps", type=number_in(int, 1, 10 ** 5), default=250)
-    p.add_argument("--cfg-scale", type=number_in(float, 0, 100), default=2.5)
-    p.add_argument("--guidance-low", type=number_in(float, 0, 1), default=0.0)
-    p.add_argument("--guidance-high", type=number_in(float, 0, 1), default=0.75)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    add_sampling_args(p)
+    p.add_argument("--seed", type=SEED, default=0)
+    add_device_args(p)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--seed", type=number_in(int, 0, 2 ** 31 - 1), default=0)
 
 
 def bench_sample(args):
     """Network evaluations per image, images/s and the sampling loop's MFU at the given sampler settings."""
-    device = default_device()
-    args.precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed)
     vae = build_vae(args.vae).to(device).eval()
     sit = build_sit(args.model, input_size=args.image_size // vae.factor).to(device).eval()
-    nets = SimpleNamespace(sit=sit, vae=vae)
-    velocity, rows = velocity_field(sit, args.compile), [0]
+    pipe, rows = Pipeline(sit, vae, device, precision, compile=args.compile), [0]
+    velocity = pipe.velocity
 
     def counting(x, t, c, drop=None):
         rows[0] += x.shape[0]
         return velocity(x, t, c, drop)
-
-    B = args.batch_size
-    shape = (B, sit.in_channels, sit.input_size, sit.input_size)
-    cond = torch.randn(B, sit.cond_dim, device=device)
-    gen = torch.Generator(device).manual_seed(args.seed)
+    pipe.velocity = counting
+    B, settings = args.batch_size, SamplingSettings.from_args(args)
+    ids, cond = list(range(B)), torch.randn(B, sit.cond_dim, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # warm-up: 2 steps visit both batch shapes (t = 1 unguided, then guided), which compiles both graphs
-    warm = SimpleNamespace(**{**vars(args), "steps": 2})
-    decode(nets, sample_latents(counting, standard_normal(shape, gen, device), cond, warm, gen, device))
+    pipe.generate(cond, ids, dataclasses.replace(settings, num_sampling_steps=2))
+    latents = torch.randn(B, sit.in_channels, sit.input_size, sit.input_size, dtype=torch.float64, device=device)
     rows[0] = 0
     sync()
     t0 = time.perf_counter()
-    x = sample_latents(counting, standard_normal(shape, gen, device), cond, args, gen, device)
+    pipe.generate(cond, ids, settings)
     sync()
     t1 = time.perf_counter()
-    decode(nets, x)
+    with torch.no_grad():
+        pipe.decode(latents, ids)
     sync()
-    t2 = time.perf_counter()
+    decoding_s = time.perf_counter() - t1
     # FLOPs per network evaluation (one row), counted on the eager SiT.
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"), \
-            FlopCounterMode(display=False) as counter:
-        sit(torch.randn(shape, device=device), torch.rand(B, device=device), cond)
+    with torch.no_grad(), autocast(device, precision), FlopCounterMode(display=False) as counter:
+        sit(latents.float(), torch.rand(B, device=device), cond)
     row_flops = counter.get_total_flops() / B
-    peak = peak_flops(device) if args.precision == "bf16" else None
+    peak = peak_flops(device) if precision == "bf16" else None
+    sampling_s = t1 - t0 - decoding_s
     return dict(device=device_name(device), model=args.model, vae=args.vae, image_size=args.image_size,
-                precision=args.precision, compile=args.compile, batch=B, mode=args.mode, steps=args.steps,
-                cfg_scale=args.cfg_scale, guidance=f"[{args.guidance_low}, {args.guidance_high}]",
-                nfe_per_image=rows[0] / B, img_per_s=B / (t2 - t0), sampling_s=t1 - t0, decoding_s=t2 - t1,
-                gflop_per_eval=row_flops / 1e9,
-                **({"mfu_sampling": rows[0] * row_flops / (t1 - t0) / peak} if peak else {}))
+                precision=precision, compile=args.compile, batch=B, **dataclasses.asdict(settings),
+                nfe_per_image=rows[0] / B, img_per_s=B / (t1 - t0), sampling_s=sampling_s, decoding_s=decoding_s,
+                gflop_per_eval=row_flops / 1e9, **({"mfu_sampling": rows[0] * row_flops / sampling_s / peak} if peak
+                                                   else {}))
 
 
 # -------- fd: our FD against the scipy.linalg.sqrtm formula of pytorch-fid / clean-fid ----------------
 def add_fd_args(p):
     p.add_argument("--n", type=number_in(int, 2, 10 ** 7), default=100_000, help="samples per set")
     p.add_argument("--d", type=number_in(int, 1, 10 ** 5), default=1536, help="feature dimension (H-optimus-0, UNI2-h)")
-    p.add_argument("--seed", type=number_in(int, 0, 2 ** 31 - 1), default=0)
+    p.add_argument("--seed", type=SEED, default=0)
 
 
 def scipy_sqrtm(a):
@@ -283,9 +303,9 @@ def benchmark_reading(path, tiling_args, rounds):
 
 def benchmark_run(folder, out, args):
     """Tiles/s of a whole single-process tiling run; returns its manifest rows."""
-    tiling_args = tiling.parse_args([str(folder), str(out), "--format", "png", "--resample", args.resample])
+    tiling_args = tiling.parse_args(["--slides", str(folder), "--out", str(out), "--resample", args.resample])
     start = time.perf_counter()
-    tiling.run(tiling_args)
+    tiling.tile_slides(tiling_args)
     rows = tiling.read_csv(out / "manifest.csv")
     speed = len(rows) / (time.perf_counter() - start)
     print(f"{folder}: whole run, 1 worker, png: {len(rows)} tiles, {speed:.0f} tiles/s")
@@ -316,7 +336,7 @@ def benchmark_training_reads(folder, out, rows, args):
 
 
 def add_tiling_args(parser):
-    parser.add_argument("slides_dir", nargs="?", default="tests/data",
+    parser.add_argument("--slides", default="tests/data", metavar="SLIDES_DIR",
                         help="folder of slides to time, besides the synthetic 40x pyramid")
     parser.add_argument("--work-dir", default=None,
                         help="scratch folder for the pyramid (~10 MB) and the tiles, kept afterwards; "
@@ -330,33 +350,38 @@ def add_tiling_args(parser):
 
 def bench_tiling(args):
     """Tiles/s of the tiler, of a whole tiling run, and of one data worker reading slides vs PNGs."""
+    try:  # the synthetic pyramid's writer, a test fixture: tifffile and imagecodecs (requirements-dev.txt)
+        from tests.synthetic_slide import synthetic_tissue, write_pyramid_tiff
+    except ImportError as err:
+        raise Unavailable(f"bench.py tiling writes a synthetic pyramid with tifffile and imagecodecs ({err}): "
+                          f"pip install -r requirements-dev.txt") from None
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_tiling_"))
     synthetic = work / "pyramid"
     synthetic.mkdir(parents=True, exist_ok=True)
     side = args.pyramid_px
     print(f"writing a {side} x {side} px pyramid at 0.25 µm/px (40x), levels 1 and 4, JPEG q80")
     write_pyramid_tiff(synthetic / "pyramid.tiff", synthetic_tissue(side), 0.25, (1, 4), jpeg_quality=80)
-    tiling_args = tiling.parse_args([args.slides_dir, str(work), "--resample", args.resample])
-    record = {}
-    for k, folder in enumerate([Path(args.slides_dir), synthetic]):
+    tiling_args = tiling.parse_args(["--slides", args.slides, "--out", str(work), "--resample", args.resample])
+    result = {}
+    for k, folder in enumerate([Path(args.slides), synthetic]):
         for path in tiling.sort_folder(folder)[0]:
             try:
-                record.update(benchmark_reading(path, tiling_args, args.rounds))
+                result.update(benchmark_reading(path, tiling_args, args.rounds))
             except SlideError as e:
                 print(f"{path.name}: skipped, {e}")
         out = work / f"tiles_{k}"
         rows, run_speed = benchmark_run(folder, out, args)
-        record.update(run_speed, **benchmark_training_reads(folder, out, rows, args))
+        result.update(run_speed, **benchmark_training_reads(folder, out, rows, args))
     if not args.work_dir:
         shutil.rmtree(work)
-    return record
+    return result
 
 
 # -------- weights: what an export of the paper's model weighs and how long loading it takes -------------
 def add_weights_args(p):
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
-    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224)
+    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=TILE_SIZE)
     p.add_argument("--work-dir", default=None, help="where the export is written (default: a temporary folder, "
                                                     "deleted afterwards)")
 
@@ -364,7 +389,7 @@ def add_weights_args(p):
 def bench_weights(args):
     """Export size (from meta-device shapes) and load_models' time for that export on the CPU (random fp32
     weights written once; page cache warm), with the sha256 check's share of it."""
-    from support.checkpoints import load_models, sha256, write_export  # (imported here: the other benchmarks do without)
+    from support.weights import load_models, sha256, write_export  # (imported here: the other benchmarks do without)
     with torch.device("meta"):
         vae = build_vae(args.vae)
         sit = build_sit(args.model, input_size=args.image_size // vae.factor)
@@ -400,17 +425,27 @@ COMMANDS = {"train": (add_train_args, bench_train), "sample": (add_sample_args, 
             "weights": (add_weights_args, bench_weights)}
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="results/bench.jsonl", help="JSON lines file the records are appended to")
+    p.add_argument("--out", default="results/bench", help="folder of bench.jsonl, which every record is appended to")
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (add_args, fn) in COMMANDS.items():
         add_args(sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    args = p.parse_args(argv)
-    return report(args.command, COMMANDS[args.command][1](args), args.out)
+    return p
+
+
+def measure(argv=None):
+    """One benchmark -> its record (printed, and appended to OUT/bench.jsonl)."""
+    args = build_parser().parse_args(argv)
+    return record(args.command, COMMANDS[args.command][1](args), args.out)
+
+
+def main(argv=None):
+    measure(argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
 

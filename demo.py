@@ -22,7 +22,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 
 import torch
 
@@ -31,7 +30,7 @@ import sample
 import tiling
 import train
 from support.checkpoints import CHECKPOINT, latest_checkpoint
-from support.cli import error_line, number_in
+from support.cli import SAMPLING_RANGES, InputError, number_in, run
 
 SLIDES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data")
 TRAIN = dict(model="SiT-T/2", vae="tiny", encoder="tiny", image_size=64, resize="crop", global_batch_size=8,
@@ -54,10 +53,10 @@ def tile(out):
     """The slide's tissue tiles, 20 % held out as val-in and copied to OUT/val for the metrics."""
     tiles = os.path.join(out, "tiles")
     if not os.path.exists(os.path.join(tiles, "manifest.csv")):
-        argv = [SLIDES, tiles, "--val-in", "0.2", "--seed", "0"]
+        argv = ["--slides", SLIDES, "--out", tiles, "--val-in", "0.2", "--seed", "0"]
         say("tiling.py", argv)
         if tiling.main(argv):
-            raise SystemExit("demo.py: error: tiling the bundled slide failed (see above)")
+            raise InputError("tiling the bundled slide failed (see above)")
     val = os.path.join(out, "val")
     os.makedirs(val, exist_ok=True)
     with open(os.path.join(tiles, "manifest.csv"), newline="") as f:
@@ -67,37 +66,42 @@ def tile(out):
     return os.path.join(tiles, "manifest.csv"), val
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/demo", help="everything the demo writes goes here")
     p.add_argument("--max-steps", type=number_in(int, 1, 10 ** 7), default=1500)
-    p.add_argument("--sample-steps", type=number_in(int, 1, 10000), default=50, help="SDE steps of the generated tiles")
+    p.add_argument("--num-sampling-steps", type=number_in(*SAMPLING_RANGES["num_sampling_steps"]), default=50,
+                   help="SDE steps of the generated tiles")
     p.add_argument("--n", type=number_in(int, 1, 100), default=4, help="generated tiles per held-out tile")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     manifest, val = tile(args.out)
 
-    run = os.path.join(args.out, "run")
+    run_dir = os.path.join(args.out, "run")
     every = max(args.max_steps // 3, 1)
-    train_argv = ["--data", manifest, "--results-dir", run, "--max-steps", str(args.max_steps),
+    train_argv = ["--data", manifest, "--out", run_dir, "--max-steps", str(args.max_steps),
                   "--ckpt-every", str(every), "--sample-every", str(every), "--no-lpips", *flags(TRAIN)]
-    if latest_checkpoint(run):
+    if latest_checkpoint(run_dir):
         train_argv.append("--resume")  # a finished or interrupted demo continues, it is not redone
     say("train.py", train_argv)
-    train.main(train.parse_args(train_argv))
-    ckpt = latest_checkpoint(run)
+    train.main(train_argv)
+    ckpt = latest_checkpoint(run_dir)
 
     generated = os.path.join(args.out, "generated")
-    sample_argv = ["--ckpt", ckpt, "--cond", val, "--n", str(args.n), "--steps", str(args.sample_steps),
-                   "--out", generated]
+    sample_argv = ["--ckpt", ckpt, "--cond", val, "--n", str(args.n), "--num-sampling-steps",
+                   str(args.num_sampling_steps), "--out", generated]
     say("sample.py", sample_argv)
-    sample.main(sample.parse_args(sample_argv))
+    sample.main(sample_argv)
 
-    checkpoints = [untrained_checkpoint(train_argv, ckpt, args.out)] + middle_and_last(run)
+    checkpoints = [untrained_checkpoint(train_argv, ckpt, args.out)] + middle_and_last(run_dir)
     learning = benchmark(checkpoints, os.path.join(args.out, "tiles"), args)
 
-    print(f"\nWhere to look:\n  {run}/loss.png              loss curves\n"
-          f"  {run}/samples/               conditioning tiles (top) and EMA samples (bottom), per checkpoint\n"
+    print(f"\nWhere to look:\n  {run_dir}/loss.png              loss curves\n"
+          f"  {run_dir}/samples/               conditioning tiles (top) and EMA samples (bottom), per checkpoint\n"
           f"  {generated}_grid.png  each held-out tile, then {args.n} samples\n"
           f"  {args.out}/bench/STEP/report.md  the benchmark per checkpoint; {learning}")
 
@@ -115,8 +119,8 @@ def untrained_checkpoint(train_argv, trained, out):
     return path
 
 
-def middle_and_last(run):
-    folder = os.path.join(run, "checkpoints")
+def middle_and_last(run_dir):
+    folder = os.path.join(run_dir, "checkpoints")
     saved = sorted(f for f in os.listdir(folder) if CHECKPOINT.match(f))
     return [os.path.join(folder, f) for f in sorted({saved[(len(saved) - 1) // 2], saved[-1]})]
 
@@ -129,8 +133,8 @@ def benchmark(checkpoints, tiles, args):
         step = int(os.path.basename(ckpt)[:-3])
         out = os.path.join(args.out, "bench", f"{step:07d}")
         argv = ["--ckpt", ckpt, "--tiles", tiles, "--out", out, "--num-guidance", str(min(guidance, 32)),
-                "--val-sets", "val_in", "--steps", str(args.sample_steps), "--extractors", "tiny", "--random-weights",
-                "--crop", "64", "--bootstrap-draws", "10", "--workers", "0", "--device", "cpu"]
+                "--val-sets", "val_in", "--num-sampling-steps", str(args.num_sampling_steps), "--extractors", "tiny",
+                "--random-weights", "--crop", "64", "--bootstrap-draws", "10", "--num-workers", "0", "--device", "cpu"]
         say("evaluate.py", argv)
         evaluate.main(argv)
         rows = json.load(open(os.path.join(out, "report.json")))["results"]
@@ -151,7 +155,4 @@ def benchmark(checkpoints, tiles, args):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:  # one line, no traceback
-        raise SystemExit(f"demo.py: error: {error_line(err)}")
+    run(main)

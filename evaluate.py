@@ -2,7 +2,7 @@
 
     python evaluate.py --ckpt CKPT --tiles TILING_OUT --out DIR
     torchrun --nproc_per_node=8 evaluate.py --ckpt CKPT --tiles TILING_OUT --out DIR     # sampling on 8 GPUs
-    python evaluate.py ... --steps 20,50,100,250 --sampler ode,sde                        # + Figure 4
+    python evaluate.py ... --num-sampling-steps 20,50,100,250 --sampler ode,sde           # + Figure 4
 
 1. Guidance: --num-guidance training tiles of the tiling manifest (paper: 100 k), stratified by TSS,
    linked as DIR/guidance/000000.png ...; their CLS features from the checkpoint's encoder
@@ -15,7 +15,7 @@
    the guidance tile that conditioned it (and a shuffled pairing, its chance level), the bootstrap of FD
    (50 draws of half the samples, Table 5), and the "guidance vs val" baseline row (Table 2).
 4. DIR/report.md laid out like Table 2 (val-in / val-out in each cell), DIR/report.json with every setting
-   next to every number; with several --steps / --sampler, DIR/fd_vs_steps.png and its table (Figure 4).
+   next to every number; with several --num-sampling-steps / --sampler, DIR/fd_vs_steps.png and its table (Figure 4).
 
 Features are cached in DIR/features (keyed by content, extractor, weights and preprocessing), so a rerun
 recomputes nothing that is finished. Left out: multi-GPU feature extraction (rank 0 scores; the other
@@ -26,6 +26,7 @@ import csv
 import functools
 import os
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
@@ -34,24 +35,28 @@ import torch
 
 import metrics as M
 import sample
-from support.cli import INF, check_output_folder, error_line, number_in, processes
+from support.cli import INF, InputError, MissingInput, add_sampling_args, check_guidance, comma_list, number_in, processes, run
 from support.data import read_manifest_rows
-from features import EXTRACTORS, build_extractor, load_encoder, spec_record, weights_id
+from features import load_encoder
+from support.extractors import EXTRACTORS, build_extractor, spec_record, weights_id
+from support.logs import plot_fd_vs_steps
+from support.outputs import check_output_folder, save_json, save_npy
+from tiling import TILE_MPP
 
-PAPER_EXTRACTORS = "h-optimus-0,virchow2,uni2-h,fid-inception"  # Table 2's four, pytorch-fid's Inception
+PAPER_EXTRACTORS = ["h-optimus-0", "virchow2", "uni2-h", "fid-inception"]  # Table 2's four, pytorch-fid's Inception
 VAL_SETS = ("val_in", "val_out")
 BASELINE = "guidance vs val"
 
 
 # -------- Guidance and validation tiles from the tiling manifest -----------------------------------
-def read_manifest(tiles):
+def manifest_rows(tiles):
     """Every row of tiling.py's manifest (data.py reads it), with the tile's path."""
     path = Path(tiles) / "manifest.csv"
     if not path.exists():
-        raise FileNotFoundError(f"--tiles {tiles}: no manifest.csv; pass the output folder of tiling.py")
+        raise MissingInput(f"--tiles {tiles}: no manifest.csv; pass the output folder of tiling.py")
     column, rows = read_manifest_rows(path, split=None)
     if "split" not in rows[0]:
-        raise ValueError(f"{path} has no 'split' column; write it with tiling.py")
+        raise InputError(f"{path} has no 'split' column; write it with tiling.py")
     for row in rows:
         row["path"] = str(Path(tiles) / row[column])
     return rows
@@ -80,7 +85,7 @@ def link_folder(folder, named_paths):
         target = os.path.abspath(path)
         if link.is_symlink() or link.exists():
             if os.path.realpath(link) != os.path.realpath(target):
-                raise ValueError(f"{link} points to {os.path.realpath(link)}, not {target}: {folder} is from another "
+                raise InputError(f"{link} points to {os.path.realpath(link)}, not {target}: {folder} is from another "
                                  f"run; choose another --out")
         else:
             os.symlink(target, link)
@@ -89,14 +94,14 @@ def link_folder(folder, named_paths):
 
 def prepare_tiles(args):
     """DIR/guidance (000000.png ...), DIR/val_in, DIR/val_out and DIR/guidance.csv, from the manifest."""
-    rows = read_manifest(args.tiles)
+    rows = manifest_rows(args.tiles)
     train = [r for r in rows if r["split"] == "train"]
     if len(train) < args.num_guidance:
-        raise ValueError(f"{args.tiles} has {len(train)} training tiles, fewer than --num-guidance "
+        raise InputError(f"{args.tiles} has {len(train)} training tiles, fewer than --num-guidance "
                          f"{args.num_guidance}: lower --num-guidance or tile more slides")
     for split in args.val_sets:
         if not any(r["split"] == split for r in rows):
-            raise ValueError(f"{args.tiles} has no {split} rows: tile with held-out slides (tiling.py --val-out "
+            raise InputError(f"{args.tiles} has no {split} rows: tile with held-out slides (tiling.py --val-out "
                              f"/ --val-in), or evaluate against the others with --val-sets")
     guidance = stratified(train, args.num_guidance, args.seed)
     link_folder(args.out / "guidance", [(f"{i:06d}", r["path"]) for i, r in enumerate(guidance)])
@@ -116,36 +121,34 @@ def guidance_features(args, paths, device):
     out = args.out / "guidance" / "cls.npy"
     if out.exists():
         if len(np.load(out, mmap_mode="r")) != len(paths):
-            raise ValueError(f"{out} holds features of another guidance set (not {len(paths)} tiles): choose "
+            raise InputError(f"{out} holds features of another guidance set (not {len(paths)} tiles): choose "
                              f"another --out")
         return out
-    models = sample.load_models(args.ckpt, device)
-    # NOTE: the "tiny" encoder is random, drawn from the run's seed, as sample.py and train.py draw it.
-    encoder = load_encoder(models.encoder, pretrained=not args.random_encoder, seed=models.seed).to(device)
-    source = sample.TileSource(paths, encoder, models.vae.factor * models.sit.input_size, sample.TILE_MPP)
-    feats = [source.features(list(range(i, min(i + args.batch_size, len(paths)))), device).cpu().numpy()
+    pipe = sample.load_pipeline(args.ckpt, device)
+    if args.random_encoder:  # an untrained H0-mini (pipeline checks); the "tiny" one is random anyway
+        pipe.encoder = load_encoder(pipe.encoder_name, pretrained=False, seed=pipe.encoder_seed).to(device)
+    source = sample.TileSource(paths, pipe.tile_size, TILE_MPP)
+    feats = [source.features(list(range(i, min(i + args.batch_size, len(paths)))), pipe).cpu().numpy()
              for i in range(0, len(paths), args.batch_size)]
-    tmp = out.with_suffix(".tmp.npy")
-    np.save(tmp, np.concatenate(feats).astype(np.float32))
-    os.replace(tmp, out)  # atomic: a killed run leaves no half-written array
+    save_npy(np.concatenate(feats).astype(np.float32), out)  # atomic: a killed run leaves no half-written array
     return out
 
 
-def generate(args, cls_path, sampler, steps):
+def generate_tiles(args, cls_path, sampler, steps):
     """One generated tile per guidance feature, by sample.py (resumable, torchrun-aware)."""
     folder = args.out / "generated" / f"{sampler}-{steps}"
-    argv = ["--ckpt", str(args.ckpt), "--features", str(cls_path), "--n", "1", "--mode", sampler,
-            "--steps", str(steps), "--cfg-scale", str(args.cfg_scale), "--guidance-low", str(args.guidance_low),
-            "--guidance-high", str(args.guidance_high), "--seed", str(args.seed), "--batch-size",
-            str(args.sample_batch_size), "--sit-weights", args.sit_weights, "--vae-weights", args.vae_weights,
-            "--out", str(folder)] + (["--device", "cpu"] if args.device == "cpu" else [])
+    argv = ["--ckpt", str(args.ckpt), "--features", str(cls_path), "--n", "1", "--sampler", sampler,
+            "--num-sampling-steps", str(steps), "--cfg-scale", str(args.cfg_scale), "--guidance-low",
+            str(args.guidance_low), "--guidance-high", str(args.guidance_high), "--seed", str(args.seed),
+            "--batch-size", str(args.sample_batch_size), "--sit-weights", args.sit_weights, "--vae-weights",
+            args.vae_weights, "--device", args.device, "--precision", args.precision, "--out", str(folder)]
     print(f"\n$ python sample.py {' '.join(argv)}", flush=True)
-    sample.main(sample.parse_args(argv))
+    sample.main(argv)
     return folder
 
 
 # -------- Scores -------------------------------------------------------------------------------------
-def shuffled_cosine(real_stems, real, fake_stems, fake, seed):
+def shuffled_cosine(real_stems, real, gen_stems, gen, seed):
     """The paired cosine with the pairing shuffled (each generated tile against another guidance tile):
     the chance level the paired cosine must beat."""
     order = np.random.default_rng(seed).permutation(len(real))
@@ -153,22 +156,22 @@ def shuffled_cosine(real_stems, real, fake_stems, fake, seed):
         if order[i] == i:  # a tile paired with itself: swap with the next, so that no pairing is the true one
             j = (i + 1) % len(order)
             order[i], order[j] = order[j], order[i]
-    return M.paired_cosine(real_stems, real[order], fake_stems, fake)
+    return M.paired_cosine(real_stems, real[order], gen_stems, gen)
 
 
-def score_set(add, real, fake, train, args, device, with_fld=True):
+def score_set(add, real, gen, train, args, device, with_fld=True):
     """FD, its bootstrap, precision / recall and FLD of one (real, generated) pair of feature sets."""
     stats = M.feature_stats(real)
-    add("fd", M.fd(stats, M.feature_stats(fake)))
-    if len(fake) >= 4 and args.bootstrap_draws:
-        size = args.bootstrap_size or len(fake) // 2
-        mean, std, _ = M.bootstrap_fd(stats, fake, args.bootstrap_draws, size, args.seed)
+    add("fd", M.fd(stats, M.feature_stats(gen)))
+    if len(gen) >= 4 and args.bootstrap_draws:
+        size = args.bootstrap_size or len(gen) // 2
+        mean, std, _ = M.bootstrap_fd(stats, gen, args.bootstrap_draws, size, args.seed)
         add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=size)
-    precision, recall = M.precision_recall(real, fake, args.k, device)
+    precision, recall = M.precision_recall(real, gen, args.k, device)
     add("precision", precision, k=args.k)
     add("recall", recall, k=args.k)
     if with_fld:
-        out = M.fld(train, real, fake, args.fld_gen_size, M.FLD_EPOCHS, args.seed, device)
+        out = M.fld(train, real, gen, args.fld_gen_size, M.FLD_EPOCHS, args.seed, device)
         add("fld", out["fld"], **out)
 
 
@@ -178,7 +181,7 @@ def score_extractor(name, args, folders, device):
     weights = weights_id(name, pretrained, args.seed)
     get = functools.cache(lambda: build_extractor(name, pretrained, device, args.seed))
     feats = functools.partial(M.extract_features, name=name, get_extractor=get, weights=weights, device=device,
-                              batch_size=args.batch_size, workers=args.workers, cache_dir=args.out / "features")
+                              batch_size=args.batch_size, workers=args.num_workers, cache_dir=args.out / "features")
     preps = {s: M.Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel, args.resize_to_input)
              for s in ("val", "guidance", "generated")}
     sets = {"guidance": feats(args.out / "guidance", prep=preps["guidance"])}
@@ -191,11 +194,11 @@ def score_extractor(name, args, folders, device):
                 resize=resize, n_guidance=len(sets["guidance"][1]))
     rows = []
 
-    def adder(run, val, n_fake, **extra):
+    def adder(label, val, n_gen, **extra):
         def add(metric, value, std=None, **settings):
-            rows.append(dict(row=run, extractor=name, val=val, metric=metric, value=value, std=std,
+            rows.append(dict(row=label, extractor=name, val=val, metric=metric, value=value, std=std,
                              settings={**base, **extra, "n_val": len(sets[val][1]) if val else None,
-                                       "n_generated": n_fake, **settings}))
+                                       "n_generated": n_gen, **settings}))
         return add
 
     for val in args.val_sets:  # the baseline row: the guidance tiles themselves against the val sets
@@ -203,7 +206,8 @@ def score_extractor(name, args, folders, device):
                   device, with_fld=False)
     for (sampler, steps), folder in folders.items():
         gen_stems, gen = feats(folder, prep=preps["generated"])
-        run_settings = dict(sampler=sampler, steps=steps, cfg_scale=args.cfg_scale, sit_weights=args.sit_weights,
+        run_settings = dict(sampler=sampler, num_sampling_steps=steps, cfg_scale=args.cfg_scale,
+                            sit_weights=args.sit_weights,
                             vae_weights=args.vae_weights, guidance_interval=[args.guidance_low, args.guidance_high],
                             resize_generated=M.resize_record(M.check_one_size(folder, [Path(p) for p in
                                                              M.list_images(folder)], preps["generated"]), spec,
@@ -225,10 +229,10 @@ def run_name(sampler, steps):
 
 
 # -------- Reports ----------------------------------------------------------------------------------
-def cell(rows, run, extractor, metric, val_sets):
+def cell(rows, label, extractor, metric, val_sets):
     values = []
     for val in val_sets:
-        hit = [r for r in rows if (r["row"], r["extractor"], r["metric"], r["val"]) == (run, extractor, metric, val)]
+        hit = [r for r in rows if (r["row"], r["extractor"], r["metric"], r["val"]) == (label, extractor, metric, val)]
         values.append("-" if not hit else f"{hit[0]['value']:.3f}" + (f" ± {hit[0]['std']:.3f}" if hit[0]["std"]
                                                                      is not None and metric == "fd_bootstrap" else ""))
     return " / ".join(values)
@@ -236,7 +240,7 @@ def cell(rows, run, extractor, metric, val_sets):
 
 def markdown_report(rows, args, extractors):
     """Table 2's layout: a table per metric, a row per run, a column per extractor, val-in / val-out per cell."""
-    runs = [BASELINE] + [run_name(s, n) for s in args.sampler for n in args.steps]
+    runs = [BASELINE] + [run_name(s, n) for s in args.sampler for n in args.num_sampling_steps]
     lines = [f"# Benchmark of {args.ckpt}", "", f"{date.today()}; {args.num_guidance} guidance tiles from "
              f"{args.tiles}; cells: {' / '.join(args.val_sets)}; weights: "
              f"{'random (pipeline check only)' if args.random_weights else 'pretrained'}; SiT {args.sit_weights}, "
@@ -244,14 +248,14 @@ def markdown_report(rows, args, extractors):
     for metric in ("fd", "fd_bootstrap", "fld", "precision", "recall"):
         lines += [f"## {metric}", "", "| run | " + " | ".join(extractors) + " |",
                   "|---|" + "---|" * len(extractors)]
-        lines += [f"| {run} | " + " | ".join(cell(rows, run, e, metric, args.val_sets) for e in extractors) + " |"
-                  for run in runs if any(r["row"] == run and r["metric"] == metric for r in rows)]
+        lines += [f"| {label} | " + " | ".join(cell(rows, label, e, metric, args.val_sets) for e in extractors) + " |"
+                  for label in runs if any(r["row"] == label and r["metric"] == metric for r in rows)]
         lines.append("")
     lines += ["## cosine (generated vs its guidance tile; shuffled pairing)", "", "| run | " +
               " | ".join(extractors) + " |", "|---|" + "---|" * len(extractors)]
-    for run in runs[1:]:
-        lines.append(f"| {run} | " + " | ".join(cell(rows, run, e, "cosine", [None]) + " (shuffled " +
-                                                cell(rows, run, e, "cosine_shuffled", [None]) + ")"
+    for label in runs[1:]:
+        lines.append(f"| {label} | " + " | ".join(cell(rows, label, e, "cosine", [None]) + " (shuffled " +
+                                                cell(rows, label, e, "cosine_shuffled", [None]) + ")"
                                                 for e in extractors) + " |")
     return "\n".join(lines) + "\n"
 
@@ -260,70 +264,29 @@ def fd_vs_steps(rows, args, extractor):
     """Figure 4's numbers: {sampler: [(steps, FD)]} on the last val set, for one extractor."""
     val = args.val_sets[-1]
     return {s: [(n, next(r["value"] for r in rows if (r["row"], r["extractor"], r["metric"], r["val"]) ==
-                         (run_name(s, n), extractor, "fd", val))) for n in args.steps] for s in args.sampler}
-
-
-COLOURS = {"sde": (200, 40, 40), "ode": (40, 80, 200)}
-
-
-def draw_fd_vs_steps(curves, path, title, size=(640, 400), margin=60):
-    """Figure 4 with Pillow: FD against sampling steps (log axis), one line per sampler -> its markdown table."""
-    from PIL import Image, ImageDraw
-    im = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(im)
-    steps = sorted({n for c in curves.values() for n, _ in c})
-    values = [v for c in curves.values() for _, v in c]
-    lo, hi = min(values), max(values) if max(values) > min(values) else min(values) + 1
-    log_lo, log_hi = np.log(steps[0]), np.log(steps[-1]) if len(steps) > 1 else np.log(steps[0]) + 1
-    x = lambda n: margin + (np.log(n) - log_lo) / (log_hi - log_lo) * (size[0] - 2 * margin)  # noqa: E731
-    y = lambda v: size[1] - margin - (v - lo) / (hi - lo) * (size[1] - 2 * margin)  # noqa: E731
-    draw.line([(margin, margin), (margin, size[1] - margin), (size[0] - margin, size[1] - margin)], "black")
-    for n in steps:
-        draw.text((x(n) - 8, size[1] - margin + 8), str(n), "black")
-    for v in (lo, hi):
-        draw.text((4, y(v) - 6), f"{v:.3g}", "black")
-    for k, (sampler, curve) in enumerate(sorted(curves.items())):
-        points = [(x(n), y(v)) for n, v in curve]
-        colour = COLOURS.get(sampler, (0, 0, 0))
-        draw.line(points, colour, width=2) if len(points) > 1 else None
-        for px, py in points:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], colour)
-        draw.text((size[0] - margin - 40, margin + 14 * k), sampler.upper(), colour)
-    draw.text((margin, margin - 30), f"{title} against sampling steps", "black")
-    im.save(path)
-    header = "| steps | " + " | ".join(sorted(curves)) + " |\n|---|" + "---|" * len(curves) + "\n"
-    table = "".join(f"| {n} | " + " | ".join(f"{dict(curves[s]).get(n, float('nan')):.3f}" for s in sorted(curves))
-                    + " |\n" for n in steps)
-    return f"\n## Figure 4: {title} against steps ({Path(path).name})\n\n" + header + table
+                         (run_name(s, n), extractor, "fd", val))) for n in args.num_sampling_steps] for s in args.sampler}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    use_cuda = torch.cuda.is_available() and args.device != "cpu"
     # One process group for the whole run (under torchrun): sample.py's runs join it rather than each
     # starting and ending its own.
-    with processes(use_cuda) as (rank, world, device):
-        device = torch.device(args.device) if args.device and args.device != "cpu" else device
-        try:
-            check_output_folder(str(args.out), {"--tiles": [str(args.tiles)]})
-            args.out.mkdir(parents=True, exist_ok=True)
-            if rank == 0:
-                cls_path = guidance_features(args, prepare_tiles(args), device)
-            else:  # rank 0 links the tiles and writes the guidance features; the other ranks wait for them
-                cls_path = wait_for(args.out / "guidance" / "cls.npy")
-            folders = {(s, n): generate(args, cls_path, s, n) for s in args.sampler for n in args.steps}
-            if rank != 0:
-                return 0
-            rows, skipped = M.score_extractors(args.extractors,
-                                               lambda name: score_extractor(name, args, folders, device))
-        except (FileNotFoundError, ValueError) as err:
-            sys.exit(f"evaluate.py: error: {error_line(err)}")
+    with processes(args.device) as (rank, world, device):
+        check_output_folder(str(args.out), {"--tiles": [str(args.tiles)]})
+        args.out.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            cls_path = guidance_features(args, prepare_tiles(args), device)
+        else:  # rank 0 links the tiles and writes the guidance features; the other ranks wait for them
+            cls_path = wait_for(args.out / "guidance" / "cls.npy")
+        folders = {(s, n): generate_tiles(args, cls_path, s, n) for s in args.sampler for n in args.num_sampling_steps}
+        if rank != 0:
+            return 0
+        rows, skipped = M.score_extractors(args.extractors, lambda name: score_extractor(name, args, folders, device))
     write_reports(rows, skipped, args, argv)
     return 1 if skipped and not rows else 0
 
 
 def wait_for(path, poll=5.0):
-    import time
     while not path.exists():
         time.sleep(poll)
     return path
@@ -333,73 +296,57 @@ def write_reports(rows, skipped, args, argv):
     scored = [e for e in args.extractors if any(r["extractor"] == e for r in rows)]
     text = markdown_report(rows, args, scored)
     figure = None
-    if scored and (len(args.steps) > 1 or len(args.sampler) > 1):
+    if scored and (len(args.num_sampling_steps) > 1 or len(args.sampler) > 1):
         figure = fd_vs_steps(rows, args, scored[0])
-        text += draw_fd_vs_steps(figure, args.out / "fd_vs_steps.png", f"FD ({scored[0]}, {args.val_sets[-1]})")
+        title = f"FD ({scored[0]}, {args.val_sets[-1]})"
+        plot_fd_vs_steps(figure, args.out / "fd_vs_steps.png", title)
+        text += fd_vs_steps_table(figure, title)
     for s in skipped:
         text += f"\nskipped: {s['error']}\n"
     (args.out / "report.md").write_text(text)
     report = dict(date=str(date.today()), argv=sys.argv if argv is None else argv,
                   settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                  results=rows, skipped=skipped, fd_vs_steps=figure,
-                  versions=dict(torch=torch.__version__, numpy=np.__version__))
-    M.write_json(args.out / "report.json", report)
+                  results=rows, skipped=skipped, fd_vs_steps=figure, versions=M.versions())
+    save_json(report, args.out / "report.json")
     print(text)
 
 
-def int_list(text):
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated whole numbers, e.g. 20,50,100,250") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every number of steps must be at least 1")
-    return values
+def fd_vs_steps_table(curves, title):
+    """Figure 4's numbers as a markdown table: a row per step count, a column per sampler."""
+    steps = sorted({n for c in curves.values() for n, _ in c})
+    header = "| steps | " + " | ".join(sorted(curves)) + " |\n|---|" + "---|" * len(curves) + "\n"
+    table = "".join(f"| {n} | " + " | ".join(f"{dict(curves[s]).get(n, float('nan')):.3f}" for s in sorted(curves))
+                    + " |\n" for n in steps)
+    return f"\n## Figure 4: {title} against steps (fd_vs_steps.png)\n\n" + header + table
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint from train.py")
     p.add_argument("--tiles", required=True, type=Path, help="tiling.py's output folder (manifest.csv inside)")
     p.add_argument("--out", required=True, type=Path, help="everything the benchmark writes; a rerun resumes")
     p.add_argument("--num-guidance", type=number_in(int, 2, INF), default=100_000, help="paper: 100k")
-    p.add_argument("--val-sets", default="val_in,val_out", help="comma-separated: val_in, val_out")
-    p.add_argument("--steps", type=int_list, default=[250], help="sampling steps; several: Figure 4 (paper: 250)")
-    p.add_argument("--sampler", default="sde", help="sde (paper), ode, or both: ode,sde")
-    p.add_argument("--cfg-scale", type=number_in(float, 1, 100), default=2.5)
-    p.add_argument("--guidance-low", type=number_in(float, 0, 1), default=0.0)
-    p.add_argument("--guidance-high", type=number_in(float, 0, 1), default=0.75)
+    p.add_argument("--val-sets", type=comma_list(VAL_SETS), default=list(VAL_SETS), help="comma-separated: "
+                                                                                         "val_in, val_out")
+    add_sampling_args(p, several=True)
     p.add_argument("--sit-weights", choices=["ema", "raw"], default="ema")
     p.add_argument("--vae-weights", choices=["ema", "raw"], default="ema", help="Table 2: 108M (raw) / 108M-EMA")
-    p.add_argument("--extractors", default=PAPER_EXTRACTORS, help=f"comma-separated: {', '.join(EXTRACTORS)}")
-    p.add_argument("--random-weights", action="store_true", help="untrained extractors (pipeline checks)")
+    p.add_argument("--sample-batch-size", type=number_in(int, 1, 65_536), default=32, help="sample.py's --batch-size")
+    p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=PAPER_EXTRACTORS,
+                   help=f"comma-separated: {', '.join(EXTRACTORS)}")
     p.add_argument("--random-encoder", action="store_true", help="guidance features from an untrained encoder")
-    p.add_argument("--crop", type=number_in(int, 1, 4096), default=None, help="centre crop of every tile (256 -> 224)")
     p.add_argument("--jpeg-val", type=number_in(int, 1, 100), default=None, help="JPEG quality of the val tiles (70)")
     p.add_argument("--jpeg-guidance", type=number_in(int, 1, 100), default=None, help="JPEG of the guidance tiles")
     p.add_argument("--jpeg-generated", type=number_in(int, 1, 100), default=None, help="JPEG of the generated tiles")
-    p.add_argument("--resize-kernel", choices=list(M.KERNELS), default=None, help="default: each extractor's own")
-    p.add_argument("--resize-to-input", action="store_true", help="tiles of several sizes: resize each to the input")
-    p.add_argument("--k", type=number_in(int, 1, 1000), default=M.PR_K, help="precision / recall neighbours")
-    p.add_argument("--bootstrap-draws", type=number_in(int, 0, 100_000), default=50, help="Table 5: 50 (0: none)")
-    p.add_argument("--bootstrap-size", type=number_in(int, 2, INF), default=None, help="default: half of them")
-    p.add_argument("--fld-gen-size", type=number_in(int, 2, INF), default=M.FLD_GEN_SIZE)
-    p.add_argument("--seed", type=number_in(int, 0, 2**31 - 1), default=0)
-    p.add_argument("--batch-size", type=number_in(int, 1, 100_000), default=64, help="feature extraction")
-    p.add_argument("--sample-batch-size", type=number_in(int, 1, 100_000), default=32)
-    p.add_argument("--workers", type=number_in(int, 0, 256), default=min(8, os.cpu_count() or 1))
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    args = p.parse_args(argv)
-    args.extractors, args.val_sets = args.extractors.split(","), args.val_sets.split(",")
-    args.sampler = args.sampler.split(",")
-    for given, known, flag in ((args.extractors, EXTRACTORS, "--extractors"), (args.val_sets, VAL_SETS, "--val-sets"),
-                               (args.sampler, ("sde", "ode"), "--sampler")):
-        if set(given) - set(known):
-            p.error(f"{flag}: unknown {', '.join(sorted(set(given) - set(known)))}; choose from {', '.join(known)}")
-    if args.guidance_low > args.guidance_high:
-        p.error("need --guidance-low <= --guidance-high")
+    M.add_metric_args(p)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    check_guidance(args)
     return args
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

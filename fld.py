@@ -26,7 +26,8 @@ FLD_PATIENCE, FLD_TOLERANCE = 5, 5e-4  # early stop: the last 5 epoch-to-epoch c
 DIST_BUDGET = 2**28  # bytes of float32 distances held at once
 
 
-def _rows(n_rows, n_cols):
+def row_chunks(n_rows, n_cols):
+    """Row ranges of an (n_rows, n_cols) float32 distance matrix that fit DIST_BUDGET bytes each."""
     step = max(1, DIST_BUDGET // (4 * n_cols))
     return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
@@ -59,7 +60,7 @@ class IsotropicMoG:
     def nll(self, x):
         """Mean negative log-likelihood of x (N, D), per dimension."""
         total = 0.0
-        for i, j in _rows(len(x), self.m):
+        for i, j in row_chunks(len(x), self.m):
             log_p = self._log_normal(self._sq_dist(x[i:j]), self.logvar) - math.log(self.m)  # (n, M)
             total -= torch.logsumexp(log_p, dim=1).sum().item()
         return total / (len(x) * self.d)
@@ -67,7 +68,7 @@ class IsotropicMoG:
     def fit(self, x, epochs=FLD_EPOCHS, generator=None):
         """Fit the log-variances to maximise the likelihood of x (the training features); stops early."""
         x = x[torch.randperm(len(x), generator=generator).to(x.device)]
-        nearest = torch.stack([self._sq_dist(x[i:j]).min(0).values for i, j in _rows(len(x), self.m)])
+        nearest = torch.stack([self._sq_dist(x[i:j]).min(0).values for i, j in row_chunks(len(x), self.m)])
         logvar = ((nearest.min(0).values + 1e-3) / self.d).log().requires_grad_()  # at its nearest point
         # NOTE: as in Jiralerspong et al.'s code, one extra wide component (unweighted, own variance) at the
         # data mean keeps every point's likelihood finite during the fit; it is not part of the density.

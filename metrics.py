@@ -6,7 +6,7 @@ JPEG q70 on the real and/or generated tiles, the resize kernel) and §5 (bootstr
 generated samples). Every preprocessing step is an explicit option and is written next to each number
 in the JSON report.
 
-    python metrics.py --real VAL_DIR --fake GEN_DIR --extractors inception,h-optimus-0,uni2-h,virchow2
+    python metrics.py --real VAL_DIR --generated GEN_DIR --extractors inception,h-optimus-0,uni2-h,virchow2
     python bench.py fd                     # our FD vs the scipy.linalg.sqrtm formula, 100k x 1536
 
 Definitions:
@@ -44,14 +44,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from support.cli import INF, error_line, number_in
+from fld import DIST_BUDGET, FLD_EPOCHS, FLD_GEN_SIZE, fld, row_chunks
+from support.cli import (INF, SEED, InputError, MissingInput, Unavailable, add_device_args, add_workers_arg,
+                         comma_list, number_in, run)
 from support.data import TileError, list_images, open_tile
-from fld import FLD_EPOCHS, FLD_GEN_SIZE, fld
-from features import EXTRACTORS, ExtractorUnavailable, build_extractor, spec_record, weights_id
+from support.extractors import EXTRACTORS, build_extractor, spec_record, weights_id
+from support.outputs import save_json, save_npy
 
 PR_K = 3  # nearest neighbours that set a sample's radius (Kynkaanniemi et al. 2019)
-FD_FAKE_SIZE = 50_000  # generated samples FD uses; Jiralerspong et al.'s FID code (the paper's) keeps 50k
-DIST_BUDGET = 2**28  # bytes of float32 distances held at once (P/R, FLD); float64 stats chunks likewise
+FD_GENERATED_SIZE = 50_000  # generated samples FD uses; Jiralerspong et al.'s FID code (the paper's) keeps 50k
 
 
 # -------- Tiles -> features, cached on disk ----------------------------------------------------
@@ -102,7 +103,7 @@ def resize_record(tile_size, spec, prep):
     return f"{size} -> {spec.input_size} px, PIL {prep.kernel or spec.kernel} (antialiased when shrinking)"
 
 
-def load_tile(path, prep, size, kernel):
+def preprocessed_tile(path, prep, size, kernel):
     """One tile as (size, size, 3) uint8 after JPEG, crop and resize."""
     im = open_tile(path)
     if im.width != im.height:
@@ -114,7 +115,7 @@ def load_tile(path, prep, size, kernel):
     if prep.crop is not None:
         w, h = im.size
         if min(w, h) < prep.crop:
-            raise ValueError(f"{path}: tile is {w}x{h} px, smaller than the centre crop {prep.crop}")
+            raise InputError(f"{path}: tile is {w}x{h} px, smaller than the centre crop {prep.crop}")
         left, top = (w - prep.crop) // 2, (h - prep.crop) // 2
         im = im.crop((left, top, left + prep.crop, top + prep.crop))
     if size is not None and im.size != (size, size):  # None: the network resizes (resize_inside)
@@ -124,7 +125,7 @@ def load_tile(path, prep, size, kernel):
 
 def load_batch(paths, prep, size, kernel):
     """The DataLoader's collate_fn, so tiles are decoded in its worker processes -> (B, 3, S, S) uint8."""
-    return torch.from_numpy(np.stack([load_tile(p, prep, size, kernel) for p in paths])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([preprocessed_tile(p, prep, size, kernel) for p in paths])).permute(0, 3, 1, 2)
 
 
 def cache_key(files, folder, name, prep, weights, bf16):
@@ -146,7 +147,7 @@ def extract_features(folder, name, prep, get_extractor, *, weights, bf16=False,
     `get_extractor()` is called only on a cache miss, so cached folders need neither the model nor the hub."""
     files, spec = [Path(p) for p in list_images(folder)], EXTRACTORS[name]
     if not files:
-        raise FileNotFoundError(f"{folder}: no tiles (PNG, JPEG or TIFF) inside")
+        raise MissingInput(f"{folder}: no tiles (PNG, JPEG or TIFF) inside")
     stems = [p.stem for p in files]
     tile_size, cache = check_one_size(folder, files, prep), None
     if cache_dir is not None:
@@ -169,9 +170,7 @@ def extract_features(folder, name, prep, get_extractor, *, weights, bf16=False,
         i += len(f)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npy")
-        np.save(tmp, feats)
-        os.replace(tmp, cache)  # atomic: a killed run leaves no half-written cache
+        save_npy(feats, cache)  # atomic: a killed run leaves no half-written cache
     return stems, feats
 
 
@@ -207,7 +206,7 @@ class GaussianStats:
 
 def feature_stats(feats, chunk=None):
     if len(feats) < 2:
-        raise ValueError(f"a covariance needs at least 2 samples, got {len(feats)}")
+        raise InputError(f"a covariance needs at least 2 samples, got {len(feats)}")
     chunk, stats = chunk or max(1, DIST_BUDGET // (8 * feats.shape[1])), GaussianStats()  # ~256 MB
     for i in range(0, len(feats), chunk):
         stats.update(feats[i:i + chunk])
@@ -245,31 +244,26 @@ def fd(stats1, stats2):
     return frechet_distance(stats1.mean, stats1.cov, stats2.mean, stats2.cov)
 
 
-def bootstrap_fd(real_stats, fake, draws=50, size=None, seed=0):
+def bootstrap_fd(real_stats, generated, draws=50, size=None, seed=0):
     """FD of `draws` random subsets of `size` generated samples (no replacement; paper §5: 50 x 50k of
     100k) against the full real set -> (mean, std (ddof=1), values)."""
-    size = size or len(fake) // 2
-    if not 2 <= size < len(fake):
-        raise ValueError(f"bootstrap size must be in [2, {len(fake)}) generated samples, got {size}")
+    size = size or len(generated) // 2
+    if not 2 <= size < len(generated):
+        raise InputError(f"bootstrap size must be in [2, {len(generated)}) generated samples, got {size}")
     rng = np.random.default_rng(seed)
-    values = [fd(real_stats, feature_stats(fake[np.sort(rng.choice(len(fake), size, replace=False))]))
+    values = [fd(real_stats, feature_stats(generated[np.sort(rng.choice(len(generated), size, replace=False))]))
               for _ in range(draws)]
     std = float(np.std(values, ddof=1)) if draws > 1 else 0.0
     return float(np.mean(values)), std, values
 
 
 # -------- Improved precision / recall, cosine similarity ---------------------------------------
-def _rows(n_rows, n_cols):
-    step = max(1, DIST_BUDGET // (4 * n_cols))
-    return [(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
-
-
 def knn_radii(x, k):
     """Distance of each row of x (N, D) to its k-th nearest other row -> (N,)."""
     if len(x) <= k:
-        raise ValueError(f"k = {k} nearest neighbours need more than {k} samples, got {len(x)}")
+        raise InputError(f"k = {k} nearest neighbours need more than {k} samples, got {len(x)}")
     radii = torch.empty(len(x), device=x.device)
-    for i, j in _rows(len(x), len(x)):
+    for i, j in row_chunks(len(x), len(x)):
         radii[i:j] = torch.cdist(x[i:j], x).kthvalue(k + 1, dim=1).values  # k + 1: itself is at 0
     return radii
 
@@ -277,40 +271,40 @@ def knn_radii(x, k):
 def coverage(points, centres, radii):
     """Share of points within radius (`<=`) of at least one centre."""
     inside = 0
-    for i, j in _rows(len(points), len(centres)):
+    for i, j in row_chunks(len(points), len(centres)):
         inside += (torch.cdist(points[i:j], centres) <= radii[None]).any(1).sum().item()
     return inside / len(points)
 
 
-def precision_recall(real, fake, k=PR_K, device="cpu"):
-    real, fake = (torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device) for a in (real, fake))
-    precision = coverage(fake, real, knn_radii(real, k))  # generated samples on the real manifold
-    recall = coverage(real, fake, knn_radii(fake, k))  # real samples on the generated manifold
+def precision_recall(real, generated, k=PR_K, device="cpu"):
+    real, generated = (torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device) for a in (real, generated))
+    precision = coverage(generated, real, knn_radii(real, k))  # generated samples on the real manifold
+    recall = coverage(real, generated, knn_radii(generated, k))  # real samples on the generated manifold
     return precision, recall
 
 
 SAMPLE_SUFFIX = re.compile(r"_\d{2}$")  # sample.py writes the k-th sample of x.png as x_kk.png
 
 
-def paired_cosine(real_stems, real, fake_stems, fake):
+def paired_cosine(real_stems, real, gen_stems, generated):
     """Cosine similarity of each generated tile with the real tile that conditioned it -> (mean, std, n).
 
     A generated tile pairs with the real tile of the same stem, or of its stem less sample.py's sample
     suffix: x_00.png, x_01.png ... all pair with x.png."""
-    for stems, name in ((real_stems, "real"), (fake_stems, "generated")):
+    for stems, name in ((real_stems, "real"), (gen_stems, "generated")):
         if len(set(stems)) != len(stems):
-            raise ValueError(f"two {name} tiles share a file stem; cosine pairing needs unique names")
+            raise InputError(f"two {name} tiles share a file stem; cosine pairing needs unique names")
     index = {s: i for i, s in enumerate(real_stems)}
     pairs = []
-    for j, s in enumerate(fake_stems):
+    for j, s in enumerate(gen_stems):
         i = index.get(s, index.get(SAMPLE_SUFFIX.sub("", s)))
         if i is not None:
             pairs.append((i, j))
     if not pairs:
-        raise ValueError("no generated tile has the stem of a real tile; name each generated tile after "
+        raise InputError("no generated tile has the stem of a real tile; name each generated tile after "
                          "the real tile whose features conditioned it (val/x.png -> gen/x.png or gen/x_00.png)")
     ri, fi = map(list, zip(*pairs))
-    a, b = real[ri].astype(np.float64), fake[fi].astype(np.float64)
+    a, b = real[ri].astype(np.float64), generated[fi].astype(np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return float(cos.mean()), float(cos.std()), len(pairs)
 
@@ -330,21 +324,21 @@ def same_tiles(folder_a, folder_b):
 
 
 
-def evaluate(name, args, preps, device):
+def score_folders(name, args, preps, device):
     """Every requested metric for one extractor -> rows {extractor, metric, value, ..., settings}."""
     spec, weights = EXTRACTORS[name], weights_id(name, not args.random_weights, args.seed)
     bf16 = device.type == "cuda" and (args.precision == "bf16" or (args.precision == "auto" and spec.bf16_ok))
     get = functools.cache(lambda: build_extractor(name, not args.random_weights, device, args.seed))
     feats = functools.partial(extract_features, name=name, get_extractor=get, weights=weights, bf16=bf16,
-                              device=device, batch_size=args.batch_size, workers=args.workers,
+                              device=device, batch_size=args.batch_size, workers=args.num_workers,
                               cache_dir=None if args.no_cache else args.cache_dir)
     real_stems, real = feats(args.real, prep=preps["real"])
-    fake_stems, fake = feats(args.fake, prep=preps["fake"])
+    gen_stems, gen = feats(args.generated, prep=preps["generated"])
     resize = {s: resize_record(check_one_size(folder, [Path(p) for p in list_images(folder)], preps[s]), spec, preps[s])
-              for s, folder in (("real", args.real), ("fake", args.fake), ("train", args.train)) if folder}
-    base = dict(extractor=spec_record(spec), weights=weights, resize=resize, degenerate=args.degenerate, precision="bf16" if bf16 else "fp32",
-                device=str(device), real=str(args.real), fake=str(args.fake), n_real=len(real),
-                n_fake=len(fake), seed=args.seed,
+              for s, folder in (("real", args.real), ("generated", args.generated), ("train", args.train)) if folder}
+    base = dict(extractor=spec_record(spec), weights=weights, resize=resize, degenerate=args.degenerate,
+                precision="bf16" if bf16 else "fp32", device=str(device), real=str(args.real),
+                generated=str(args.generated), n_real=len(real), n_generated=len(gen), seed=args.seed,
                 preprocess={k: {**asdict(p), "kernel": p.kernel or spec.kernel} for k, p in preps.items()})
     rows = []
 
@@ -353,24 +347,23 @@ def evaluate(name, args, preps, device):
 
     rng = np.random.default_rng(args.seed)
     if "fd" in args.metrics:
-        sub = fake if not args.fd_fake_size or len(fake) <= args.fd_fake_size else \
-            fake[np.sort(rng.choice(len(fake), args.fd_fake_size, replace=False))]
-        add("fd", fd(feature_stats(real), feature_stats(sub)), n_fake_used=len(sub))
-    if "bootstrap" in args.metrics:
-        mean, std, values = bootstrap_fd(feature_stats(real), fake, args.bootstrap_draws, args.bootstrap_size,
-                                         args.seed)
-        add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=args.bootstrap_size or len(fake) // 2,
-            values=values)
+        sub = gen if not args.fd_generated_size or len(gen) <= args.fd_generated_size else \
+            gen[np.sort(rng.choice(len(gen), args.fd_generated_size, replace=False))]
+        add("fd", fd(feature_stats(real), feature_stats(sub)), n_generated_used=len(sub))
+    if "bootstrap" in args.metrics and args.bootstrap_draws:
+        size = args.bootstrap_size or len(gen) // 2
+        mean, std, values = bootstrap_fd(feature_stats(real), gen, args.bootstrap_draws, size, args.seed)
+        add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=size, values=values)
     if "pr" in args.metrics:
-        p, r = precision_recall(real, fake, args.k, device)
+        p, r = precision_recall(real, gen, args.k, device)
         add("precision", p, k=args.k)
         add("recall", r, k=args.k)
     if "cosine" in args.metrics:
-        mean, std, n_pairs = paired_cosine(real_stems, real, fake_stems, fake)
+        mean, std, n_pairs = paired_cosine(real_stems, real, gen_stems, gen)
         add("cosine", mean, std, n_pairs=n_pairs)
     if "fld" in args.metrics:
         _, train = feats(args.train, prep=preps["train"])
-        out = fld(train, real, fake, args.fld_gen_size, FLD_EPOCHS, args.seed, device)
+        out = fld(train, real, gen, args.fld_gen_size, FLD_EPOCHS, args.seed, device)
         extra = dict(train=str(args.train), n_train=len(train), epochs=FLD_EPOCHS, **out)
         add("fld", out["fld"], **extra)
         add("fld_gap", out["fld_gap"], **extra)
@@ -378,19 +371,13 @@ def evaluate(name, args, preps, device):
 
 
 def print_table(rows, skipped):
-    print(f"\n{'extractor':<12} {'metric':<13} {'value':>12} {'± std':>9} {'n_real':>8} {'n_fake':>8}")
+    print(f"\n{'extractor':<12} {'metric':<13} {'value':>12} {'± std':>9} {'n_real':>8} {'n_gen':>8}")
     for r in rows:
         std = "" if r["std"] is None else f"{r['std']:.4f}"
         print(f"{r['extractor']:<12} {r['metric']:<13} {r['value']:>12.4f} {std:>9} "
-              f"{r['settings']['n_real']:>8} {r['settings']['n_fake']:>8}")
+              f"{r['settings']['n_real']:>8} {r['settings']['n_generated']:>8}")
     for s in skipped:
         print(f"skipped: {s['error']}")
-
-
-def write_json(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str))
-    print(f"wrote {path}")
 
 
 def score_extractors(names, score):
@@ -400,85 +387,89 @@ def score_extractors(names, score):
     for name in names:
         try:
             rows += score(name)
-        except ExtractorUnavailable as e:
+        except Unavailable as e:
             print(f"skipped: {e}", file=sys.stderr)
             skipped.append(dict(extractor=name, error=str(e)))
     return rows, skipped
 
 
+def versions():
+    return dict(torch=torch.__version__, timm=timm.__version__, numpy=np.__version__, scipy=scipy.__version__)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
     if args.random_weights:
-        print("WARNING: --random-weights: untrained extractors; the numbers only test the pipeline",
-              file=sys.stderr)
+        print("WARNING: --random-weights: untrained extractors; the numbers only test the pipeline", file=sys.stderr)
     preps = {s: Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel, args.resize_to_input)
-             for s in ("real", "fake", "train")}
-    try:
-        args.degenerate = same_tiles(args.real, args.fake)
-    except FileNotFoundError as e:
-        sys.exit(f"metrics.py: error: {error_line(e)}")
+             for s in ("real", "generated", "train")}
+    args.degenerate = same_tiles(args.real, args.generated)
     if args.degenerate:
-        print(f"WARNING: --real and --fake hold the same tiles ({args.real}, {args.fake}): a degenerate "
+        print(f"WARNING: --real and --generated hold the same tiles ({args.real}, {args.generated}): a degenerate "
               f"comparison (FD 0 by construction); flagged as degenerate in the report", file=sys.stderr)
-    try:
-        rows, skipped = score_extractors(args.extractors, lambda name: evaluate(name, args, preps, device))
-    except (FileNotFoundError, ValueError) as e:  # a missing folder, a bad tile (also from a
-        # DataLoader worker: its TileError names the file), unpaired names
-        sys.exit(f"metrics.py: error: {error_line(e)}")
+    rows, skipped = score_extractors(args.extractors, lambda name: score_folders(name, args, preps, device))
     print_table(rows, skipped)
     report = dict(date=str(date.today()), argv=sys.argv if argv is None else argv, results=rows,
-                  degenerate=args.degenerate,
-                  skipped=skipped, versions=dict(torch=torch.__version__, timm=timm.__version__,
-                                                 numpy=np.__version__, scipy=scipy.__version__))
-    write_json(args.out or Path("results/metrics.json"), report)
+                  degenerate=args.degenerate, skipped=skipped, versions=versions())
+    os.makedirs(args.out, exist_ok=True)
+    save_json(report, os.path.join(args.out, "metrics.json"))
+    print(f"wrote {os.path.join(args.out, 'metrics.json')}")
     return 1 if skipped else 0
 
 
 METRICS = ("fd", "pr", "cosine", "fld", "bootstrap")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--real", type=Path, help="real tiles (the validation set; FLD's test set)")
-    p.add_argument("--fake", type=Path, help="generated tiles")
-    p.add_argument("--train", type=Path, help="training / guidance tiles (FLD only)")
-    p.add_argument("--extractors", default="inception", help=f"comma-separated: {', '.join(EXTRACTORS)}")
-    p.add_argument("--metrics", default="fd,pr", help=f"comma-separated: {', '.join(METRICS)}")
-    p.add_argument("--crop", type=number_in(int, 1, 4096), default=None, help="centre-crop every tile to this size (256 -> 224)")
-    p.add_argument("--jpeg-real", type=number_in(int, 1, 100), default=None, help="re-encode real tiles as JPEG at this quality")
-    p.add_argument("--jpeg-fake", type=number_in(int, 1, 100), default=None, help="same for generated tiles (DS-MIL: 70)")
-    p.add_argument("--jpeg-train", type=number_in(int, 1, 100), default=None, help="same for the FLD training tiles")
+def add_metric_args(p):
+    """The settings metrics.py and evaluate.py share: preprocessing (§4.3), the metrics' own, the extractors."""
+    p.add_argument("--crop", type=number_in(int, 1, 4096), default=None, help="centre-crop every tile to this "
+                                                                              "size (256 -> 224)")
     p.add_argument("--resize-to-input", action="store_true",
                    help="tiles of several sizes: resize each straight to the extractor's input size")
     p.add_argument("--resize-kernel", choices=list(KERNELS), default=None,
                    help="kernel to the extractor's input size (default: each extractor's own)")
     p.add_argument("--k", type=number_in(int, 1, 1000), default=PR_K, help="nearest neighbours for precision / recall")
-    p.add_argument("--fd-fake-size", type=number_in(int, 0, INF), default=FD_FAKE_SIZE, help="generated samples FD uses (0: all)")
-    p.add_argument("--bootstrap-draws", type=number_in(int, 1, 100_000), default=50, help="paper §5: 50")
-    p.add_argument("--bootstrap-size", type=number_in(int, 2, INF), help="generated samples per draw (default: half of them)")
+    p.add_argument("--bootstrap-draws", type=number_in(int, 0, 100_000), default=50, help="paper §5: 50 (0: none)")
+    p.add_argument("--bootstrap-size", type=number_in(int, 2, INF), help="generated samples per draw (default: half)")
     p.add_argument("--fld-gen-size", type=number_in(int, 2, INF), default=FLD_GEN_SIZE)
     p.add_argument("--random-weights", action="store_true", help="untrained extractors (pipeline tests)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on GPU where the extractor allows it; the CPU always runs fp32")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--batch-size", type=number_in(int, 1, 100_000), default=64)
-    p.add_argument("--workers", type=number_in(int, 0, 256), default=min(8, os.cpu_count() or 1))
+    p.add_argument("--batch-size", type=number_in(int, 1, 100_000), default=64, help="tiles per extractor batch")
+    add_workers_arg(p, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--seed", type=SEED, default=0)
+    add_device_args(p)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--real", type=Path, required=True, help="real tiles (the validation set; FLD's test set)")
+    p.add_argument("--generated", type=Path, required=True, help="generated tiles")
+    p.add_argument("--train", type=Path, help="training / guidance tiles (FLD only)")
+    p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=["inception"],
+                   help=f"comma-separated: {', '.join(EXTRACTORS)}")
+    p.add_argument("--metrics", type=comma_list(METRICS), default=["fd", "pr"],
+                   help=f"comma-separated: {', '.join(METRICS)}")
+    p.add_argument("--jpeg-real", type=number_in(int, 1, 100), default=None, help="re-encode real tiles as JPEG "
+                                                                                  "at this quality")
+    p.add_argument("--jpeg-generated", type=number_in(int, 1, 100), default=None, help="same for generated tiles "
+                                                                                       "(DS-MIL: 70)")
+    p.add_argument("--jpeg-train", type=number_in(int, 1, 100), default=None, help="same for the FLD training tiles")
+    p.add_argument("--fd-generated-size", type=number_in(int, 0, INF), default=FD_GENERATED_SIZE,
+                   help="generated samples FD uses (0: all)")
+    add_metric_args(p)
     p.add_argument("--cache-dir", type=Path, default=Path("results/features"))
     p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--seed", type=number_in(int, 0, 2**63 - 1), default=0)
-    p.add_argument("--out", type=Path, help="JSON report (default results/metrics.json)")
-    args = p.parse_args(argv)
-    args.extractors, args.metrics = args.extractors.split(","), args.metrics.split(",")
-    for given, known in ((args.extractors, EXTRACTORS), (args.metrics, METRICS)):
-        if set(given) - set(known):
-            p.error(f"unknown {', '.join(sorted(set(given) - set(known)))}; choose from {', '.join(known)}")
-    if args.real is None or args.fake is None:
-        p.error("--real and --fake are required")
+    p.add_argument("--out", type=Path, default=Path("results/metrics"), help="folder of the report, metrics.json")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if "fld" in args.metrics and args.train is None:
-        p.error("--metrics fld needs --train TRAIN_DIR (training or guidance tiles)")
+        raise InputError("--metrics fld needs --train TRAIN_DIR (training or guidance tiles)")
     return args
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -41,6 +41,12 @@ BN_EPS, BN_MOMENTUM = 1e-4, 0.1  # REPA-E's latent BatchNorm
 TIME_FREQUENCIES = 256            # size of the sinusoidal timestep embedding
 
 
+def token_grid(name, latent_size):
+    """Side of the SiT's token grid on a latent_size x latent_size latent (28 -> 14 for patch 2): the grid
+    the REPA target is resized to."""
+    return latent_size // SiT_models[name]["patch_size"]
+
+
 def build_sit(name, **kwargs):
     """Build a SiT preset by name; `kwargs` override the preset (input_size, cond_dim, ...)."""
     if name not in SiT_models:
@@ -216,12 +222,13 @@ class SiT(nn.Module):
             raise ValueError(f"encoder_depth must be in [1, {depth}], got {encoder_depth}")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.cond_dim, self.encoder_depth = cond_dim, encoder_depth
+        self.token_grid = input_size // patch_size  # tokens per side: 14 for a 28 x 28 latent
         self.config = dict(input_size=input_size, in_channels=in_channels, cond_dim=cond_dim,
                            cond_dropout=cond_dropout, encoder_depth=encoder_depth, z_dim=z_dim,
                            projector_dim=projector_dim, depth=depth, hidden_size=hidden_size,
                            patch_size=patch_size, num_heads=num_heads)
 
-        num_tokens = (input_size // patch_size) ** 2
+        num_tokens = self.token_grid ** 2
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = CondEmbedder(cond_dim, hidden_size, cond_dropout)

@@ -5,17 +5,17 @@ tissue of each slide, saved as lossless PNG, sampled so that the TCGA tissue sou
 `TCGA-XX-...`) keep their share; §4.1: val-out (tiles of held-out slides) and val-in (other
 tiles of training slides); §4.3's preprocessing ablations as flags: `--context 16` writes the
 256 px tile around the same centre (the 224 tile is its centre crop, bit for bit with PNG) and
-`--format jpeg --quality 70` the DS-MIL JPEG variant PixCell's tiles most likely went through.
+`--jpeg 70` the DS-MIL JPEG variant PixCell's tiles most likely went through.
 
-    python tiling.py SLIDES_DIR OUT_DIR                  # OUT_DIR/tiles/, manifest.csv, coords/, previews/
-    python tiling.py SLIDES_DIR OUT_DIR --from-coords TRIDENT_DIR/patches   # another pipeline's patches
+    python tiling.py --slides SLIDES_DIR --out OUT              # OUT/tiles/, manifest.csv, coords/, previews/
+    python tiling.py --slides SLIDES_DIR --out OUT --from-coords TRIDENT_DIR/patches   # another pipeline's patches
 
-Per slide: MPP (slides.resolve_mpp: --mpp-csv, --slide-mpp, metadata, objective power) ->
+Per slide: MPP (support/slides.resolve_mpp: --mpp-csv, --slide-mpp, metadata, objective power) ->
 coarsest pyramid level at or finer than the target -> tissue mask on a thumbnail, pen ink removed
 -> a grid of non-overlapping candidate tiles -> sampling and splits -> each tile read once and
 resampled with a named antialiased kernel (Pillow LANCZOS by default) -> tiles, a preview PNG,
 coords/<slide>.h5 (TRIDENT/CLAM layout), a CSV, and last a done-marker (so a killed run resumes).
-Reading slides lives in slides.py; timing in `python bench.py tiling`.
+Reading slides lives in support/slides.py; timing in `python bench.py tiling`.
 
 --from-coords DIR skips the mask and the sampling: it tiles the patches in DIR/<slide>.h5. Each
 of their patches gives our 224 px tile at 0.5 µm/px centred on the centre of their patch, whatever
@@ -47,11 +47,12 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-from support.cli import number_in
+from support.cli import SEED, InputError, MissingInput, number_in, run
 from support.data import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 from support.slides import (RESAMPLE, SlideError, centred_tiles, csv_mpp_for, open_slide, read_coords,
                     read_mpp_csv, read_tile_at, resolve_mpp, slide_geometry, thumbnail, write_coords)
 
+TILE_SIZE, TILE_MPP = 224, 0.5  # CytoSyn's training tiles: 224 x 224 px at 0.5 µm/px, 20x (§3.2)
 THUMB_PX_PER_TILE = 16    # the tissue mask sees each tile as about 16 x 16 pixels
 MIN_SATURATION = 0.07     # floor under the Otsu threshold, so glass and a blank slide stay background
 MIN_OBJECT_TILES = 0.25   # tissue pieces smaller than a quarter of a tile are dust
@@ -171,10 +172,11 @@ def tissue_at_coords(slide, geo, path, slide_id):
     return Tissue(mask, ink, scale, x, y, fraction)
 
 
-def save_image(array, path, fmt, quality):
+def write_tile_image(array, path, jpeg_quality):
+    """A tile as lossless PNG, or as JPEG at jpeg_quality (DS-MIL's 70; Pillow's 4:2:0 chroma subsampling)."""
     image = Image.fromarray(array)
-    if fmt == "jpeg":  # Pillow's encoder, default 4:2:0 chroma subsampling
-        image.save(path, "JPEG", quality=quality)
+    if jpeg_quality:
+        image.save(path, "JPEG", quality=jpeg_quality)
     else:
         image.save(path, "PNG", compress_level=PNG_COMPRESS_LEVEL)
 
@@ -262,7 +264,7 @@ def prepare(job):
     s = job["settings"]
     slide = open_slide(job["path"])
     mpp, source = resolve_mpp(slide, job["csv_mpp"], s["slide_mpp"])
-    geo = slide_geometry(slide, mpp, s["mpp"], s["size"])
+    geo = slide_geometry(slide, mpp, s["mpp"], s["image_size"])
     if s["from_coords"]:
         tissue = tissue_at_coords(slide, geo, Path(s["from_coords"]) / f"{job['slide_id']}.h5", job["slide_id"])
     else:
@@ -317,16 +319,16 @@ def tile_dirs(out, slide_id, context):
 
 def write_tiles(slide, geo, tissue, chosen, splits, job):
     out, slide_id, s = Path(job["out_dir"]), job["slide_id"], job["settings"]
-    c, ext = s["context"], "jpg" if s["format"] == "jpeg" else "png"
+    c, ext = s["context"], "jpg" if s["jpeg"] else "png"
     dirs = tile_dirs(out, slide_id, c)
     rows = []
     for k, t in enumerate(chosen):
         x, y = int(tissue.x[t]), int(tissue.y[t])
         tile = read_tile_at(slide, geo, x, y, c, RESAMPLE[s["resample"]])
         name = f"{slide_id}_{x}_{y}.{ext}"
-        save_image(tile[c:c + geo.size, c:c + geo.size], dirs[0] / name, s["format"], s["quality"])
+        write_tile_image(tile[c:c + geo.size, c:c + geo.size], dirs[0] / name, s["jpeg"])
         if c:
-            save_image(tile, dirs[1] / name, s["format"], s["quality"])
+            write_tile_image(tile, dirs[1] / name, s["jpeg"])
         rows.append({"slide_id": slide_id, "slide_file": Path(job["path"]).name, "tss": job["tss"],
                      "x": x, "y": y, "level": geo.level, "scale": geo.scale, "size": geo.size,
                      "mpp": round(geo.mpp, 5), "slide_mpp": geo.slide_mpp, "mpp_source": job["mpp_source"],
@@ -416,7 +418,7 @@ def sort_folder(folder):
     Folders are never slides, so OUT_DIR inside SLIDES_DIR is skipped with them."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SystemExit(f"{folder}: not a folder; give the folder that holds the slides")
+        raise MissingInput(f"--slides {folder}: not a folder; give the folder that holds the slides")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     ours = [p for p in files if p.name in OUTPUT_FILES]
     slides = [p for p in files if p not in ours and looks_like_a_slide(p)]
@@ -448,9 +450,9 @@ def mpp_table(path, slides):
 
 def run_settings(args):
     """Everything that changes a slide's tiles; a slide is redone when these differ."""
-    return {"mpp": args.mpp, "size": args.size, "slide_mpp": args.slide_mpp,
-            "min_tissue": args.min_tissue, "resample": args.resample, "format": args.format,
-            "quality": args.quality, "context": args.context, "seed": args.seed,
+    return {"mpp": args.mpp, "image_size": args.image_size, "slide_mpp": args.slide_mpp,
+            "min_tissue": args.min_tissue, "resample": args.resample, "jpeg": args.jpeg,
+            "context": args.context, "seed": args.seed,
             "val_in": args.val_in, "ink_filter": args.ink_filter,
             "from_coords": str(Path(args.from_coords).resolve()) if args.from_coords else None}
 
@@ -481,7 +483,7 @@ def plan_all(paths, settings, out, workers, mpps):
     return plans + parallel(plan_slide, jobs, workers, "tissue masks")
 
 
-def make_jobs(plans, args):
+def assign_splits(plans, args):
     """Give each readable slide its split and its number of tiles."""
     val_out = val_out_slides([p["slide_id"] for p in plans], args.val_out_slides, args.seed)
     for p in plans:
@@ -501,7 +503,7 @@ def write_manifest(out, jobs):
     return rows
 
 
-def report(plans, jobs, results, n_rows):
+def summarise(plans, jobs, results, n_rows):
     """One line per skipped slide, then a summary; returns the exit code."""
     messages = [f"skipped {Path(p['path']).name}: {p['error']}" for p in plans if p["error"]]
     messages += [f"failed {r['slide_id']}: {r['error']}" for r in results if r["error"]]
@@ -518,27 +520,27 @@ def report(plans, jobs, results, n_rows):
     return 0 if n_rows else 1
 
 
-def run(args):
-    out = Path(args.out_dir)
-    paths = list_slides(args.slides_dir)
+def tile_slides(args):
+    out = Path(args.out)
+    paths = list_slides(args.slides)
     if not paths:
-        print(f"{args.slides_dir} holds no slides (any OpenSlide format, or PNG/TIFF/JPEG images): "
+        print(f"{args.slides} holds no slides (any OpenSlide format, or PNG/TIFF/JPEG images): "
               "nothing to tile", file=sys.stderr)
         return 1
     mpps, settings = mpp_table(args.mpp_csv, paths), run_settings(args)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"tiles of {args.size} px at {args.mpp} µm/px, resampled with Pillow "
+    print(f"tiles of {args.image_size} px at {args.mpp} µm/px, resampled with Pillow "
           f"{RESAMPLE[args.resample].name} (antialiased) where the slide's MPP differs", file=sys.stderr)
-    plans = plan_all(paths, settings, out, args.workers, mpps)
+    plans = plan_all(paths, settings, out, args.slide_processes, mpps)
     plans.sort(key=lambda p: p["slide_id"])  # workers finish in any order; splits must not
-    jobs = make_jobs([p for p in plans if not p["error"]], args)
+    jobs = assign_splits([p for p in plans if not p["error"]], args)
     write_json_atomic(out / "tiling.json", {
         **vars(args), "kernel": f"Pillow {args.resample} (antialiased)",
         "openslide": openslide.__library_version__,
         "slides": {j["slide_id"]: {"slide_mpp": j["slide_mpp"], "mpp_source": j["mpp_source"]} for j in jobs}})
     todo = [job for job in jobs if read_marker(out, job["slide_id"]) != job]
-    results = parallel(tile_slide, todo, args.workers, "tiling")
-    return report(plans, jobs, results, len(write_manifest(out, jobs)))
+    results = parallel(tile_slide, todo, args.slide_processes, "tiling")
+    return summarise(plans, jobs, results, len(write_manifest(out, jobs)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,11 +550,12 @@ def run(args):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("slides_dir", help="folder of slides (any OpenSlide format) or plain images")
-    p.add_argument("out_dir")
-    p.add_argument("--mpp", type=number_in(float, 0, 100, open_low=True), default=0.5,
+    p.add_argument("--slides", required=True, metavar="SLIDES_DIR",
+                   help="folder of slides (any OpenSlide format) or plain images")
+    p.add_argument("--out", required=True, help="output folder: tiles/, manifest.csv, coords/, previews/")
+    p.add_argument("--mpp", type=number_in(float, 0, 100, open_low=True), default=TILE_MPP,
                    help="µm per pixel of the tiles (0.5 = 20x)")
-    p.add_argument("--size", type=number_in(int, 1, 8192), default=224, help="tile side in pixels")
+    p.add_argument("--image-size", type=number_in(int, 1, 8192), default=TILE_SIZE, help="tile side in pixels")
     p.add_argument("--slide-mpp", type=number_in(float, 0, 100, open_low=True), default=None,
                    help="µm per level-0 pixel of every slide, overriding the metadata; "
                         "required for plain images")
@@ -568,8 +571,8 @@ def build_parser():
                         "on each, instead of choosing tiles from the tissue mask")
     p.add_argument("--resample", choices=list(RESAMPLE), default="lanczos",
                    help="Pillow antialiased kernel used when the slide's MPP differs from --mpp")
-    p.add_argument("--format", choices=["png", "jpeg"], default="png")
-    p.add_argument("--quality", type=number_in(int, 1, 100), default=70, help="JPEG quality; 70 is DS-MIL's")
+    p.add_argument("--jpeg", type=number_in(int, 1, 100), default=None, metavar="QUALITY",
+                   help="write JPEG tiles at this quality (DS-MIL: 70) instead of lossless PNG")
     p.add_argument("--context", type=number_in(int, 0, 4096), default=0,
                    help="also write tiles of size + 2 * context px around the same centre")
     p.add_argument("--max-tiles-per-slide", type=number_in(int, 1, 10 ** 9), default=None,
@@ -580,26 +583,25 @@ def build_parser():
                    help="fraction of patients whose slides are all held out (TCGA-XX-XXXX; else one slide each)")
     p.add_argument("--val-in", type=number_in(float, 0, 1, open_high=True), default=0.0,
                    help="fraction of a training slide's tiles held out")
-    p.add_argument("--seed", type=number_in(int, 0, 2 ** 32 - 1), default=0)
-    p.add_argument("--workers", type=number_in(int, 1, 1024), default=1, help="slides tiled in parallel")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--slide-processes", type=number_in(int, 1, 1024), default=1, help="slides tiled in parallel")
     return p
 
 
 def parse_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.stratify == "tss" and args.max_tiles_per_slide is None:
-        p.error("--stratify tss needs --max-tiles-per-slide (the average number of tiles per slide)")
+        raise InputError("--stratify tss needs --max-tiles-per-slide (the average number of tiles per slide)")
     if args.from_coords and args.max_tiles_per_slide is not None:
-        p.error("--from-coords tiles every patch of its files: drop --max-tiles-per-slide")
+        raise InputError("--from-coords tiles every patch of its files: drop --max-tiles-per-slide")
     if args.from_coords and not Path(args.from_coords).is_dir():
-        p.error(f"--from-coords {args.from_coords}: not a folder; give the folder of <slide>.h5 files")
+        raise MissingInput(f"--from-coords {args.from_coords}: not a folder; give the folder of <slide>.h5 files")
     return args
 
 
 def main(argv=None):
-    return run(parse_args(argv))
+    return tile_slides(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -1,8 +1,8 @@
 """CytoSyn training: the VAE and the SiT trained end to end with REPA-E (CytoSyn §3.3; REPA-E §3).
 
-    torchrun --nproc_per_node=8 train.py --data TILES --results-dir results/cytosyn   # 1..64 GPUs
-    torchrun ... train.py --data TILES --results-dir results/cytosyn --resume        # continue the run
-    python train.py --data TILES --model SiT-T/2 --vae tiny --encoder tiny ...        # one process, CPU
+    torchrun --nproc_per_node=8 train.py --data TILES --out results/cytosyn   # 1..64 GPUs
+    torchrun ... train.py --data TILES --out results/cytosyn --resume        # continue the run
+    python train.py --data TILES --model SiT-T/2 --vae tiny --encoder tiny ...  # one process, CPU
 
 One step, in the paper's order (CytoSyn §3.3), on every rank with the same t and eps in both passes:
   1. VAE forward: posterior, z ~ posterior, reconstruction.
@@ -13,12 +13,9 @@ One step, in the paper's order (CytoSyn §3.3), on every rank with the same t an
      + 0.5 x REPA loss. The diffusion loss never reaches the VAE.
   5. EMA (0.9999) of the SiT, BatchNorm buffers included, and (CytoSyn's addition) of the VAE.
 
-Data (data.py): a folder of tiles, tiling.py's manifest (its `train` rows) or tar shards; with `--slides`,
-the manifest's tiles are read from the slides themselves. `--features DIR` reads precomputed H0-mini
-tokens (features.py writes them). Outputs in --results-dir:
-checkpoints/NNNNNNN.pt (checkpoints.py), log.txt, metrics.csv, loss.png (logs.py) and samples/NNNNNNN.png
-(conditioning tiles above EMA samples of their CLS features). On the CPU a run and its resumed halves
-are bitwise identical. Speed: `python bench.py train`; a first run on a laptop: `python demo.py`.
+Outputs in --out: checkpoints/NNNNNNN.pt (support/checkpoints.py), log.txt, metrics.csv, loss.png and
+samples/NNNNNNN.png (conditioning tiles above EMA samples of their CLS features). On the CPU a run and
+its resumed halves are bitwise identical. Speed: `python bench.py train`; a first run: `python demo.py`.
 
 Left out: gradient accumulation, learning-rate schedules (REPA-E uses a constant 1e-4), data
 augmentation (neither paper states any), REPA-E's lognormal time sampling and LeCam regulariser,
@@ -28,25 +25,26 @@ import argparse
 import copy
 import math
 import os
-import random
 import time
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from support.checkpoints import (check_resumable, checkpoint_path, init_from, latest_checkpoint, load_checkpoint,
-                         read_for_resume, resume_path, save_all_ranks, set_rng_state)
-from support.cli import check_output_folder, error_line, number_in, processes
-from support.data import feature_dim, find_slide_tiles, find_tiles, first_tiles, training_batches
 from features import ENCODERS, encoder_features, load_encoder
-from support.logs import Logger, append_line, sample_grid
-from support.perf import peak_memory_gb, untimed
 from repa_loss import diffusion_loss, interpolate, repa_loss, sample_t, velocity_target
+from sample import Pipeline, SamplingSettings
 from sit import SiT_models, build_sit, synced_batchnorm
+from support.checkpoints import latest_checkpoint, save_all_ranks, start_or_resume
+from support.cli import (CytoSynError, InputError, NonFinite, SEED, add_device_args, add_sampling_args,
+                         add_workers_arg, check_guidance, number_in, processes,
+                         resolve_precision, run)
+from support.data import feature_dim, find_tiles, first_tiles, training_batches
+from support.logs import Logger, append_line, save_training_grid
+from support.outputs import check_output_folder
+from support.perf import peak_memory_gb
 from vae import build_vae, vae_models
 from vae_loss import LPIPS, NLayerDiscriminator, hinge_d_loss, hinge_g_loss
 
@@ -61,19 +59,16 @@ LOSS_WEIGHT = number_in(float, 0, 10 ** 6)  # a loss term's weight: 0 turns the 
 #                         One training step (CytoSyn §3.3)                      #
 #################################################################################
 
-def train_step(nets, opts, images, feats, args, timer=untimed):
+def train_step(nets, opts, images, feats, args):
     """One REPA-E step on a batch of uint8 tiles (B, 3, H, W) -> the loss terms of this rank (tensors).
     `feats` holds precomputed (B, 1 + T, D) H0-mini tokens, or is empty (then the encoder runs)."""
-    with timer("encoder"):
-        batch = make_batch(nets, images, feats)
-    z, recon, terms = vae_update(nets, opts["vae"], batch, args, timer)
-    with timer("disc"):
-        if nets.disc is not None:
-            terms.update(disc_update(nets, opts["disc"], batch.x, recon, args))
-    terms.update(sit_update(nets, opts["sit"], z, batch, args, timer))
-    with timer("ema"):
-        update_ema(nets.sit_ema, nets.sit, args.ema_decay)
-        update_ema(nets.vae_ema, nets.vae, args.ema_decay)
+    batch = make_batch(nets, images, feats)
+    z, recon, terms = vae_update(nets, opts["vae"], batch, args)             # steps 1-2
+    if nets.disc is not None:
+        terms.update(disc_update(nets, opts["disc"], batch.x, recon, args))  # step 3
+    terms.update(sit_update(nets, opts["sit"], z, batch, args))              # step 4
+    update_ema(nets.sit_ema, nets.sit, args.ema_decay)                        # step 5
+    update_ema(nets.vae_ema, nets.vae, args.ema_decay)
     return terms
 
 
@@ -87,7 +82,7 @@ def make_batch(nets, images, feats):
         cond, target = feats[:, 0], feats[:, 1:]
     else:
         with nets.autocast:
-            cond, target = encoder_features(nets.encoder, images, token_grid=nets.token_grid)  # (B, D), (B, T, D)
+            cond, target = encoder_features(nets.encoder, images, token_grid=nets.sit.token_grid)  # (B, D), (B, T, D)
     x = images.float() / 127.5 - 1.0                       # (B, 3, H, W) in [-1, 1]: the VAE's range
     t = sample_t(x.shape[0], device=device)                # (B,)
     z_shape = (x.shape[0], nets.vae.z_channels, x.shape[2] // nets.vae.factor, x.shape[3] // nets.vae.factor)
@@ -95,67 +90,85 @@ def make_batch(nets, images, feats):
     return SimpleNamespace(x=x, cond=cond, target=target, t=t, eps=eps)
 
 
-def vae_update(nets, opt, batch, args, timer=untimed):
-    """Steps 1-2: VAE forward; VAE update through the frozen, eval-mode SiT (REPA-E §3)."""
+def vae_loss(nets, batch, args):
+    """Steps 1-2's forward: the VAE loss through the frozen, eval-mode SiT (REPA-E §3) -> (loss, z, recon,
+    terms). The SiT's and the discriminator's weights take no gradient from it."""
     sit, x = nets.sit, batch.x
     sit.eval()  # running BN statistics; no conditioning dropout
-    with timer("vae"):
-        with frozen(sit), (frozen(nets.disc) if nets.disc is not None else nullcontext()), nets.autocast:
-            posterior, z, recon = nets.wrapped["vae"](x)                          # z (B, 4, h, w), recon (B, 3, H, W)
-            l1 = (recon.float() - x).abs().mean()
-            # NOTE: LPIPS and the discriminator run under the same bf16 autocast; REPA-E runs them in fp32.
-            lpips = nets.lpips(recon.float(), x).mean() if nets.lpips is not None else x.new_zeros(())
-            kl = posterior.kl().float().mean()                                   # summed over C, H, W; batch mean
-            gan_g = hinge_g_loss(nets.disc(recon).float()) if nets.disc is not None else x.new_zeros(())
-            x_t = interpolate(sit.normalize(z.float()), batch.eps, batch.t)      # (B, 4, h, w): (1 - t) x + t eps
-            _, proj = nets.wrapped["sit_align"](x_t, batch.t, batch.cond, align_only=True)  # (B, T, D), blocks 1..8
-            proj_vae = repa_loss(proj, batch.target)
-            loss = (args.l1_weight * l1 + args.lpips_weight * lpips + args.kl_weight * kl
-                    + args.gan_weight * gan_g + args.vae_align_coeff * proj_vae)
-        loss.backward()
-    with timer("vae_opt"):
-        norm = grad_norm(nets.vae, args.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)  # right after the step: the gradients' memory is free for the next pass
+    disc_frozen = frozen(nets.disc) if nets.disc is not None else nullcontext()
+    with frozen(sit), disc_frozen, nets.autocast:
+        posterior, z, recon = nets.forward.vae(x)                                # z (B, 4, h, w), recon (B, 3, H, W)
+        terms = dict(l1=(recon.float() - x).abs().mean())
+        # NOTE: LPIPS and the discriminator run under the same bf16 autocast; REPA-E runs them in fp32.
+        if nets.lpips is not None:
+            terms["lpips"] = nets.lpips(recon.float(), x).mean()
+        terms["kl"] = posterior.kl().float().mean()                            # summed over C, H, W; batch mean
+        if nets.disc is not None:
+            terms["gan_g"] = hinge_g_loss(nets.disc(recon).float())
+        x_t = interpolate(sit.normalize(z.float()), batch.eps, batch.t)        # (B, 4, h, w): (1 - t) x + t eps
+        _, proj = nets.forward.sit_align(x_t, batch.t, batch.cond, align_only=True)  # (B, T, D), blocks 1..8
+        terms["proj_vae"] = repa_loss(proj, batch.target)
+        weights = dict(l1=args.l1_weight, kl=args.kl_weight, lpips=args.lpips_weight, gan_g=args.gan_weight,
+                       proj_vae=args.vae_align_coeff)
+        terms["vae_loss"] = sum(weights[k] * v for k, v in terms.items())
     sit.train()
-    terms = dict(l1=l1, lpips=lpips, kl=kl, gan_g=gan_g, proj_vae=proj_vae, grad_vae=norm, vae_loss=loss)
+    return terms["vae_loss"], z, recon, terms
+
+
+def vae_update(nets, opt, batch, args):
+    """Steps 1-2: the VAE loss, its backward and the VAE's optimizer step -> (z, recon) detached, terms."""
+    loss, z, recon, terms = vae_loss(nets, batch, args)
+    loss.backward()
+    terms["grad_vae"] = optimizer_step(nets.vae, opt, args.max_grad_norm)
     return z.detach(), recon.detach(), terms
 
 
-def disc_update(nets, opt, x, recon, args):
-    """Step 3: hinge loss on real tiles vs detached reconstructions (taming / REPA-E)."""
+def disc_loss(nets, x, recon):
+    """Step 3's forward: hinge loss on real tiles vs detached reconstructions (taming / REPA-E)."""
     with nets.autocast:
-        logits_real = nets.wrapped["disc"](x).float()      # (B, 1, h', w')
-        logits_fake = nets.wrapped["disc"](recon).float()
+        logits_real = nets.forward.disc(x).float()         # (B, 1, h', w')
+        logits_fake = nets.forward.disc(recon).float()
         loss = hinge_d_loss(logits_real, logits_fake)
+    return loss, dict(disc=loss, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
+
+
+def disc_update(nets, opt, x, recon, args):
+    loss, terms = disc_loss(nets, x, recon)
     loss.backward()
-    norm = grad_norm(nets.disc, args.max_grad_norm)
+    return {**terms, "grad_disc": optimizer_step(nets.disc, opt, args.max_grad_norm)}
+
+
+def sit_loss(nets, z, batch, args):
+    """Step 4's forward on z.detach() with batch BN statistics: diffusion + 0.5 x REPA (REPA-E §3)."""
+    with nets.autocast:
+        x0 = nets.sit.normalize(z.detach().float())          # (B, 4, h, w), batch statistics (train mode)
+        x_t = interpolate(x0, batch.eps, batch.t)            # the same t and eps as the VAE-align pass
+        v, proj = nets.forward.sit(x_t, batch.t, batch.cond)  # (B, 4, h, w), (B, T, D)
+        diff = diffusion_loss(v, velocity_target(x0, batch.eps))
+        proj_sit = repa_loss(proj, batch.target)
+        loss = diff + args.proj_coeff * proj_sit
+    return loss, dict(diffusion=diff, proj_sit=proj_sit, sit_loss=loss)
+
+
+def sit_update(nets, opt, z, batch, args):
+    loss, terms = sit_loss(nets, z, batch, args)
+    loss.backward()
+    return {**terms, "grad_sit": optimizer_step(nets.sit, opt, args.max_grad_norm)}
+
+
+def optimizer_step(module, opt, max_norm):
+    """Clip the gradient norm (REPA-E: 1.0), step, and free the gradients right away, so their memory is
+    free for the next pass -> the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return dict(disc=loss, grad_disc=norm, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
-
-
-def sit_update(nets, opt, z, batch, args, timer=untimed):
-    """Step 4: SiT update on z.detach() with batch BN statistics: diffusion + 0.5 x REPA (REPA-E §3)."""
-    with timer("sit"):
-        with nets.autocast:
-            x0 = nets.sit.normalize(z.detach().float())          # (B, 4, h, w), batch statistics (train mode)
-            x_t = interpolate(x0, batch.eps, batch.t)            # the same t and eps as the VAE-align pass
-            v, proj = nets.wrapped["sit"](x_t, batch.t, batch.cond)  # (B, 4, h, w), (B, T, D)
-            diff = diffusion_loss(v, velocity_target(x0, batch.eps))
-            proj_sit = repa_loss(proj, batch.target)
-            loss = diff + args.proj_coeff * proj_sit
-        loss.backward()
-    with timer("sit_opt"):
-        norm = grad_norm(nets.sit, args.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return dict(diffusion=diff, proj_sit=proj_sit, grad_sit=norm, sit_loss=loss)
+    return norm
 
 
 @contextmanager
 def frozen(module):
-    """No gradient reaches `module`'s parameters inside the block; their flags are restored after."""
+    """No gradient reaches `module`'s parameters from what runs inside the block; their flags are restored
+    after (the autograd graph records the flags at forward time, so a later backward respects them)."""
     flags = [p.requires_grad for p in module.parameters()]
     module.requires_grad_(False)
     try:
@@ -180,29 +193,22 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(averaged, current, 1.0 - decay)
 
 
-def grad_norm(module, max_norm):
-    return torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.grad is not None], max_norm)
-
-
 #################################################################################
 #                                Setup helpers                                  #
 #################################################################################
 
 def build_models(args, device, world, feature_dim_=None, pretrained=True):
     """SiT, VAE, their EMAs, the discriminator, LPIPS and the encoder; the same init on every rank.
-    `nets.wrapped` holds the forward each update calls: DDP and/or compiled (`wrap_models`), else the
-    bare modules."""
+    Each network has one handle, the module (`nets.sit` ...); `nets.forward` holds how the training passes
+    call them (`wrap_models`: through DDP and/or torch.compile), the modules themselves until then."""
     torch.manual_seed(args.seed)
     encoder = None
     if feature_dim_ is None:
-        try:
-            encoder = load_encoder(args.encoder, pretrained=pretrained, seed=args.seed).to(device)
-        except RuntimeError as err:  # the gated hub download failed: reported like any other bad input
-            raise FileNotFoundError(f"{err} For a smoke run, pass --encoder tiny.") from err
+        encoder = load_encoder(args.encoder, pretrained=pretrained, seed=args.seed).to(device)
         feature_dim_ = encoder.embed_dim
     vae = build_vae(args.vae).to(device)
     if args.image_size % (vae.factor * 2):
-        raise ValueError(f"--image-size {args.image_size} must be a multiple of {vae.factor * 2} "
+        raise InputError(f"--image-size {args.image_size} must be a multiple of {vae.factor * 2} "
                          f"(VAE factor {vae.factor} x SiT patch 2)")
     sit_kwargs = dict(input_size=args.image_size // vae.factor, cond_dim=feature_dim_, z_dim=feature_dim_,
                       cond_dropout=args.cond_dropout)
@@ -217,25 +223,26 @@ def build_models(args, device, world, feature_dim_=None, pretrained=True):
     lpips = None if args.no_lpips else LPIPS(pretrained and not args.lpips_random, args.lpips_heads,
                                              args.lpips_vgg_range_quirk).to(device)
     # NOTE: bf16 autocast where REPA-E uses fp16 (no loss scaler needed, same speed on A100/H100).
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16 else nullcontext()
+    bf16 = resolve_precision(args.precision, device) == "bf16" and device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     return SimpleNamespace(sit=sit, sit_ema=sit_ema, vae=vae, vae_ema=vae_ema, disc=disc, lpips=lpips,
-                           encoder=encoder, token_grid=args.image_size // vae.factor // sit.patch_size,
-                           device=device, autocast=autocast,
-                           wrapped=dict(sit=sit, vae=vae, disc=disc, sit_align=sit))
+                           encoder=encoder, device=device, autocast=autocast,
+                           forward=SimpleNamespace(sit=sit, sit_align=sit, vae=vae, disc=disc))
 
 
 def wrap_models(nets, args, distributed):
     """DDP averages the gradients of the three trained networks over ranks; the frozen passes (VAE-align
     through the SiT, GAN loss through the discriminator) use the bare modules. Then train mode."""
+    forward = nets.forward
     if distributed:
         ids = [nets.device.index] if nets.device.type == "cuda" else None
-        nets.wrapped["sit"] = DDP(nets.sit, device_ids=ids, broadcast_buffers=False)  # BN stats synced, not broadcast
-        nets.wrapped["vae"] = DDP(nets.vae, device_ids=ids, broadcast_buffers=False)
+        forward.sit = DDP(nets.sit, device_ids=ids, broadcast_buffers=False)  # BN stats synced, not broadcast
+        forward.vae = DDP(nets.vae, device_ids=ids, broadcast_buffers=False)
         if nets.disc is not None:
-            nets.wrapped["disc"] = DDP(nets.disc, device_ids=ids)
+            forward.disc = DDP(nets.disc, device_ids=ids)
     if args.compile:
-        nets.wrapped["sit"], nets.wrapped["vae"] = map(torch.compile, (nets.wrapped["sit"], nets.wrapped["vae"]))
-        nets.wrapped["sit_align"] = torch.compile(nets.sit)  # the frozen, eval-mode pass: its own graph
+        forward.sit, forward.vae = torch.compile(forward.sit), torch.compile(forward.vae)
+        forward.sit_align = torch.compile(nets.sit)  # the frozen, eval-mode pass: its own graph
     for module in (nets.sit, nets.vae, nets.disc):
         if module is not None:
             module.train()
@@ -258,23 +265,12 @@ def build_optimizers(args, nets):
 
 def local_batch_size(global_batch, world):
     if global_batch % world:
-        raise ValueError(f"--global-batch-size {global_batch} is not divisible by the {world} processes: "
+        raise InputError(f"--global-batch-size {global_batch} is not divisible by the {world} processes: "
                          f"choose a multiple of {world}")
     return global_batch // world
 
 
-def seed_everything(seed, rank, world, ckpt, device, log):
-    """A different random stream per rank; a resumed run continues each rank's own stream."""
-    torch.manual_seed(seed * world + rank)
-    np.random.seed(seed * world + rank)
-    random.seed(seed * world + rank)
-    if ckpt and len(ckpt["rng"]) == world:
-        set_rng_state(ckpt["rng"][rank], device)
-    elif ckpt:
-        log.info(f"checkpoint written by {len(ckpt['rng'])} processes, now {world}: RNG streams restart")
-
-
-def reduce_and_check(terms, step, world, results_dir):
+def reduce_and_check(terms, step, world, out):
     """Average the loss terms over ranks -> (names, floats); stop every rank at a non-finite one.
     Every step, not only at log steps, so no checkpoint is ever written after a non-finite loss."""
     keys = [k for k in LOSS_TERMS + EXTRA_TERMS if k in terms]
@@ -285,9 +281,8 @@ def reduce_and_check(terms, step, world, results_dir):
     values = values.tolist()
     bad = [f"{k}={v}" for k, v in zip(keys, values) if not math.isfinite(v)]
     if bad:
-        raise FloatingPointError(
-            f"non-finite loss at step {step}: {', '.join(bad)} (all terms: {dict(zip(keys, values))}). Nothing "
-            f"was saved after it; the last checkpoint is {latest_checkpoint(results_dir) or 'none'}.")
+        raise NonFinite(f"non-finite loss at step {step}: {', '.join(bad)} (all terms: {dict(zip(keys, values))}). "
+                        f"Nothing was saved after it; the last checkpoint is {latest_checkpoint(out) or 'none'}.")
     return keys, values
 
 
@@ -295,9 +290,9 @@ def reduce_and_check(terms, step, world, results_dir):
 #                                    main                                       #
 #################################################################################
 
-def main(args):
+def train(args):
     """Train CytoSyn; returns the models (tests and demo.py read them)."""
-    with processes() as (rank, world, device):
+    with processes(args.device) as (rank, world, device):
         # Setup processes and precision.
         distributed = world > 1
         local_batch = local_batch_size(args.global_batch_size, world)
@@ -305,54 +300,41 @@ def main(args):
             torch.backends.cuda.matmul.allow_tf32 = args.tf32  # TF32 matmuls/convs: REPA-E's default
             torch.backends.cudnn.allow_tf32 = args.tf32
 
-        # Setup results folder, logging and resume (rank 0 picks the checkpoint; every rank reads it).
-        # A results folder among the tiles would feed its sample grids back as training tiles: refused.
-        check_output_folder(args.results_dir, {"--data": [args.data], "--features": [args.features],
-                                               "--slides": [args.slides]}, "--results-dir")
-        os.makedirs(args.results_dir, exist_ok=True)
-        # a wrong --data fails now, before any model is built
-        tiles = find_slide_tiles(args.data, args.slides) if args.slides else find_tiles(args.data)
-        latest = [latest_checkpoint(args.results_dir) if rank == 0 else None]
-        if distributed:
-            dist.broadcast_object_list(latest, src=0)
-        path = resume_path(args.results_dir, args.resume, latest[0])
-        ckpt = read_for_resume(path) if path else None
-        start_step = ckpt["step"] if ckpt else 0
-        log = Logger(args.results_dir, rank, start_step)
-        log.info(f"{f'resuming from {path}' if ckpt else 'new run'}; {world} process(es) on {device.type}, "
-                 f"{local_batch} tiles per process")
+        # Setup the data first: a wrong --data fails before any model is built. A results folder among
+        # the tiles would feed its sample grids back as training tiles: refused.
+        check_output_folder(args.out, {"--data": [args.data], "--features": [args.features],
+                                       "--slides": [args.slides]})
+        os.makedirs(args.out, exist_ok=True)
+        tiles = find_tiles(args.data, args.slides)
 
-        # Setup models and optimizers: the same initialisation on every rank, then a stream per rank.
-        nets = build_models(args, device, world, feature_dim(args.features) if args.features else None)
-        config = {**vars(args), **nets.sit.config, "vae": args.vae, "world_size": world}
-        opts = build_optimizers(args, nets)
-        if ckpt:
-            check_resumable(ckpt, config, path)
-            load_checkpoint(ckpt, nets, opts)
-        elif args.init_from:  # a new run (step 0, fresh optimizers) from existing weights: fine-tuning
-            for line in init_from(args.init_from, nets):
-                log.info(line)
-        seed_everything(args.seed, rank, world, ckpt, device, log)
-        del ckpt
-        if nets.lpips is not None and not nets.lpips.calibrated:
-            log.info("WARNING: --lpips-uniform weighs VGG's channels 1/C, not the calibrated LPIPS the paper trains with")
+        # Setup models and optimizers (the same initialisation on every rank), from a checkpoint (--resume),
+        # other weights (--init-from) or the initialisation.
+        def build():
+            nets = build_models(args, device, world, feature_dim(args.features) if args.features else None)
+            return nets, build_optimizers(args, nets), {**vars(args), **nets.sit.config, "world_size": world}
+        nets, opts, config, start_step, lines = start_or_resume(args, rank, world, device, build)
+        log = Logger(args.out, rank, start_step)
+        log.info(f"{lines[0]}; {world} process(es) on {device.type}, {local_batch} tiles per process")
+        for line in lines[1:]:
+            log.info(line)
         log.info(f"SiT {args.model}: {sum(p.numel() for p in nets.sit.parameters()) / 1e6:.2f} M parameters; "
                  f"VAE {args.vae}: {sum(p.numel() for p in nets.vae.parameters()) / 1e6:.2f} M")
         wrap_models(nets, args, distributed)
 
-        # Setup data, and the fixed tiles whose CLS features condition every sample grid.
+        # Setup data loading, and the fixed tiles whose CLS features condition every sample grid.
         dataset, data = training_batches(
             tiles, size=args.image_size, resize=args.resize, features=args.features,
-            tokens=nets.token_grid ** 2, rank=rank, world=world, local_batch=local_batch, seed=args.seed,
+            tokens=nets.sit.token_grid ** 2, rank=rank, world=world, local_batch=local_batch, seed=args.seed,
             num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer, start_step=start_step,
             pin_memory=device.type == "cuda")
-        count = f"{len(tiles[1]):,} tar shards" if tiles[0] == "shards" else f"{len(dataset):,} tiles"
-        log.info(f"data: {count} from {args.data}" + (f", read from the slides in {args.slides}" if args.slides else ""))
+        log.info(f"data: {tiles.describe()} from {args.data}")
         if rank == 0 and args.sample_every:
             fixed, fixed_feats = first_tiles(dataset, args.num_samples)
             with nets.autocast:
                 fixed_cond = (fixed_feats[:, 0].to(device) if fixed_feats.numel() else
-                              encoder_features(nets.encoder, fixed.to(device), token_grid=nets.token_grid)[0])
+                              encoder_features(nets.encoder, fixed.to(device), nets.sit.token_grid)[0])
+            grid_pipe = Pipeline(nets.sit_ema, nets.vae_ema, device, resolve_precision(args.precision, device))
+            grid_settings = SamplingSettings.from_args(args)
 
         # Train.
         step, window, sums, t0 = start_step, 0, None, time.perf_counter()
@@ -360,7 +342,7 @@ def main(args):
             images, feats = next(data)
             terms = train_step(nets, opts, images, feats, args)
             step += 1
-            keys, values = reduce_and_check(terms, step, world, args.results_dir)
+            keys, values = reduce_and_check(terms, step, world, args.out)
             sums = values if sums is None else [a + b for a, b in zip(sums, values)]
             window += 1
             last = step == args.max_steps
@@ -373,21 +355,33 @@ def main(args):
             saving = step % args.ckpt_every == 0 or last
             sampling = args.sample_every > 0 and (step % args.sample_every == 0 or last)
             if saving:
-                save_all_ranks(checkpoint_path(args.results_dir, step), nets, opts, step, config, rank, world, device)
-                log.info(f"saved {checkpoint_path(args.results_dir, step)}")
+                path = save_all_ranks(args.out, step, nets, opts, config, rank, world, device)
+                log.info(f"saved {path}")
             if sampling and rank == 0:
-                sample_grid(nets, fixed, fixed_cond, args, os.path.join(args.results_dir, "samples", f"{step:07d}.png"))
+                images = grid_pipe.generate(fixed_cond, list(range(len(fixed_cond))), grid_settings)
+                save_training_grid(fixed, images, os.path.join(args.out, "samples", f"{step:07d}.png"))
             if distributed and (saving or sampling):
                 dist.barrier()  # the other ranks wait for rank 0's files
         log.info(f"done: {step} steps")
         return nets
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except CytoSynError as err:  # bad input or a non-finite loss: also the last line of log.txt, beside the history
+        if os.environ.get("RANK", "0") == "0" and os.path.isdir(args.out):
+            append_line(args.out, f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] train.py: error: {err}")
+        raise
+    return 0
+
+
 def parse_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.init_from and args.resume:
-        p.error("--init-from starts a new run, --resume continues one: pass one of them")
+        raise InputError("--init-from starts a new run, --resume continues one: pass one of them")
+    check_guidance(args)
     return args
 
 
@@ -403,7 +397,7 @@ def build_parser():
     p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224)
     p.add_argument("--resize", choices=["crop", "scale"], default=None,
                    help="what to do with tiles of another size (default: stop with an error)")
-    p.add_argument("--num-workers", type=number_in(int, 0, 256), default=4)
+    add_workers_arg(p)
     p.add_argument("--shuffle-buffer", type=number_in(int, 1, 10 ** 8), default=1000, help="tiles held for shuffling a tar stream")
     # models
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
@@ -438,34 +432,23 @@ def build_parser():
     p.add_argument("--lpips-vgg-range-quirk", action="store_true", help="REPA-E's code: VGG sees [-3, 1]")
     p.add_argument("--lpips-random", action="store_true", help="random VGG weights (tests and offline smoke runs)")
     # run
-    p.add_argument("--results-dir", default="results/cytosyn")
+    p.add_argument("--out", default="results/cytosyn", help="the run's folder: checkpoints, logs, samples")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the latest checkpoint in --results-dir, or from the given file")
+                   help="continue from the latest checkpoint in --out, or from the given file")
     p.add_argument("--init-from", default=None, metavar="PATH", help="start a new run from these weights: an "
                    "export, a train.py or REPA-E checkpoint, or a diffusers VAE (file or folder)")
-    p.add_argument("--seed", type=number_in(int, 0, 2 ** 31 - 1), default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--log-every", type=number_in(int, 1, 10 ** 10), default=100)
     p.add_argument("--ckpt-every", type=number_in(int, 1, 10 ** 10), default=50_000)
     p.add_argument("--sample-every", type=number_in(int, 0, 10 ** 10), default=10_000, help="0: no sample grids")
-    p.add_argument("--num-samples", type=number_in(int, 1, 64), default=8)
-    p.add_argument("--sample-steps", type=number_in(int, 1, 10000), default=50, help="Euler ODE steps of the sample grids")
-    p.add_argument("--sample-cfg", type=number_in(float, 0, 100), default=2.5, help="guidance scale of the sample grids")
-    p.add_argument("--guidance-high", type=number_in(float, 0, 1), default=0.75)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
+    p.add_argument("--num-samples", type=number_in(int, 1, 64), default=8, help="tiles in each sample grid")
+    add_sampling_args(p, sampler="ode", steps=50)  # the sample grids' sampler
+    add_device_args(p)
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compile", action="store_true", help="torch.compile the SiT and the VAE (GPU; see the README's "
-                                                          "Performance)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the SiT and the VAE (GPU; see "
+                                                          "docs/performance.md)")
     return p
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        main(args)
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as err:
-        # bad input (data, checkpoint, settings) or a non-finite loss: one line, not a traceback, also at the
-        # end of log.txt, so a run that died says why where its history is.
-        message = f"train.py: error: {error_line(err)}"
-        if os.environ.get("RANK", "0") == "0" and os.path.isdir(args.results_dir):
-            append_line(args.results_dir, f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}")
-        raise SystemExit(message)
+    run(main)

@@ -27,6 +27,11 @@ GROUPS = 32          # GroupNorm groups everywhere
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
+def latent_size(name, image_size):
+    """Side of the latent of an image_size px tile: image_size / 2^(levels - 1) (224 -> 28 for f8d4)."""
+    return image_size // 2 ** (len(vae_models[name]["ch_mult"]) - 1)
+
+
 def build_vae(name):
     if name not in vae_models:
         raise ValueError(f"unknown VAE preset {name!r}; expected one of {list(vae_models)}")

@@ -1,8 +1,7 @@
-"""Weights in and out: CytoSyn checkpoints (what train.py writes, how it is written safely, how a run
-resumes from it), and the readers that rebuild the SiT and the VAE from a CytoSyn or a REPA-E checkpoint
-for sampling (CytoSyn §3.1; REPA-E's checkpoint layout {"model", "ema", "vae", "args"}).
+"""CytoSyn's training checkpoints: what train.py writes, how it is written safely, and how a run resumes
+from it (or starts from other weights: --init-from).
 
-One file per saved step, `<results_dir>/checkpoints/NNNNNNN.pt`, a dict:
+One file per saved step, `<run folder (train.py --out)>/checkpoints/NNNNNNN.pt`, a dict:
 
     config                 every train.py argument and the SiT's architecture (sample.py needs nothing else)
     step                   optimizer steps done
@@ -12,39 +11,21 @@ One file per saved step, `<results_dir>/checkpoints/NNNNNNN.pt`, a dict:
     opt_sit, opt_vae, opt_disc   the three AdamW states
     rng                    every rank's torch / numpy / python / CUDA RNG state, for a bitwise resume
 
-Every file is read with torch.load(weights_only=True), so a crafted pickle cannot run code here; a file
-that needs more (older checkpoints of this repo, REPA-E's with an argparse.Namespace) is refused in one
-line, and one you trust is converted once, explicitly. An export holds what sampling needs: safetensors
-and a config.json with each file's sha256, which loading verifies. Non-finite weights are refused.
-
-    python checkpoints.py convert IN.pt OUT.pt       # unpickles IN fully: only files you trust
-    python checkpoints.py export CKPT OUT_DIR [--sit ema,raw] [--vae ema,raw]
+Files are read weights-only (support/weights.py): a crafted pickle cannot run code here.
 """
-import argparse
-import hashlib
-import json
 import os
-import pickle
 import random
 import re
 import zipfile
-from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import torch
-from safetensors.torch import load_file as load_safetensors, save_file as save_safetensors
 
-from support.cli import error_line
-from sit import SiT_models, build_sit
-from vae import build_vae, convert_diffusers_state_dict, vae_models
+from support.cli import InputError, MissingInput, OutputConflict
+from support.weights import check_finite_weights, init_from, load_file
 
 CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")
 RESUME_KEYS = ("config", "step", "sit", "sit_ema", "vae", "vae_ema", "opt_sit", "opt_vae", "rng")
-EXPORT_FORMAT = "cytosyn-export"
-DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-SIT_CONFIG_KEYS = ("input_size", "in_channels", "cond_dim", "encoder_depth", "z_dim", "projector_dim",
-                   "depth", "hidden_size", "patch_size", "num_heads")
 
 
 def rng_state(device):
@@ -64,20 +45,20 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def checkpoint_path(results_dir, step):
-    return os.path.join(results_dir, "checkpoints", f"{step:07d}.pt")
+def checkpoint_path(run_dir, step):
+    return os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
 
 
-def checkpoints_in(results_dir):
+def checkpoints_in(run_dir):
     """The run's checkpoint files, oldest step first."""
-    folder = os.path.join(results_dir, "checkpoints")
+    folder = os.path.join(run_dir, "checkpoints")
     steps = sorted(int(mt.group(1)) for f in (os.listdir(folder) if os.path.isdir(folder) else [])
                    if (mt := CHECKPOINT.match(f)))
-    return [checkpoint_path(results_dir, s) for s in steps]
+    return [checkpoint_path(run_dir, s) for s in steps]
 
 
-def latest_checkpoint(results_dir):
-    return (checkpoints_in(results_dir) or [None])[-1]
+def latest_checkpoint(run_dir):
+    return (checkpoints_in(run_dir) or [None])[-1]
 
 
 def save_checkpoint(path, nets, opts, step, config, rngs):
@@ -97,46 +78,17 @@ def save_checkpoint(path, nets, opts, step, config, rngs):
     os.replace(tmp, path)
 
 
-def save_all_ranks(path, nets, opts, step, config, rank, world, device):
-    """Every rank's RNG state (for an exact resume) into rank 0's checkpoint; call on every rank."""
+def save_all_ranks(out, step, nets, opts, config, rank, world, device):
+    """Every rank's RNG state (for an exact resume) into rank 0's checkpoint; call on every rank -> its path."""
     rngs = [None] * world
     if world > 1:
         torch.distributed.all_gather_object(rngs, rng_state(device))
     else:
         rngs = [rng_state(device)]
+    path = checkpoint_path(out, step)
     if rank == 0:
         save_checkpoint(path, nets, opts, step, config, rngs)
-
-
-
-class UnsafeCheckpoint(ValueError):
-    """A file torch.load(weights_only=True) refuses: it holds pickled Python objects, which could run code."""
-
-
-def load_file(path):
-    """A torch.save'd file on the CPU, weights only (tensors and plain values: unpickling runs no code),
-    memory-mapped (tensors are read as they are copied into the models, not all at once per rank)."""
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (not a complete zip archive written by "
-                         f"torch.save: truncated, or another kind of file)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        needs = re.search(r"GLOBAL ([\w.]+)", str(err))
-        raise UnsafeCheckpoint(
-            f"{path} holds Python objects besides tensors{f' ({needs.group(1)})' if needs else ''}: unpickling it "
-            f"could run code, so it is not loaded. If you trust where it comes from, convert it once with "
-            f"`python checkpoints.py convert {path} SAFE.pt` and use SAFE.pt") from None
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0][:200]})") from err
-
-
-def check_finite(state_dict, what):
-    """Refuse weights with a NaN or an inf, naming the first bad tensor (corrupt file or diverged run)."""
-    for name, value in state_dict.items():
-        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-            raise ValueError(f"{what}: tensor {name} holds non-finite values (NaN or inf): the file is corrupt or "
-                             f"the run diverged; use an earlier checkpoint")
+    return path
 
 
 def readable(path):
@@ -148,22 +100,22 @@ def readable(path):
         return False
 
 
-def resume_path(results_dir, resume, latest):
+def resume_path(out, resume, latest):
     """Which checkpoint a run continues from: None for a new run. `resume` is --resume ("latest", a
-    file, or None); `latest` the newest checkpoint in results_dir (rank 0 looks, every rank reads it)."""
+    file, or None); `latest` the newest checkpoint in out (rank 0 looks, every rank reads it)."""
     if resume:
         path = latest if resume == "latest" else resume
         if path and not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume {path}: no such checkpoint (a multi-node run needs --results-dir on "
-                                    f"a filesystem every node shares)")
+            raise MissingInput(f"--resume {path}: no such checkpoint (a multi-node run needs --out on "
+                               f"a filesystem every node shares)")
         if path and resume == "latest" and not readable(path):
-            good = next((p for p in reversed(checkpoints_in(results_dir)) if readable(p)), None)
+            good = next((p for p in reversed(checkpoints_in(out)) if readable(p)), None)
             fallback = f"the newest readable one is {good}: pass --resume {good}" if good else "no other is readable"
-            raise ValueError(f"the latest checkpoint {path} is unreadable (truncated or corrupt); {fallback}")
+            raise InputError(f"the latest checkpoint {path} is unreadable (truncated or corrupt); {fallback}")
         return path
     if latest:
-        raise FileExistsError(f"{results_dir} already holds checkpoints: pass --resume to continue that run, "
-                              f"or choose another --results-dir")
+        raise OutputConflict(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                              f"or choose another --out")
     return None
 
 
@@ -172,7 +124,7 @@ def read_for_resume(path):
     ckpt = load_file(path)
     missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise ValueError(f"{path} is not a train.py checkpoint (no {', '.join(missing)}); --resume continues a "
+        raise InputError(f"{path} is not a train.py checkpoint (no {', '.join(missing)}); --resume continues a "
                          f"train.py run, --init-from starts one from other weights")
     return ckpt
 
@@ -180,15 +132,15 @@ def read_for_resume(path):
 def check_resumable(ckpt, config, path):
     for key in ("model", "vae", "encoder", "image_size", "encoder_depth", "cond_dim", "z_dim"):
         if ckpt["config"].get(key) != config.get(key):
-            raise ValueError(f"{path} was trained with {key}={ckpt['config'].get(key)!r}, this run has "
-                             f"{key}={config.get(key)!r}; resume with the same settings or another --results-dir")
+            raise InputError(f"{path} was trained with {key}={ckpt['config'].get(key)!r}, this run has "
+                             f"{key}={config.get(key)!r}; resume with the same settings or another --out")
     if (ckpt["disc"] is None) != (config["no_gan"]):
-        raise ValueError(f"{path}: --no-gan differs from the run that wrote it")
+        raise InputError(f"{path}: --no-gan differs from the run that wrote it")
 
 
 def load_checkpoint(ckpt, nets, opts):
     for name in ("sit", "sit_ema", "vae", "vae_ema"):
-        check_finite(ckpt[name], f"checkpoint {name}")
+        check_finite_weights(ckpt[name], f"checkpoint {name}")
         getattr(nets, name).load_state_dict(ckpt[name])
     opts["sit"].load_state_dict(ckpt["opt_sit"])
     opts["vae"].load_state_dict(ckpt["opt_vae"])
@@ -197,304 +149,37 @@ def load_checkpoint(ckpt, nets, opts):
         opts["disc"].load_state_dict(ckpt["opt_disc"])
 
 
-# -- weights for sampling: a CytoSyn or a REPA-E checkpoint, or an export -> the SiT and the VAE ----------
-def load_state_dict_checked(module, state_dict, what):
-    """load_state_dict(strict=True), but a checkpoint from another model size or layout gets a
-    ValueError that names the first mismatching tensors instead of a page of torch output; non-finite
-    weights are refused."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
-             for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{what} does not match this model: {len(missing)} missing keys {missing[:3]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(wrong)} wrong shapes "
-                         f"{wrong[:3]}. Is it a checkpoint of another preset?")
-    check_finite(state_dict, what)
-    module.load_state_dict(state_dict, strict=True)
+def seed_everything(seed, rank, world, ckpt, device):
+    """A different random stream per rank; a resumed run continues each rank's own stream -> a note, or None."""
+    torch.manual_seed(seed * world + rank)
+    np.random.seed(seed * world + rank)
+    random.seed(seed * world + rank)
+    if ckpt and len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
+    elif ckpt:
+        return f"checkpoint written by {len(ckpt['rng'])} processes, now {world}: RNG streams restart"
+    return None
 
 
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def read_export(folder):
-    """An export folder -> (config, step, get): get(name) reads and checks one .safetensors file, or None."""
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{folder} is not a CytoSyn export (config.json: {type(err).__name__}: {err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{folder}/config.json is not a CytoSyn export's (format {EXPORT_FORMAT!r}); make one "
-                         f"with `python checkpoints.py export CKPT {folder}`")
-
-    def get(name):
-        entry = meta["files"].get(name)
-        if entry is None:
-            return None
-        file = os.path.join(folder, os.path.basename(entry["file"]))
-        if not os.path.isfile(file) or sha256(file) != entry["sha256"]:
-            raise ValueError(f"{file} is missing or does not match the sha256 in {folder}/config.json: the file is "
-                             f"corrupt or was changed; export it again")
-        return load_safetensors(file)
-    return meta["config"], meta.get("step"), get
-
-
-def repae_config(ckpt, path):
-    """REPA-E's args name ImageNet settings: the SiT's shape is read off its state dict instead."""
-    sd = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-    args = ckpt.get("args") or {}
-    patch = sd["x_embedder.proj.weight"].shape[-1]
-    vae = vae_preset_from_state_dict(ckpt["vae"], path)
-    config = dict(model=sit_preset_from_state_dict(sd, path), vae=vae, encoder="h0-mini", seed=args.get("seed", 0),
-                  input_size=int(round(sd["pos_embed"].shape[1] ** 0.5)) * patch,
-                  z_dim=sd["projectors.0.4.weight"].shape[0], projector_dim=sd["projectors.0.0.weight"].shape[0])
-    config["image_size"] = config["input_size"] * 2 ** (len(vae_models[vae]["ch_mult"]) - 1)  # the VAE's factor
-    if "y_embedder.mlp.0.weight" in sd:
-        config["cond_dim"] = sd["y_embedder.mlp.0.weight"].shape[1]
-    if "encoder_depth" in args:
-        config["encoder_depth"] = args["encoder_depth"]
-    return config
-
-
-def read_weights(path):
-    """An export, a train.py checkpoint or a REPA-E one ({"model", "ema", "vae", "args"}) -> (layout,
-    config, step, get): get("sit" | "sit_ema" | "vae" | "vae_ema") gives that state dict, or None."""
-    if os.path.isdir(path):
-        return ("export", *read_export(path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found: pass a .pt file written by train.py "
-                                f"(results/<run>/checkpoints/NNNNNNN.pt), an export folder or a REPA-E checkpoint")
-    ckpt = load_file(path)
-    if isinstance(ckpt, dict) and all(k in ckpt for k in ("config", "sit", "sit_ema", "vae")):
-        return "cytosyn", ckpt["config"], ckpt.get("step"), ckpt.get
-    if isinstance(ckpt, dict) and all(k in ckpt for k in ("model", "vae")):
-        names = {"sit": "model", "sit_ema": "ema", "vae": "vae"}
-        return "repa-e", repae_config(ckpt, path), ckpt.get("steps"), lambda name: ckpt.get(names.get(name, ""))
-    keys = list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise ValueError(f"{path} is not a CytoSyn checkpoint (keys config/sit/sit_ema/vae) nor a REPA-E one "
-                     f"(model/ema/vae); found {keys}")
-
-
-def pick(get, net, ema, path):
-    """The EMA or raw weights of net ("sit" / "vae"); the VAE's raw ones when there is no EMA (REPA-E)."""
-    sd = get(f"{net}_ema" if ema else net)
-    if sd is None and net == "vae" and ema:
-        sd = get("vae")
-    if sd is None:
-        kind, other = ("EMA", "raw") if ema else ("raw", "ema")
-        raise ValueError(f"{path} has no {kind} {net.upper()} weights: pass --{net}-weights {other} (or "
-                         f"sit_weights/vae_weights='{other}'), or export them with --{net} ema,raw")
-    return sd
-
-
-def build_from(config, get, path, sit_ema, vae_ema):
-    """config + weights -> the SiT and the VAE (the SiT's BatchNorm statistics come with its weights)."""
-    if config.get("model") not in SiT_models or config.get("vae") not in vae_models:
-        raise ValueError(f"{path}: config names model {config.get('model')!r} and VAE {config.get('vae')!r}; this "
-                         f"code knows {list(SiT_models)} and {list(vae_models)}")
-    sit_sd = pick(get, "sit", sit_ema, path)
-    if "y_embedder.embedding_table.weight" in sit_sd:
-        raise ValueError(f"{path} is a class-conditional REPA-E checkpoint (no H0-mini conditioning embedder "
-                         f"y_embedder.mlp.*); CytoSyn needs one trained on H0-mini CLS features")
-    vae = build_vae(config["vae"])
-    sit_kwargs = {k: config[k] for k in SIT_CONFIG_KEYS if k in config}
-    sit_kwargs.setdefault("input_size", config.get("image_size", 224) // vae.factor)
-    sit = build_sit(config["model"], **sit_kwargs)
-    load_state_dict_checked(sit, sit_sd, f"{path}: SiT weights ({config['model']})")
-    load_state_dict_checked(vae, pick(get, "vae", vae_ema, path), f"{path}: VAE weights ({config['vae']})")
-    return sit, vae
-
-
-def load_models(path, device="cpu", sit_ema=True, vae_ema=True):
-    """Checkpoint or export -> SiT and VAE in eval mode on `device`, with the name and seed of the
-    conditioning encoder. sit_ema / vae_ema pick each network's EMA or raw weights (CytoSyn §3.1, Table 2
-    reports the EMA SiT with the raw VAE and with the EMA VAE)."""
-    layout, config, step, get = read_weights(path)
-    sit, vae = build_from(config, get, path, sit_ema, vae_ema)
-    for module in (sit, vae):
-        module.requires_grad_(False).eval().to(device)
-    return SimpleNamespace(sit=sit, vae=vae, step=step, layout=layout, encoder=config.get("encoder", "h0-mini"),
-                           seed=config.get("seed", 0))
-
-
-def sit_preset_from_state_dict(sd, path):
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    hidden, patch = sd["pos_embed"].shape[-1], sd["x_embedder.proj.weight"].shape[-1]
-    for name, arch in SiT_models.items():
-        if (arch["depth"], arch["hidden_size"], arch["patch_size"]) == (depth, hidden, patch):
-            return name
-    raise ValueError(f"{path}: a SiT of depth {depth}, width {hidden}, patch {patch} matches no preset in "
-                     f"{list(SiT_models)}")
-
-
-def vae_preset_from_state_dict(sd, path):
-    for name in vae_models:
-        with torch.device("meta"):
-            own = build_vae(name).state_dict()
-        if own.keys() == sd.keys() and all(own[k].shape == sd[k].shape for k in own):
-            return name
-    raise ValueError(f"{path}: its VAE matches none of the presets {list(vae_models)}")
-
-
-# -- weights out: an export for sampling; a trusted pickle made weights-only ------------------------------
-def export(path, out, sit_kinds=("ema",), vae_kinds=("ema",)):
-    """Checkpoint (or export) -> OUT/{sit_ema,sit,vae_ema,vae}.safetensors and OUT/config.json, which
-    records the model config, the step, the source and every file's sha256. Everything is read and
-    checked before the first file is written."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise FileExistsError(f"{out} already exists and is not an empty folder: choose another output folder")
-    layout, config, step, get = read_weights(path)
-    weights = {}
-    for net, kinds in (("sit", sit_kinds), ("vae", vae_kinds)):
-        for kind in kinds:
-            name = f"{net}_ema" if kind == "ema" else net
-            sd = get(name)
-            if sd is None and name == "vae_ema":  # REPA-E keeps no EMA of the VAE: its raw one, as load_models
-                name, sd = "vae", get("vae")
-            if sd is None:
-                raise ValueError(f"{path} has no {kind} {net.upper()} weights: export --{net} "
-                                 f"{'raw' if kind == 'ema' else 'ema'}")
-            weights[name] = {k: v.contiguous() for k, v in sd.items()}
-            check_finite(weights[name], f"{path}: {name}")
-    build_from(config, weights.get, path, "sit_ema" in weights, "vae_ema" in weights)  # the config fits the weights
-    return write_export(out, weights, config, step, os.path.abspath(path), layout)
-
-
-def write_export(out, weights, config, step, source, layout):
-    """{name: state dict} -> OUT/<name>.safetensors, then OUT/config.json with their sha256."""
-    keep = ("model", "vae", "encoder", "seed", "image_size", *SIT_CONFIG_KEYS)
-    meta = {"format": EXPORT_FORMAT, "source": source, "source_layout": layout, "step": step,
-            "config": {k: config[k] for k in keep if k in config}, "files": {}}
-    os.makedirs(out, exist_ok=True)
-    for name, sd in weights.items():
-        save_safetensors(sd, os.path.join(out, f"{name}.safetensors"))
-        meta["files"][name] = {"file": f"{name}.safetensors", "sha256": sha256(f"{out}/{name}.safetensors")}
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    return meta
-
-
-def plain(value):
-    """A trusted file's Python objects as tensors and plain values: Namespace -> dict, numpy -> tensors."""
-    if isinstance(value, argparse.Namespace):
-        value = vars(value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain(v) for v in value)
-    if isinstance(value, np.ndarray):  # unsigned ints (numpy's RNG keys) widen to int64, which torch stores
-        return torch.from_numpy(np.ascontiguousarray(value.astype(np.int64) if value.dtype.kind == "u" else value))
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def convert(src, dst):
-    """The one full unpickle in the repo, run only when asked for by name: a trusted checkpoint ->
-    a weights-only copy, checked by reading it back with weights_only=True."""
-    try:
-        # NOTE: weights_only=False: this runs whatever the file's pickle asks for. Only for files you trust.
-        obj = torch.load(src, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ValueError(f"{src} is not a PyTorch checkpoint ({type(err).__name__}: {err})") from err
-    tmp = dst + ".tmp"
-    torch.save(plain(obj), tmp)
-    try:
-        load_file(tmp)
-    except ValueError:
-        os.remove(tmp)
-        raise ValueError(f"{src} holds objects that are neither tensors, numpy arrays nor plain values: not "
-                         f"converted") from None
-    os.replace(tmp, dst)
-
-
-# -- weights in for a new run: train.py --init-from ------------------------------------------------------
-def diffusers_file(path):
-    """A diffusers-layout VAE: the .safetensors / .bin file itself, or the one in the folder (or its vae/)."""
-    if os.path.isfile(path):
-        return path if path.endswith((".safetensors", ".bin")) else None
-    files = [os.path.join(folder, name) for folder in (path, os.path.join(path, "vae")) for name in DIFFUSERS_FILES]
-    return next((f for f in files if os.path.isfile(f)), None)
-
-
-def init_sources(path):
-    """-> (layout, {"sit": state dict or None, "vae": ...}, notes): the EMA weights where there are some."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--init-from {path}: no such file or folder")
-    file = diffusers_file(path)
-    if file is not None:
-        sd = load_safetensors(file) if file.endswith(".safetensors") else load_file(file)
-        return "diffusers VAE", {"sit": None, "vae": convert_diffusers_state_dict(sd)}, []
-    layout, config, step, get = read_weights(path)
-    sit, vae = (get(f"{net}_ema") or get(net) for net in ("sit", "vae"))
-    notes = []
-    if sit is not None and "y_embedder.embedding_table.weight" in sit:  # REPA-E's ImageNet class table
-        sit = {k: v for k, v in sit.items() if not k.startswith("y_embedder.")}
-        notes.append("its class table y_embedder.* is dropped (CytoSyn conditions on H0-mini features)")
-    return f"{layout}, step {step}", {"sit": sit, "vae": vae}, notes
-
-
-def copy_matching(module, sd, what):
-    """Load every tensor of sd into module; the module's other tensors stay as initialised -> their names.
-    A tensor of another shape, or one the module does not have, is refused."""
-    own = module.state_dict()
-    wrong = [f"{k} {tuple(sd[k].shape)} (this run: {tuple(own[k].shape)})" for k in own
-             if k in sd and own[k].shape != sd[k].shape]
-    unknown = [k for k in sd if k not in own]
-    if wrong or unknown:
-        raise ValueError(f"{what} does not fit this run's model: {len(wrong)} tensors of another shape {wrong[:3]}, "
-                         f"{len(unknown)} it does not have {unknown[:3]}; pass the --model, --vae, --encoder and "
-                         f"--image-size it was trained with")
-    check_finite(sd, what)
-    module.load_state_dict({k: sd[k] for k in own if k in sd}, strict=False)
-    return [k for k in own if k not in sd]
-
-
-def init_from(path, nets):
-    """train.py --init-from: a new run's SiT and VAE (and their EMAs) start from the weights in path
-    (an export, a train.py or REPA-E checkpoint, a diffusers VAE) -> the lines that say what was loaded."""
-    layout, sources, notes = init_sources(path)
-    lines = [f"--init-from {path} ({layout})" + "".join(f"; {n}" for n in notes)]
-    for net in ("sit", "vae"):
-        module, ema = getattr(nets, net), getattr(nets, f"{net}_ema")
-        if sources[net] is None:
-            lines.append(f"{net.upper()}: nothing in {path}; all left at initialisation")
-            continue
-        left = copy_matching(module, sources[net], f"--init-from {path}: {net.upper()} weights")
-        ema.load_state_dict(module.state_dict())
-        groups = ", ".join(f"{g} ({n})" for g, n in Counter(k.split(".")[0] for k in left).items())  # y_embedder (5)
-        lines.append(f"{net.upper()}: {len(module.state_dict()) - len(left)} tensors loaded, {len(left)} left at "
-                     f"initialisation{': ' + groups if left else ''}")
-    return lines
-
-
-def weight_kinds(text):
-    kinds = text.split(",")
-    if not set(kinds) <= {"ema", "raw"}:
-        raise argparse.ArgumentTypeError(f"{text!r}: give ema, raw or ema,raw")
-    return tuple(dict.fromkeys(kinds))
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="checkpoints.py", description=__doc__[__doc__.index("Every file"):],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="convert IN OUT | export CKPT OUT [--sit ema,raw] [--vae ema,raw]")
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="unpickle IN fully (only a file you trust) and write a weights-only OUT")
-    c.add_argument("paths", nargs=2, metavar=("IN", "OUT"))
-    e = sub.add_parser("export", help="SiT and VAE weights as safetensors + config.json with sha256 sums")
-    e.add_argument("paths", nargs=2, metavar=("CKPT", "OUT"))
-    e.add_argument("--sit", type=weight_kinds, default=("ema",), help="which SiT weights: ema, raw or ema,raw")
-    e.add_argument("--vae", type=weight_kinds, default=("ema",), help="which VAE weights: ema, raw or ema,raw")
-    args = p.parse_args(argv)
-    try:
-        convert(*args.paths) if args.command == "convert" else export(*args.paths, args.sit, args.vae)
-        print(f"wrote {args.paths[1]}")
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        raise SystemExit(f"checkpoints.py: error: {error_line(err)}")
-
-
-if __name__ == "__main__":
-    main()
+def start_or_resume(args, rank, world, device, build):
+    """A run's start, in one call: the checkpoint --resume names is read first (rank 0 picks it, every rank
+    reads it), so that a bad one is refused before any model is built; then build() -> (nets, opts, config)
+    and the weights: the checkpoint's, --init-from's, or the initialisation; then each rank's random stream.
+    -> (nets, opts, config, the step to start from, the lines the log should say)."""
+    latest = [latest_checkpoint(args.out) if rank == 0 else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(latest, src=0)
+    path = resume_path(args.out, args.resume, latest[0])
+    ckpt = read_for_resume(path) if path else None
+    nets, opts, config = build()
+    lines = [f"resuming from {path}" if ckpt else "new run"]
+    if ckpt:
+        check_resumable(ckpt, config, path)
+        load_checkpoint(ckpt, nets, opts)
+    elif args.init_from:  # a new run (step 0, fresh optimizers) from existing weights: fine-tuning
+        lines += init_from(args.init_from, nets)
+    lines.append(seed_everything(args.seed, rank, world, ckpt, device))
+    if nets.lpips is not None and not nets.lpips.calibrated:
+        lines.append("WARNING: --lpips-uniform weighs VGG's channels 1/C, not the calibrated LPIPS the paper "
+                     "trains with")
+    return nets, opts, config, (ckpt["step"] if ckpt else 0), [line for line in lines if line]

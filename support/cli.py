@@ -1,24 +1,73 @@
-"""What every command line of the repo shares: settings checked at the boundary, outputs kept away from
-inputs, and errors told in one line.
+"""The command-line vocabulary of the repo and its one error path.
 
-    number_in(float, 0, 1)         an argparse type: a finite number in a range; the error gives the range
-    check_output_folder(out, ...)  refuse an output folder that is, or is inside, an input folder
-    error_line(err)                the one line a user sees, also for an error raised in a DataLoader worker
-    processes()                    the torchrun processes (rank, world size, device); one process without it
+    CytoSynError and its kinds   what a user can cause; helpers raise them, and nothing below __main__ exits
+    run(main)                    every script's __main__: an error becomes one line on stderr and exit status 1
+    number_in(float, 0, 1)       an argparse type: a finite number in a range; the error gives the range
+    add_sampling_args(p) ...     the flags several tools share, defined once so that a name means one thing
+    processes(device)            the torchrun processes (rank, world size, device); one process without it
 
 Left out: configuration files (run settings live in argparse with the paper's defaults).
 """
 import argparse
 import math
 import os
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
 
 INF = float("inf")
+SAMPLERS = ("sde", "ode", "heun")  # sampler.py: Euler-Maruyama (the paper's), Euler, Heun
 
 
+# -------- Errors: helpers raise these; run() turns them into one line ------------------------------------
+class CytoSynError(Exception):
+    """Something the user can fix. The message says what was wrong and what to do."""
+
+
+class InputError(CytoSynError, ValueError):
+    """A bad setting, or a file or table whose content is wrong or ambiguous."""
+
+
+class MissingInput(CytoSynError, FileNotFoundError):
+    """An input file or folder that is not there."""
+
+
+class OutputConflict(CytoSynError, FileExistsError):
+    """An output folder that would mix two runs, or lose what is already written."""
+
+
+class NonFinite(CytoSynError, FloatingPointError):
+    """A NaN or an inf where every number must be finite (a loss, weights, images)."""
+
+
+class Unavailable(CytoSynError, RuntimeError):
+    """Weights or a package that this machine does not have (a gated model, no network)."""
+
+
+def error_line(err):
+    """The one line a user sees for an error. An error raised in a DataLoader worker comes back with the
+    worker's traceback folded into its message: keep its last line, the error itself."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
+
+
+def run(main, argv=None):
+    """Every script's __main__: main(argv) returns an exit status; a CytoSynError ends the program with
+    one line, `SCRIPT: error: ...`, on stderr and exit status 1. Other exceptions are bugs: a traceback."""
+    prog = os.path.basename(sys.argv[0]) or "cytosyn"
+    try:
+        status = main(argv)
+    except CytoSynError as err:
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    raise SystemExit(status or 0)
+
+
+# -------- Numbers in a range --------------------------------------------------------------------------
 def number_in(kind, low, high, open_low=False, open_high=False):
     """An argparse type: a finite `kind` in [low, high] (open ends where asked); the error says the range."""
     bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
@@ -38,44 +87,113 @@ def number_in(kind, low, high, open_low=False, open_high=False):
     return parse
 
 
-def inside(path, folder):
-    """True when `path` is `folder` or lies somewhere under it (after resolving links)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+def check_number(name, value, kind, low, high):
+    """number_in for a Python keyword (the API's twin of a flag): an InputError that names the keyword."""
+    try:
+        return number_in(kind, low, high)(str(value))
+    except argparse.ArgumentTypeError as err:
+        raise InputError(f"{name}={value!r}: {err}") from None
 
 
-def check_output_folder(out, inputs, flag="--out"):
-    """An output folder that is, or is inside, an input folder would mix generated files into real data
-    (and a rerun would read them back): refused before anything is written. `inputs` maps a flag to
-    paths (an existing file counts by its folder)."""
-    for name, paths in inputs.items():
-        for path in filter(os.path.exists, filter(None, paths or [])):  # a missing input fails on its own
-            folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-            if inside(out, folder):
-                raise ValueError(f"{flag} {out} is inside the input folder {folder} ({name}): outputs would mix "
-                                 f"with the inputs; choose an output folder outside it")
+def comma_list(choices=None, kind=str):
+    """An argparse type: comma-separated values, each one of `choices` or parsed by `kind`."""
+    def parse(text):
+        values = []
+        for item in text.split(","):
+            try:
+                values.append(kind(item))
+            except (ValueError, argparse.ArgumentTypeError) as err:
+                raise argparse.ArgumentTypeError(f"{item!r} in {text!r}: {err}") from None
+            if choices is not None and values[-1] not in choices:
+                raise argparse.ArgumentTypeError(f"{item!r} in {text!r}: choose from {', '.join(choices)}")
+        return values
+    parse.__name__ = "comma-separated list"
+    return parse
 
 
-def error_line(err):
-    """The one line a user sees for an error. An error raised in a DataLoader worker comes back with the
-    worker's traceback folded into its message: keep its last line, the error itself."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return " ".join(text.split())
+# -------- The shared flags: one definition each ---------------------------------------------------------
+# The sampling settings' ranges, for the flags and for the Python API (sample.SamplingSettings) alike. The
+# seed's fits every generator the repo seeds (torch, numpy, Python).
+SAMPLING_RANGES = {"num_sampling_steps": (int, 1, 10_000), "cfg_scale": (float, 0.0, 100.0),
+                   "guidance_low": (float, 0.0, 1.0), "guidance_high": (float, 0.0, 1.0), "seed": (int, 0, 2 ** 31 - 1)}
+SEED = number_in(*SAMPLING_RANGES["seed"])
+WORKERS = number_in(int, 0, 256)
 
 
+def add_sampling_args(p, several=False, sampler="sde", steps=250):
+    """The sampler and its guidance, as sample.py, evaluate.py, train.py (its sample grids), bench.py and
+    demo.py take them. several=True: comma-separated lists of samplers and step counts (Figure 4)."""
+    kind = comma_list(SAMPLERS) if several else None
+    p.add_argument("--sampler", type=kind, choices=None if several else SAMPLERS,
+                   default=[sampler] if several else sampler,
+                   help="sde: Euler-Maruyama (paper); ode: Euler; heun: ODE with Heun's correction"
+                        + (" (several: comma-separated)" if several else ""))
+    steps_type, unit = number_in(*SAMPLING_RANGES["num_sampling_steps"]), number_in(*SAMPLING_RANGES["guidance_low"])
+    p.add_argument("--num-sampling-steps", type=comma_list(kind=steps_type) if several else steps_type,
+                   default=[steps] if several else steps,
+                   help=f"sampling steps (paper: 250){'; several: comma-separated, Figure 4' if several else ''}")
+    p.add_argument("--cfg-scale", type=number_in(*SAMPLING_RANGES["cfg_scale"]), default=2.5, help="classifier-free guidance scale (paper: 2.5)")
+    p.add_argument("--guidance-low", type=unit, default=0.0, help="guide where t >= this (t = 1: noise)")
+    p.add_argument("--guidance-high", type=unit, default=0.75, help="guide where t <= this (paper: 0.75)")
+
+
+def check_guidance(args):
+    if args.guidance_low > args.guidance_high:
+        raise InputError(f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}: the "
+                         f"guidance window [low, high] is empty")
+
+
+def device_name_type(text):
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a device: give auto, cpu, cuda or cuda:N") from None
+    return text
+
+
+def add_device_args(p, precision=True):
+    """--device and --precision, as every tool that runs a network takes them."""
+    p.add_argument("--device", type=device_name_type, default="auto",
+                   help="auto: the GPU when there is one (under torchrun, each rank's own), else the CPU; or cpu, "
+                        "cuda, cuda:N")
+    if precision:
+        p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                       help="auto: bf16 autocast on GPU, fp32 on the CPU")
+
+
+def add_workers_arg(p, default=4):
+    p.add_argument("--num-workers", type=WORKERS, default=default, help="data-loader worker processes")
+
+
+def resolve_precision(precision, device):
+    """--precision auto -> bf16 on a GPU, fp32 on the CPU."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
+def autocast(device, precision):
+    """bf16 autocast when asked for, otherwise nothing (the networks run in float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+# -------- Processes -------------------------------------------------------------------------------------
 @contextmanager
-def processes(use_cuda=None):
-    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; one process without it. Yields (rank, world, device)."""
+def processes(device="auto"):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; one process without it. Yields (rank, world, device):
+    with --device auto or cuda, each rank's own GPU (LOCAL_RANK); cpu runs gloo."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
     distributed = "RANK" in os.environ
-    use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     owns_group = distributed and not dist.is_initialized()
     if owns_group:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+        if not use_cuda:
+            device = torch.device("cpu")
+        elif device in ("auto", "cuda") or distributed:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            device = torch.device(device)
         if use_cuda:
             torch.cuda.set_device(device)
         yield rank, world, device

@@ -19,10 +19,15 @@ import os
 import random
 import tarfile
 
+import functools
+from collections import namedtuple
+
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+
+from support.cli import InputError, MissingInput
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # tiles: the one list of the repo
 SLIDE_COLUMNS = ("slide_file", "x", "y", "level", "scale", "size")  # where a manifest row lies in its slide
@@ -31,7 +36,7 @@ SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".
 MAX_TILE_PX = 2048  # a larger image is a slide or a region, not a tile (CytoSyn's are 224 px)
 
 
-def read_manifest(path):
+def manifest_tile_paths(path):
     """A manifest CSV written by tiling.py -> tile paths of its `train` rows (all rows without `split`).
     The tile column is `file` (tiling.py) or `path`, relative to the manifest's folder or absolute."""
     column, rows = read_manifest_rows(path)
@@ -45,34 +50,44 @@ def read_manifest_rows(path, split="train"):
         reader = csv.DictReader(f)
         rows, columns = list(reader), reader.fieldnames or []
     if not rows:
-        raise ValueError(f"{path} is an empty manifest (no tile rows)")
+        raise InputError(f"{path} is an empty manifest (no tile rows)")
     column = next((c for c in ("file", "path") if c in columns), None)
     if column is None:
-        raise ValueError(f"{path}: a tile manifest needs a 'file' column (tiling.py writes one); "
+        raise InputError(f"{path}: a tile manifest needs a 'file' column (tiling.py writes one); "
                          f"found columns {columns}")
     if split and "split" in columns:
         rows = [r for r in rows if r["split"] == split]
         if not rows:
-            raise ValueError(f"{path} has no row with split == {split!r}")
+            raise InputError(f"{path} has no row with split == {split!r}")
     return column, rows
 
 
+class Tiles(namedtuple("Tiles", "kind items")):
+    """What --data names: kind "files" (tile paths), "shards" (tar paths) or "slides" ((manifest rows,
+    slides folder, resample kernel): tiles read from the slides)."""
+
+    def describe(self):
+        if self.kind == "slides":
+            return f"{len(self.items[0]):,} tiles read from the slides in {self.items[1]}"
+        return f"{len(self.items):,} {'tiles' if self.kind == 'files' else 'tar shards'}"
+
+
 def find_slide_tiles(manifest, slides_dir):
-    """--data MANIFEST --slides SLIDES_DIR -> ("slides", (rows, slides_dir, resample)): tiles read from the
-    slides themselves (slides.py), no PNG copy; the kernel is the tiling run's (tiling.json)."""
+    """--data MANIFEST --slides SLIDES_DIR -> Tiles("slides", (rows, slides_dir, resample)): tiles read from
+    the slides themselves (slides.py), no PNG copy; the kernel is the tiling run's (tiling.json)."""
     if not (os.path.isfile(manifest) and manifest.lower().endswith(".csv")):
-        raise ValueError(f"--slides reads the tiles of a tiling.py manifest: --data must be its manifest.csv, "
+        raise InputError(f"--slides reads the tiles of a tiling.py manifest: --data must be its manifest.csv, "
                          f"got {manifest}")
     if not os.path.isdir(slides_dir):
-        raise FileNotFoundError(f"--slides {slides_dir}: no such folder (give the folder tiling.py read)")
+        raise MissingInput(f"--slides {slides_dir}: no such folder (give the folder tiling.py read)")
     column, rows = read_manifest_rows(manifest)
     missing = [c for c in SLIDE_COLUMNS if c not in rows[0]]
     if missing:
-        raise ValueError(f"{manifest} has no {', '.join(missing)} column: tile the slides again with this "
+        raise InputError(f"{manifest} has no {', '.join(missing)} column: tile the slides again with this "
                          f"tiling.py (it records where each tile lies in its slide)")
     absent = sorted({r["slide_file"] for r in rows if not os.path.exists(os.path.join(slides_dir, r["slide_file"]))})
     if absent:
-        raise FileNotFoundError(f"--slides {slides_dir} lacks {len(absent)} slide(s) of the manifest, e.g. "
+        raise MissingInput(f"--slides {slides_dir} lacks {len(absent)} slide(s) of the manifest, e.g. "
                                 f"{absent[0]}: pass the folder tiling.py read")
     settings = os.path.join(os.path.dirname(os.path.abspath(manifest)), "tiling.json")
     resample = "lanczos"
@@ -81,21 +96,24 @@ def find_slide_tiles(manifest, slides_dir):
             resample = json.load(f).get("resample", resample)
     for r in rows:
         r["name"] = os.path.splitext(os.path.basename(r[column]))[0]
-    return "slides", (rows, slides_dir, resample)
+    return Tiles("slides", (rows, slides_dir, resample))
 
 
-def find_tiles(data):
-    """--data -> ("files", tile paths) or ("shards", tar paths), sorted so every rank agrees."""
+def find_tiles(data, slides=None):
+    """--data (and --slides) -> Tiles: tile paths, tar paths, or a manifest's rows read from the slides;
+    sorted so every rank agrees."""
+    if slides:
+        return find_slide_tiles(data, slides)
     if os.path.isfile(data) and data.lower().endswith(".csv"):
-        return "files", read_manifest(data)
+        return Tiles("files", manifest_tile_paths(data))
     if os.path.isfile(data) and data.lower().endswith(".tar"):
-        return "shards", [data]
+        return Tiles("shards", [data])
     if not os.path.isdir(data):
-        raise FileNotFoundError(f"--data {data}: not a folder of tiles, a manifest .csv or a .tar shard")
+        raise MissingInput(f"--data {data}: not a folder of tiles, a manifest .csv or a .tar shard")
     for folder in (data, os.path.dirname(os.path.abspath(data))):  # tiling.py's OUT_DIR or OUT_DIR/tiles
         manifest = os.path.join(folder, "manifest.csv")
         if os.path.exists(os.path.join(folder, "tiling.json")) and os.path.exists(manifest):
-            raise ValueError(f"--data {data} is tiling.py output, whose folders also hold the val-in and val-out "
+            raise InputError(f"--data {data} is tiling.py output, whose folders also hold the val-in and val-out "
                              f"tiles (and previews): pass {manifest}, which trains on the train rows only")
     files, shards = [], []
     for root, dirs, names in os.walk(data, followlinks=True):
@@ -107,13 +125,13 @@ def find_tiles(data):
             elif ext == ".tar":
                 shards.append(os.path.join(root, name))
     if files and shards:
-        raise ValueError(f"{data} holds both image files and .tar shards; point --data at one kind")
+        raise InputError(f"{data} holds both image files and .tar shards; point --data at one kind")
     if not files and not shards:
-        raise FileNotFoundError(f"no PNG/JPEG tiles and no .tar shards under {data}")
-    return ("files", files) if files else ("shards", shards)
+        raise MissingInput(f"no PNG/JPEG tiles and no .tar shards under {data}")
+    return Tiles("files", files) if files else Tiles("shards", shards)
 
 
-class TileError(ValueError):
+class TileError(InputError):
     """A file that is not a usable tile; the message names it and says what to do."""
 
 
@@ -194,7 +212,7 @@ def centre_crop(im, size, name):
 def list_images(folder, recursive=True):
     """Image files under a folder, sorted (so every rank and every run agrees)."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such folder")
+        raise MissingInput(f"{folder}: no such folder")
     found = []
     for root, dirs, names in os.walk(folder, followlinks=True):
         dirs.sort()
@@ -208,11 +226,11 @@ def load_features(features_dir, stem, tokens):
     """Precomputed H0-mini tokens of one tile -> float32 (1 + tokens, D): CLS, then patch tokens."""
     path = os.path.join(features_dir, stem + ".npy")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no precomputed features {path} for tile {stem}; compute them for every "
+        raise MissingInput(f"no precomputed features {path} for tile {stem}; compute them for every "
                                 f"training tile or drop --features")
     feats = np.load(path)
     if feats.ndim != 2 or feats.shape[0] != 1 + tokens:
-        raise ValueError(f"{path} has shape {feats.shape}; expected (1 + {tokens}, D): the CLS token then the "
+        raise InputError(f"{path} has shape {feats.shape}; expected (1 + {tokens}, D): the CLS token then the "
                          f"patch tokens resized to the SiT's token grid for this --image-size")
     return torch.from_numpy(feats.astype(np.float32))
 
@@ -220,7 +238,7 @@ def load_features(features_dir, stem, tokens):
 def feature_dim(features_dir):
     first = next((f for f in sorted(os.listdir(features_dir)) if f.endswith(".npy")), None)
     if first is None:
-        raise FileNotFoundError(f"--features {features_dir} holds no .npy files")
+        raise MissingInput(f"--features {features_dir} holds no .npy files")
     return np.load(os.path.join(features_dir, first), mmap_mode="r").shape[1]
 
 
@@ -234,7 +252,7 @@ class TileFolder(Dataset):
             for p in paths:
                 stem = os.path.splitext(os.path.basename(p))[0]
                 if stem in seen:
-                    raise ValueError(f"--features needs unique tile names, but {seen[stem]} and {p} are both "
+                    raise InputError(f"--features needs unique tile names, but {seen[stem]} and {p} are both "
                                      f"{stem!r}; rename one or drop --features")
                 seen[stem] = p
 
@@ -303,7 +321,7 @@ class TileShards(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         reader, readers = self.rank * workers + worker, self.world * workers
         if len(self.shards) < readers:
-            raise ValueError(f"{len(self.shards)} tar shards for {readers} readers (ranks x data workers): "
+            raise InputError(f"{len(self.shards)} tar shards for {readers} readers (ranks x data workers): "
                              f"write at least {readers} shards or lower --num-workers")
         rng = random.Random(f"{self.seed}-{reader}")
         buffer = []
@@ -363,7 +381,7 @@ def training_batches(tiles, *, size, resize, features, tokens, rank, world, loca
     if kind == "files":
         dataset = TileFolder(items, **common)
     if len(dataset) < local_batch * world:
-        raise ValueError(f"{len(dataset)} tiles is less than one global batch ({local_batch * world})")
+        raise InputError(f"{len(dataset)} tiles is less than one global batch ({local_batch * world})")
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(dataset, sampler=sampler, **loader_kw)
     return dataset, batches(dataset, sampler, loader, start_step, len(dataset) // world // local_batch)
@@ -378,3 +396,107 @@ def first_tiles(dataset, n):
     else:
         items = [dataset[i] for i in range(min(n, len(dataset)))]
     return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+
+
+# -------- Tiles given on a command line (sample.py --cond) -------------------------------------------
+def list_tile_args(paths, flag):
+    """Tiles named on a command line (files and folders) -> image paths; folders are read in sorted order, not
+    recursively. Outputs are named after the tiles, so two tiles of one name are refused."""
+    tiles = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = list_images(p, recursive=False)
+            if not found:
+                raise MissingInput(f"{flag} {p}: the folder holds no tiles (PNG, JPEG or TIFF)")
+            tiles += found
+        elif os.path.isfile(p):
+            tiles.append(p)
+        else:
+            raise MissingInput(f"{flag} {p}: no such file or folder")
+    stems = [os.path.splitext(os.path.basename(t))[0] for t in tiles]
+    if len(set(stems)) != len(stems):
+        dup = next(s for s in stems if stems.count(s) > 1)
+        raise InputError(f"two conditioning tiles are both named {dup!r}: outputs are named after the tiles; rename one")
+    return tiles
+
+
+def size_at_mpp(im, path, size, mpp, target_mpp):
+    """A tile's size once rescaled from mpp to target_mpp; a TileError when it is smaller than size."""
+    scale = mpp / target_mpp
+    w, h = round(im.size[0] * scale), round(im.size[1] * scale)
+    if min(w, h) < size:
+        at = "" if mpp == target_mpp else f" once rescaled from {mpp} to {target_mpp} µm/px"
+        raise TileError(f"{path} is {im.size[0]}x{im.size[1]} px{at}; CytoSyn needs at least {size}x{size} px at "
+                        f"{target_mpp} µm/px ({size * target_mpp:g} µm): tile the slide larger, or give the tiles' resolution with "
+                        f"--cond-mpp MPP")
+    return w, h
+
+
+def read_tile_at_mpp(path, size, mpp, target_mpp):
+    """A tile at mpp µm/px -> uint8 (3, size, size): rescaled to target_mpp only when the two differ, then
+    centre-cropped (a 256 px tile loses 16 px on each side, as the paper's 224 px crops of 256 px tiles)."""
+    im = open_tile(path)
+    w, h = size_at_mpp(im, path, size, mpp, target_mpp)
+    if (w, h) != im.size:
+        im = im.resize((w, h), Image.BICUBIC)  # PIL's bicubic is antialiased when shrinking
+    left, top = (w - size) // 2, (h - size) // 2
+    arr = np.asarray(im.crop((left, top, left + size, top + size)))  # (size, size, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, size, size)
+
+
+# -------- Tiles in batches for an encoder (features.py): a rank's share, in file order ------------------
+def tile_stem(name):
+    return os.path.splitext(os.path.basename(name))[0]
+
+
+def tile_batches(tiles, rank, world, done, size, resize, batch_size, num_workers):
+    """This rank's share (r, r + world, ...) of the tiles not in `done` (stems) -> (batches of (stems, uint8
+    (B, 3, S, S)), their count (None for shards), every tile's stem in order (None for shards))."""
+    if tiles.kind == "files":
+        names = [tile_stem(p) for p in tiles.items]
+        if len(set(names)) != len(names):
+            raise InputError("two tiles share a file name; features are stored by name: rename one")
+        todo = [p for p in tiles.items[rank::world] if tile_stem(p) not in done]
+        decode = functools.partial(decode_batch, size=size, resize=resize)
+        return DataLoader(todo, batch_size, num_workers=num_workers, collate_fn=decode), len(todo), names
+    if tiles.kind == "slides":
+        rows, slides_dir, resample = tiles.items
+        todo = [r for r in rows[rank::world] if r["name"] not in done]
+        dataset = SlideTiles(todo, slides_dir, resample, size, resize)
+        decode = functools.partial(decode_slide_batch, dataset=dataset)
+        loader = DataLoader(range(len(todo)), batch_size, num_workers=num_workers, collate_fn=decode)
+        return loader, len(todo), [r["name"] for r in rows]
+    shards = tiles.items[rank::world]
+    return (b for shard in shards for b in shard_batches(shard, size, resize, batch_size, done)), None, None
+
+
+def decode_batch(paths, size, resize):
+    return [tile_stem(p) for p in paths], torch.stack([decode_tile(p, p, size, resize) for p in paths])
+
+
+def decode_slide_batch(indices, dataset):
+    """(stems, uint8 (B, 3, S, S)) of a SlideTiles batch: the tiles read from their slides."""
+    return [dataset.paths[i] for i in indices], torch.stack([dataset[i][0] for i in indices])
+
+
+def shard_batches(path, size, resize, batch_size, done):
+    """(stems, uint8 batch) from one tar shard, in member order; tiles already written are skipped."""
+    stems, tiles = [], []
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            stem, ext = os.path.splitext(os.path.basename(member.name))
+            if not member.isfile() or ext.lower() not in IMAGE_EXTENSIONS or stem in done:
+                continue
+            stems.append(stem)
+            tiles.append(decode_tile(io.BytesIO(tar.extractfile(member).read()), f"{path}:{member.name}", size, resize))
+            if len(tiles) == batch_size:
+                yield stems, torch.stack(tiles)
+                stems, tiles = [], []
+    if tiles:
+        yield stems, torch.stack(tiles)
+
+
+def shard_names(path):
+    """The tile stems of a tar shard, in member order (headers only)."""
+    with tarfile.open(path, mode="r|*") as tar:
+        return [tile_stem(m.name) for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)]

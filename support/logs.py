@@ -1,5 +1,5 @@
-"""What a training run shows its user while it runs: log.txt, metrics.csv, loss.png and the sample grids
-in samples/, written by rank 0 (DiT's rank-0 logger; pictures drawn with Pillow, no plotting library).
+"""What a run shows its user: log.txt, metrics.csv and loss.png of a training run (rank 0 writes them, as
+DiT's logger), and the picture grids of train.py and sample.py (torchvision's make_grid).
 
 Left out: TensorBoard and Weights & Biases (a CSV reads into either).
 """
@@ -8,19 +8,18 @@ import os
 import time
 
 import torch
-from PIL import Image, ImageDraw
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid, save_image
 
-from sampler import euler_sampler
-
-PLOTTED = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "disc")
+PLOTTED = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "disc")  # loss.png's panels
 
 
 class Logger:
-    """Rank 0 writes a text log, a CSV (one row per --log-every steps) and a loss-curve PNG."""
+    """Rank 0 writes a text log, a CSV (one row per --log-every steps) and the loss curves."""
 
-    def __init__(self, results_dir, rank, resume_step=0):
-        self.rank, self.dir, self.rows = rank, results_dir, []
-        self.csv = os.path.join(results_dir, "metrics.csv")
+    def __init__(self, run_dir, rank, resume_step=0):
+        self.rank, self.dir, self.rows = rank, run_dir, []
+        self.csv = os.path.join(run_dir, "metrics.csv")
         if rank == 0 and resume_step and os.path.exists(self.csv):  # keep the history up to the checkpoint
             with open(self.csv, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
@@ -45,51 +44,65 @@ class Logger:
         self.rows.append(row)
         self.write_csv()
         self.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        plot_curves(self.rows, os.path.join(self.dir, "loss.png"))
+        plot_losses(self.rows, os.path.join(self.dir, "loss.png"))
 
 
-def append_line(results_dir, line):
-    """One line at the end of results_dir/log.txt (also the error that stops a run)."""
-    with open(os.path.join(results_dir, "log.txt"), "a") as f:
+def append_line(run_dir, line):
+    """One line at the end of run_dir/log.txt (also the error that stops a run)."""
+    with open(os.path.join(run_dir, "log.txt"), "a") as f:
         f.write(line + "\n")
 
 
-def plot_curves(rows, path, keys=PLOTTED, size=(300, 180)):
-    """One small line plot per loss term."""
-    keys = [k for k in keys if rows and k in rows[0]]
-    W, H = size
-    img = Image.new("RGB", (W * len(keys), H), "white")
-    draw = ImageDraw.Draw(img)
-    for i, key in enumerate(keys):
-        steps = [int(r["step"]) for r in rows]
-        vals = [float(r[key]) for r in rows]
-        lo, hi = min(vals), max(vals)
-        x0, y0, x1, y1 = i * W + 40, 20, i * W + W - 10, H - 20
-        draw.rectangle((x0, y0, x1, y1), outline="black")
-        draw.text((i * W + 45, 4), key, fill="black")
-        draw.text((i * W + 2, y0), f"{hi:.3g}", fill="gray")
-        draw.text((i * W + 2, y1 - 10), f"{lo:.3g}", fill="gray")
-        draw.text((x1 - 60, y1 + 4), f"step {steps[-1]}", fill="gray")
-        span_s, span_v = max(steps[-1] - steps[0], 1), max(hi - lo, 1e-12)
-        pts = [(x0 + (s - steps[0]) / span_s * (x1 - x0), y1 - (v - lo) / span_v * (y1 - y0))
-               for s, v in zip(steps, vals)]
-        if len(pts) > 1:
-            draw.line(pts, fill="steelblue", width=2)
-    img.save(path)
+def plot_losses(rows, path):
+    """One panel per loss term the run computes (a term whose network is off is not logged, so not
+    plotted), against the step."""
+    keys = [k for k in PLOTTED if rows and k in rows[0]]
+    if not keys:
+        return
+    fig = Figure(figsize=(3.2 * len(keys), 2.6), layout="constrained")
+    steps = [int(r["step"]) for r in rows]
+    for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
+        ax.plot(steps, [float(r[key]) for r in rows], color="tab:blue", marker="." if len(rows) < 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=80)
 
 
-@torch.no_grad()
-def sample_grid(nets, real, cond, args, path):
-    """Top row: the conditioning tiles; bottom row: EMA samples conditioned on their CLS features
-    (Euler ODE, fixed noise, so the grids of a run are comparable)."""
-    ema = nets.sit_ema
-    g = torch.Generator(nets.device).manual_seed(args.seed)
-    size = args.image_size // nets.vae.factor
-    noise = torch.randn(real.shape[0], nets.vae.z_channels, size, size, generator=g, device=nets.device)
-    x = euler_sampler(lambda x, t, c, drop=None: ema(x, t, c, drop)[0], noise, cond, num_steps=args.sample_steps,
-                      cfg_scale=args.sample_cfg, guidance_low=0.0, guidance_high=args.guidance_high)
-    fake = nets.vae_ema.decode(ema.denormalize(x.float()))                          # (N, 3, H, W) in about [-1, 1]
-    fake = ((fake.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    rows = [torch.cat(list(images), dim=2) for images in (real.cpu(), fake)]         # (3, H, N*W) each
+def save_training_grid(real, fake, path):
+    """train.py's sample grid: the conditioning tiles (uint8 (N, 3, H, W)) on top, the EMA samples of their
+    CLS features (uint8 (N, H, W, 3)) below."""
+    fake = torch.as_tensor(fake).permute(0, 3, 1, 2)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(torch.cat(rows, dim=1).permute(1, 2, 0).numpy()).save(path)      # (2H, N*W, 3)
+    save_image(torch.cat([real.cpu(), fake]).float() / 255, path, nrow=len(real), padding=0)
+
+
+def save_rows(rows, path, padding=0):
+    """A picture of rows of uint8 (3, H, W) tiles (Figures 2 and 3): rows shorter than the longest are
+    padded with white."""
+    width = max(len(r) for r in rows)
+    blank = torch.full_like(rows[0][0], 255)
+    cells = [tile for row in rows for tile in list(row) + [blank] * (width - len(row))]
+    grid = make_grid(torch.stack(cells).float() / 255, nrow=width, padding=padding, pad_value=1.0)
+    tmp = path + ".tmp.png"
+    save_image(grid, tmp)
+    os.replace(tmp, path)
+
+
+def plot_fd_vs_steps(curves, path, title):
+    """Figure 4: FD against the number of sampling steps (log axis), one line per sampler."""
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for sampler, curve in sorted(curves.items()):
+        steps, values = zip(*curve)
+        ax.plot(steps, values, marker="o", label=sampler.upper())
+    ax.set_xscale("log")
+    ticks = sorted({n for c in curves.values() for n, _ in c})
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(title.split(" (")[0])
+    ax.set_title(f"{title} against sampling steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=100)

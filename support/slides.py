@@ -26,6 +26,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from support.cli import InputError
+
 # NOTE: plain images given as slides are large by design; Pillow's decompression-bomb guard
 # (about 89 Mpx) would refuse them.
 Image.MAX_IMAGE_PIXELS = None
@@ -46,7 +48,7 @@ UM_PER_RESOLUTION_UNIT = {"centimeter": 1e4, "inch": 25400.0}  # tiff.Resolution
 TARGET_MAGNIFICATION_MPP = 10.0  # 20x = 0.5 µm/px: magnification = 10 / mpp
 
 
-class SlideError(Exception):
+class SlideError(InputError):
     """A problem with one slide that its owner can fix; the run skips the slide and goes on."""
 
 
@@ -135,14 +137,14 @@ def read_mpp_csv(path):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
-        raise SystemExit(f"--mpp-csv {path}: cannot read it ({e.strerror})")
+        raise InputError(f"--mpp-csv {path}: cannot read it ({e.strerror})")
     if not rows or not {"slide", "mpp"} <= set(rows[0]):
-        raise SystemExit(f"--mpp-csv {path}: needs a header with columns slide,mpp and one row per slide")
+        raise InputError(f"--mpp-csv {path}: needs a header with columns slide,mpp and one row per slide")
     table = {}
     for n, row in enumerate(rows, start=2):
         mpp = _number(row["mpp"])
         if not mpp or not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
-            raise SystemExit(f"--mpp-csv {path} line {n}: mpp {row['mpp']!r} is not a number in "
+            raise InputError(f"--mpp-csv {path} line {n}: mpp {row['mpp']!r} is not a number in "
                              f"[{PLAUSIBLE_MPP[0]}, {PLAUSIBLE_MPP[1]}] µm per pixel")
         table[row["slide"].strip()] = mpp
     return table

@@ -36,3 +36,21 @@ def ckpt(tmp_path_factory):
     torch.save({"config": config, "step": 100, "sit": sit.state_dict(), "sit_ema": sit_ema.state_dict(),
                 "vae": vae.state_dict(), "vae_ema": vae_ema.state_dict()}, path)
     return path
+
+
+@pytest.fixture
+def one_line_error(capsys):
+    """run(main, argv) as a script's __main__ does -> the one error line it ends with on stderr (exit status 1,
+    no traceback; warnings may come before it)."""
+    from support.cli import run
+
+    def error_of(main, argv):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            run(main, argv)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if ": error: " in line]
+        assert exit_.value.code == 1 and len(errors) == 1 and "Traceback" not in err, (exit_.value.code, err)
+        assert err.strip().splitlines()[-1] == errors[0]  # the last thing the user reads
+        return errors[0]
+    return error_of

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import bench
-from support import checkpoints
+from support import weights
 import metrics as M
-import synthetic_slide
+from tests import synthetic_slide
 
 
 def correlated(rng, n, d, shift=0.0, scale=1.0):
@@ -16,17 +16,17 @@ def correlated(rng, n, d, shift=0.0, scale=1.0):
 
 
 def test_sample_counts_network_evaluations(tmp_path):
-    record = bench.main(["--out", str(tmp_path / "b.jsonl"), "sample", "--model", "SiT-T/2", "--vae", "tiny",
-                         "--batch-size", "2", "--steps", "10", "--image-size", "32"])
+    record = bench.measure(["--out", str(tmp_path), "sample", "--model", "SiT-T/2", "--vae", "tiny",
+                            "--batch-size", "2", "--num-sampling-steps", "10", "--image-size", "32"])
     # 10 SDE steps on linspace(1, 0.04, 10): 7 of them at t <= 0.75 are guided (2 rows each) -> 17
     assert record["nfe_per_image"] == 17 and record["img_per_s"] > 0
-    line = json.loads((tmp_path / "b.jsonl").read_text().splitlines()[-1])
+    line = json.loads((tmp_path / "bench.jsonl").read_text().splitlines()[-1])
     assert line["bench"] == "sample" and line["nfe_per_image"] == 17 and "torch" in line and "date" in line
 
 
 def test_train_times_and_counts_every_phase(tmp_path):
-    record = bench.main(["--out", "", "train", "--model", "SiT-T/2", "--vae", "tiny", "--encoder", "tiny",
-                         "--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0"])
+    record = bench.measure(["--out", "", "train", "--model", "SiT-T/2", "--vae", "tiny", "--encoder", "tiny",
+                            "--image-size", "32", "--batch-size", "2", "--timed-steps", "1", "--warmup", "0"])
     for phase in ("encoder", "vae", "vae_opt", "disc", "sit", "sit_opt", "ema"):
         assert record[f"ms_{phase}"] > 0, phase
     assert record["tflop_sit"] > 0 and record["tflop_vae"] > record["tflop_sit"]  # the VAE pass dominates
@@ -47,7 +47,7 @@ def test_sqrtm_reference_agrees_with_ours():
 
 def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--help"])
+        bench.measure(["--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in ("train", "sample", "fd", "tiling", "weights"))
 
@@ -56,8 +56,8 @@ def test_bench_tiling_runs_and_reads_identical_pixels(tmp_path, capsys):
     folder = tmp_path / "slides"
     folder.mkdir()
     synthetic_slide.write_pyramid_tiff(folder / "small.tiff", synthetic_slide.synthetic_tissue(1024), 0.5, (1,))
-    record = bench.main(["--out", "", "tiling", str(folder), "--pyramid-px", "1024", "--rounds", "1",
-                         "--work-dir", str(tmp_path / "work")])
+    record = bench.measure(["--out", "", "tiling", "--slides", str(folder), "--pyramid-px", "1024", "--rounds", "1",
+                            "--work-dir", str(tmp_path / "work")])
     assert record["slides.identical_pixels"] and record["pyramid.identical_pixels"]
     assert record["slides.worker_slides_tiles_per_s"] > 0 and record["pyramid.run_tiles_per_s"] > 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "one data worker" in line]
@@ -65,8 +65,8 @@ def test_bench_tiling_runs_and_reads_identical_pixels(tmp_path, capsys):
 
 
 def test_bench_weights_sizes_from_shapes_match_the_written_files(tmp_path):
-    record = bench.main(["--out", "", "weights", "--model", "SiT-T/2", "--vae", "tiny", "--work-dir", str(tmp_path)])
+    record = bench.measure(["--out", "", "weights", "--model", "SiT-T/2", "--vae", "tiny", "--work-dir", str(tmp_path)])
     on_disk = {f: (tmp_path / f).stat().st_size / 1e6 for f in ("sit_ema.safetensors", "vae_ema.safetensors")}
     assert 0 < on_disk["sit_ema.safetensors"] - record["sit_mb"] < 0.05  # the safetensors header, nothing more
     assert 0 < on_disk["vae_ema.safetensors"] - record["vae_mb"] < 0.05
-    assert record["load_s"] > 0 and checkpoints.load_models(str(tmp_path)).sit.config["model"] == "SiT-T/2"
+    assert record["load_s"] > 0 and weights.load_models(str(tmp_path)).sit.config["model"] == "SiT-T/2"

@@ -1,9 +1,9 @@
-"""checkpoints.py: reading checkpoints back, refusing what is not one."""
+"""support/checkpoints.py and support/weights.py: reading checkpoints back, refusing what is not one."""
 import numpy as np
 import torch
 import pytest
 
-from support import checkpoints
+from support import checkpoints, weights
 
 
 def test_resume_from_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
@@ -31,5 +31,5 @@ def test_latest_checkpoint_readability_is_checked_without_loading(tmp_path):
 
 def test_a_file_with_numpy_arrays_is_refused_as_unsafe(tmp_path):
     torch.save({"rng": np.random.get_state()}, tmp_path / "old.pt")
-    with pytest.raises(checkpoints.UnsafeCheckpoint, match=r"could run code.*checkpoints.py convert .*old.pt SAFE.pt"):
-        checkpoints.load_file(str(tmp_path / "old.pt"))
+    with pytest.raises(weights.UnsafeCheckpoint, match=r"could run code.*support.weights convert .*old.pt SAFE.pt"):
+        weights.load_file(str(tmp_path / "old.pt"))

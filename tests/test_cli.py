@@ -1,11 +1,11 @@
-"""cli.py and the command lines: every numeric setting is range-checked at the boundary, outputs stay out of
-inputs, and a DataLoader worker's error reaches the user as its own last line."""
+"""support/cli.py and the command lines: every numeric setting is range-checked at the boundary, outputs stay
+out of inputs, and a DataLoader worker's error reaches the user as its own last line."""
 import argparse
 
 import pytest
 
 import bench
-from support import cli
+from support import cli, outputs
 import sample
 import tiling
 import train
@@ -55,7 +55,7 @@ def test_number_in_says_the_range():
 
 
 def test_train_refuses_out_of_range_settings_in_one_line(capsys):
-    for flag, value in [("--lr", "-1"), ("--ema-decay", "nan"), ("--sample-cfg", "-2"), ("--cond-dropout", "1")]:
+    for flag, value in [("--lr", "-1"), ("--ema-decay", "nan"), ("--cfg-scale", "-2"), ("--cond-dropout", "1")]:
         with pytest.raises(SystemExit):
             train.parse_args(["--data", "x", flag, value])
         err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -67,11 +67,13 @@ def test_output_inside_an_input_folder_is_refused(tmp_path):
     (tmp_path / "feats.npy").write_text("")
     for out in (tmp_path / "val", tmp_path / "val" / "gen"):
         with pytest.raises(ValueError, match="inside the input folder"):
-            cli.check_output_folder(str(out), {"--cond": [str(tmp_path / "val")]})
-    with pytest.raises(ValueError, match="--features"):  # a file's folder is an input folder too
-        cli.check_output_folder(str(tmp_path / "gen"), {"--features": [str(tmp_path / "feats.npy")]})
-    cli.check_output_folder(str(tmp_path.parent / "elsewhere"), {"--cond": [str(tmp_path / "val")]})
-    cli.check_output_folder(str(tmp_path / "val2"), {"--cond": [str(tmp_path / "val")]})  # a sibling, not inside
+            outputs.check_output_folder(str(out), {"--cond": [str(tmp_path / "val")]})
+    with pytest.raises(ValueError, match="holds the input file .*feats.npy \\(--features\\)"):  # a folder holding an input file
+        outputs.check_output_folder(str(tmp_path), {"--features": [str(tmp_path / "feats.npy")]})
+    # a single input file does not make its whole folder an input: the card's `--cond tile.png --out samples/tile`
+    outputs.check_output_folder(str(tmp_path / "gen"), {"--features": [str(tmp_path / "feats.npy")]})
+    outputs.check_output_folder(str(tmp_path.parent / "elsewhere"), {"--cond": [str(tmp_path / "val")]})
+    outputs.check_output_folder(str(tmp_path / "val2"), {"--cond": [str(tmp_path / "val")]})  # a sibling, not inside
 
 
 def test_a_worker_error_is_its_last_line():
@@ -84,7 +86,6 @@ def test_a_worker_error_is_its_last_line():
 def test_train_refuses_a_results_folder_among_its_tiles(tmp_path):
     """Sample grids written inside a tile folder would be read back as training tiles."""
     (tmp_path / "tiles").mkdir()
-    with pytest.raises(ValueError, match=r"--results-dir .*inside the input folder .*tiles \(--data\)"):
-        train.main(train.parse_args(["--data", str(tmp_path / "tiles"), "--results-dir", str(tmp_path / "tiles" / "run"),
-                                     "--encoder", "tiny"]))
+    with pytest.raises(ValueError, match=r"--out .*inside the input folder .*tiles \(--data\)"):
+        train.main(["--data", str(tmp_path / "tiles"), "--out", str(tmp_path / "tiles" / "run"), "--encoder", "tiny"])
     assert not (tmp_path / "tiles" / "run").exists()  # refused before anything is written

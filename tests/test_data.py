@@ -193,11 +193,11 @@ def test_training_from_slides_gives_the_pixels_of_the_pngs(tmp_path):
     PNG tiling.py wrote, through the same DataLoader path train.py uses (2 workers)."""
     import tiling
     out = tmp_path / "tiles"
-    assert tiling.main([str(REPO / "tests" / "data"), str(out), "--max-tiles-per-slide", "6"]) == 0
+    assert tiling.main(["--slides", str(REPO / "tests" / "data"), "--out", str(out), "--max-tiles-per-slide", "6"]) == 0
     kind, (rows, slides_dir, resample) = data.find_slide_tiles(str(out / "manifest.csv"), str(REPO / "tests" / "data"))
     assert kind == "slides" and len(rows) == 6 and resample == "lanczos"
     dataset, batches = data.training_batches(
-        (kind, (rows, slides_dir, resample)), size=224, resize=None, features=None, tokens=0, rank=0, world=1,
+        data.Tiles(kind, (rows, slides_dir, resample)), size=224, resize=None, features=None, tokens=0, rank=0, world=1,
         local_batch=2, seed=0, num_workers=2, shuffle_buffer=1, start_step=0, pin_memory=False)
     png = {r["name"]: np.array(Image.open(out / r["file"]).convert("RGB")) for r in rows}
     seen = 0

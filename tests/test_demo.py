@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_demo_pipeline(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "demo.py", "--out", str(out), "--max-steps", "20", "--sample-steps", "5",
+    proc = subprocess.run([sys.executable, "demo.py", "--out", str(out), "--max-steps", "20", "--num-sampling-steps", "5",
                            "--n", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Where to look" in proc.stdout and "$ python train.py --data" in proc.stdout

@@ -1,5 +1,6 @@
 """features.py's precomputed tokens are what train.py would compute on the fly (CytoSyn §3.1)."""
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -22,15 +23,15 @@ def write_tiles(folder, n, size=64, seed=0):
 
 
 def run(tiles, out, *extra):
-    return F.main([str(tiles), str(out), "--encoder", "tiny", "--random-weights", "--image-size", "64",
-                   "--workers", "0", "--batch-size", "3", "--device", "cpu", *extra])
+    return F.main(["--data", str(tiles), "--out", str(out), "--encoder", "tiny", "--random-encoder", "--image-size",
+                   "64", "--num-workers", "0", "--batch-size", "3", "--device", "cpu", *extra])
 
 
 def test_precomputed_tokens_equal_the_on_the_fly_ones(tmp_path):
     tiles, out = write_tiles(tmp_path / "tiles", 5), tmp_path / "feats"
     assert run(tiles, out) == 0
     paths = sorted(str(p) for p in tiles.iterdir())
-    grid = 64 // F.TOKEN_STRIDE  # the token grid train.py uses for 64 px tiles: 4 x 4
+    grid = 4  # the SiT-XL/2's token grid on a 64 px tile through f8d4: 8 x 8 latents, patch 2
     dataset = data.TileFolder(paths, 64, features=str(out), tokens=grid * grid)  # train.py's reader
     encoder = F.load_encoder("tiny", pretrained=False, seed=0)
     for i in range(len(paths)):
@@ -61,20 +62,20 @@ def test_resume_skips_finished_tiles_and_shards_give_the_same_tokens(tmp_path):
         assert np.array_equal(np.load(out / f"tile{i}.npy"), np.load(tmp_path / "from_tar" / f"tile{i}.npy"))
 
 
-def test_lazyslide_trident_features_give_their_cls_half(tmp_path, capsys):
+def test_lazyslide_trident_features_give_their_cls_half(tmp_path, capsys, one_line_error):
     pooled = np.random.default_rng(0).standard_normal((6, 1536)).astype(np.float32)
     np.save(tmp_path / "lazyslide.npy", pooled)
-    assert F.main([str(tmp_path / "lazyslide.npy"), str(tmp_path / "out")]) == 0
+    assert F.main(["--data", str(tmp_path / "lazyslide.npy"), "--out", str(tmp_path / "out")]) == 0
     assert np.array_equal(np.load(tmp_path / "out" / F.CLS_FILE), pooled[:, :768])
     assert "took the first 768 of 1536 dims" in capsys.readouterr().out
     h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "trident.h5", "w") as f:
         f["features"], f["coords"] = pooled, np.arange(12).reshape(6, 2)
-    F.main([str(tmp_path / "trident.h5"), str(tmp_path / "out2")])
+    F.main(["--data", str(tmp_path / "trident.h5"), "--out", str(tmp_path / "out2")])
     assert (tmp_path / "out2" / F.NAMES_FILE).read_text().split()[1] == "2_3"
     np.save(tmp_path / "bad.npy", pooled[:, :100])
-    with pytest.raises(SystemExit, match=r"features.py: error: .*bad.npy has shape \(6, 100\)"):
-        F.main([str(tmp_path / "bad.npy"), str(tmp_path / "out3")])
+    assert re.search(r"error: .*bad.npy has shape \(6, 100\)",
+                     one_line_error(F.main, ["--data", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "out3")]))
 
 
 def test_ranks_split_the_tiles_and_rank_0_writes_the_cls_array(tmp_path, monkeypatch):
@@ -84,7 +85,7 @@ def test_ranks_split_the_tiles_and_rank_0_writes_the_cls_array(tmp_path, monkeyp
         monkeypatch.setattr(F.dist, name, lambda *a, **k: None)
     monkeypatch.setattr(F.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(F.dist, "get_rank", lambda: int(os.environ["RANK"]))  # what torchrun's group would say
-    monkeypatch.setattr(F.dist, "get_world_size", lambda: int(os.environ["WORLD_SIZE"]))
+    monkeypatch.setattr(F.dist, "get_world_size", lambda: int(os.environ["WORLD_SIZE"]))  # (F.dist is torch's)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     run(tiles, out)
@@ -107,12 +108,12 @@ def test_tokens_from_the_slides_equal_tokens_from_the_pngs(tmp_path):
     """--slides: a cohort precomputes its tokens without a PNG copy, and they are the PNGs' tokens."""
     import tiling
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    assert tiling.main([os.path.join(repo, "tests", "data"), str(tmp_path / "tiles"), "--max-tiles-per-slide", "4"]) == 0
+    assert tiling.main(["--slides", os.path.join(repo, "tests", "data"), "--out", str(tmp_path / "tiles"), "--max-tiles-per-slide", "4"]) == 0
     manifest = tmp_path / "tiles" / "manifest.csv"
-    common = [str(manifest), "--encoder", "tiny", "--random-weights", "--image-size", "224", "--workers", "0",
-              "--batch-size", "3", "--device", "cpu"]
-    assert F.main([common[0], str(tmp_path / "png"), *common[1:]]) == 0
-    assert F.main([common[0], str(tmp_path / "slides"), *common[1:], "--slides", os.path.join(repo, "tests", "data")]) == 0
+    common = ["--data", str(manifest), "--encoder", "tiny", "--random-encoder", "--image-size", "224",
+              "--num-workers", "0", "--batch-size", "3", "--device", "cpu"]
+    assert F.main([*common, "--out", str(tmp_path / "png")]) == 0
+    assert F.main([*common, "--out", str(tmp_path / "slides"), "--slides", os.path.join(repo, "tests", "data")]) == 0
     names = (tmp_path / "png" / F.NAMES_FILE).read_text().split()
     assert len(names) == 4 and (tmp_path / "slides" / F.NAMES_FILE).read_text().split() == names
     for name in names:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sampler
-from sample import velocity_field
+from sample import Pipeline
 from sit import build_sit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,7 @@ def test_compiled_velocity_matches_eager_and_never_synchronises():
     with torch.no_grad():  # adaLN-Zero starts at exactly zero output; perturb so the test sees the blocks
         for p in sit.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    eager, compiled = velocity_field(sit), velocity_field(sit, compile=True)
+    eager, compiled = Pipeline(sit, None, dev).velocity, Pipeline(sit, None, dev, compile=True).velocity
     x, cond = torch.randn(4, 4, 8, 8, device=dev), torch.randn(4, 16, device=dev)
 
     def run(velocity):
@@ -71,7 +71,7 @@ def test_compiled_velocity_matches_eager_and_never_synchronises():
 
 def test_compiled_training_step_runs_and_reports_the_sit_phase():
     argv = ["--out", "", "train", "--compile", "--model", "SiT-S/2", "--vae", "tiny", "--encoder", "tiny", "--no-lpips",
-            "--image-size", "64", "--batch-size", "8", "--steps", "2", "--warmup", "2"]
+            "--image-size", "64", "--batch-size", "8", "--timed-steps", "2", "--warmup", "2"]
     proc = subprocess.run([sys.executable, "bench.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(ln for ln in (proc.stdout + proc.stderr).splitlines() if "bench train:" in ln)

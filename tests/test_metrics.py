@@ -8,13 +8,14 @@ is built with random weights and must return its documented width; the ViT-g/H/L
 `meta` device, where the forward pass computes shapes only.
 """
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import features as F
+from support import extractors as F
 import metrics as M
 
 torch.set_num_threads(1)
@@ -204,7 +205,7 @@ BIG = {"h-optimus-0", "uni2-h", "virchow2", "uni"}  # ViT-g / ViT-H / ViT-L: sha
 def test_extractor_returns_documented_dim(name):
     spec = F.EXTRACTORS[name]
     if spec.backend == "none":
-        with pytest.raises(F.ExtractorUnavailable, match=name):
+        with pytest.raises(F.Unavailable, match=name):
             F.build_extractor(name, pretrained=False)
         return
     device = "meta" if name in BIG else "cpu"
@@ -223,9 +224,9 @@ def test_virchow_pooling_is_cls_and_patch_mean_without_registers():
 def test_unknown_extractor_and_missing_weights_give_one_clear_line():
     with pytest.raises(ValueError, match="choose from"):
         F.build_extractor("resnet")
-    with pytest.raises(F.ExtractorUnavailable, match="--random-weights"):
+    with pytest.raises(F.Unavailable, match="--random-weights"):
         F.build_extractor("tiny", pretrained=True)
-    with pytest.raises(F.ExtractorUnavailable, match="phikon-v2: not available in this build: needs `transformers`"):
+    with pytest.raises(F.Unavailable, match="phikon-v2: not available in this build: needs `transformers`"):
         F.build_extractor("phikon-v2")
 
 
@@ -242,17 +243,17 @@ def test_preprocessing_crops_the_centre_and_jpeg_changes_pixels(tmp_path):
     tile = np.zeros((256, 256, 3), np.uint8)
     tile[16:240, 16:240] = 200  # the 224 tile inside a 256 one
     Image.fromarray(tile).save(tmp_path / "t.png")
-    cropped = M.load_tile(tmp_path / "t.png", M.Preprocess(crop=224), 224, "bicubic")
+    cropped = M.preprocessed_tile(tmp_path / "t.png", M.Preprocess(crop=224), 224, "bicubic")
     assert cropped.shape == (224, 224, 3) and (cropped == 200).all()
     write_tiles(tmp_path, ["noise"])
-    plain = M.load_tile(tmp_path / "noise.png", M.Preprocess(), 256, "bicubic")
-    jpeg = M.load_tile(tmp_path / "noise.png", M.Preprocess(jpeg=70), 256, "bicubic")
+    plain = M.preprocessed_tile(tmp_path / "noise.png", M.Preprocess(), 256, "bicubic")
+    jpeg = M.preprocessed_tile(tmp_path / "noise.png", M.Preprocess(jpeg=70), 256, "bicubic")
     assert np.abs(plain.astype(int) - jpeg).mean() > 5
     with pytest.raises(ValueError, match="smaller than the centre crop"):
-        M.load_tile(tmp_path / "t.png", M.Preprocess(crop=300), 224, "bicubic")
+        M.preprocessed_tile(tmp_path / "t.png", M.Preprocess(crop=300), 224, "bicubic")
     Image.fromarray(np.zeros((224, 672, 3), np.uint8)).save(tmp_path / "grid.png")  # a picture, not a tile
     with pytest.raises(ValueError, match="not a square tile"):
-        M.load_tile(tmp_path / "grid.png", M.Preprocess(), 224, "bicubic")
+        M.preprocessed_tile(tmp_path / "grid.png", M.Preprocess(), 224, "bicubic")
 
 
 def test_feature_cache_is_keyed_by_content_and_preprocessing(tmp_path):
@@ -279,35 +280,36 @@ def test_feature_cache_is_keyed_by_content_and_preprocessing(tmp_path):
 def test_command_line_writes_every_setting_next_to_each_number(tmp_path):
     real = write_tiles(tmp_path / "real", ["t0", "t1", "t2", "t3", "t4", "t5"], seed=0)
     fake = write_tiles(tmp_path / "fake", [f"t{i}_00" for i in range(6)], seed=1)  # sample.py's names
-    out = tmp_path / "report.json"
-    rc = M.main(["--real", str(real), "--fake", str(fake), "--extractors", "tiny,conch-v1", "--random-weights",
-                 "--metrics", "fd,pr,cosine", "--crop", "224", "--jpeg-fake", "70", "--k", "2", "--device", "cpu",
-                 "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
-    report = json.loads(out.read_text())
+    out = tmp_path / "report"
+    rc = M.main(["--real", str(real), "--generated", str(fake), "--extractors", "tiny,conch-v1", "--random-weights",
+                 "--metrics", "fd,pr,cosine", "--crop", "224", "--jpeg-generated", "70", "--k", "2", "--device", "cpu",
+                 "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    report = json.loads((out / "metrics.json").read_text())
     assert rc == 1 and report["skipped"][0]["extractor"] == "conch-v1"  # unavailable: reported, not fatal
     assert [r["metric"] for r in report["results"]] == ["fd", "precision", "recall", "cosine"]
     for row in report["results"]:
         s = row["settings"]
         assert np.isfinite(row["value"]) and s["weights"] == "random(seed=0)" and s["n_real"] == 6
-        assert s["preprocess"]["fake"] == {"jpeg": 70, "crop": 224, "kernel": "bicubic",  # tiny's own kernel
+        assert s["preprocess"]["generated"] == {"jpeg": 70, "crop": 224, "kernel": "bicubic",  # tiny's own kernel
                                            "resize_to_input": False}
-        assert s["resize"] == {"real": "none (224 px tiles)", "fake": "none (224 px tiles)"} and not s["degenerate"]
+        assert s["resize"] == {"real": "none (224 px tiles)", "generated": "none (224 px tiles)"} and not s["degenerate"]
         assert s["preprocess"]["real"]["jpeg"] is None and s["extractor"]["dim"] == 48
 
 
-def test_command_line_bad_input_is_one_line(tmp_path):
+def test_command_line_bad_input_is_one_line(tmp_path, one_line_error):
     real = write_tiles(tmp_path / "real", ["t0", "t1"], seed=0)
-    args = ["--extractors", "tiny", "--random-weights", "--device", "cpu", "--workers", "0",
-            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json")]
-    with pytest.raises(SystemExit, match=r"metrics.py: error: .*nope: no such folder"):
-        M.main(["--real", str(real), "--fake", str(tmp_path / "nope")] + args)
+    args = ["--extractors", "tiny", "--random-weights", "--device", "cpu", "--num-workers", "0",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r")]
+    assert re.search(r"error: .*nope: no such folder", one_line_error(M.main, ["--real", str(real), "--generated",
+                                                                             str(tmp_path / "nope")] + args))
     Image.new("RGB", (224, 200)).save(tmp_path / "real" / "wide.png")
-    with pytest.raises(SystemExit, match=r"metrics.py: error: .*real holds tiles of 2 sizes .*--resize-to-input"):
-        M.main(["--real", str(real), "--fake", str(real)] + args)
-    with pytest.raises(SystemExit, match=r"metrics.py: error: .*wide.png is 224x200 px, not a square tile"):
-        M.main(["--real", str(real), "--fake", str(real), "--crop", "200"] + args)
+    assert re.search(r"error: .*real holds tiles of 2 sizes .*--resize-to-input",
+                     one_line_error(M.main, ["--real", str(real), "--generated", str(real)] + args))
+    assert re.search(r"error: .*wide.png is 224x200 px, not a square tile",
+                     one_line_error(M.main, ["--real", str(real), "--generated", str(real), "--crop", "200"] + args))
+    assert not (tmp_path / "r").exists()  # nothing written
     with pytest.raises(SystemExit) as err:  # every numeric setting is range-checked at the boundary
-        M.parse_args(["--real", str(real), "--fake", str(real), "--jpeg-fake", "0"])
+        M.parse_args(["--real", str(real), "--generated", str(real), "--jpeg-generated", "0"])
     assert err.value.code == 2
 
 
@@ -315,33 +317,34 @@ def test_mixed_sizes_need_an_explicit_resize_and_the_report_says_which(tmp_path,
     real = write_tiles(tmp_path / "real", ["a", "b", "c", "d"], size=256)
     write_tiles(real, ["e"], size=240, seed=3)
     fake = write_tiles(tmp_path / "fake", ["a_00", "b_00", "c_00", "d_00"], size=224, seed=1)
-    out = tmp_path / "r.json"
-    M.main(["--real", str(real), "--fake", str(fake), "--extractors", "tiny", "--random-weights", "--device",
-            "cpu", "--workers", "0", "--no-cache", "--resize-to-input", "--out", str(out)])
-    resize = json.loads(out.read_text())["results"][0]["settings"]["resize"]
-    assert resize == {"real": "mixed -> 224 px, PIL bicubic (antialiased when shrinking)", "fake": "none (224 px tiles)"}
+    out = tmp_path / "r"
+    M.main(["--real", str(real), "--generated", str(fake), "--extractors", "tiny", "--random-weights", "--device",
+            "cpu", "--num-workers", "0", "--no-cache", "--resize-to-input", "--out", str(out)])
+    resize = json.loads((out / "metrics.json").read_text())["results"][0]["settings"]["resize"]
+    assert resize == {"real": "mixed -> 224 px, PIL bicubic (antialiased when shrinking)",
+                      "generated": "none (224 px tiles)"}
 
 
-def test_worker_errors_come_back_as_one_line_naming_the_file(tmp_path):
+def test_worker_errors_come_back_as_one_line_naming_the_file(tmp_path, one_line_error):
     real = write_tiles(tmp_path / "real", ["a", "b", "c"], size=224)
     data = (real / "b.png").read_bytes()
     (real / "b.png").write_bytes(data[:len(data) // 2])  # truncated
-    with pytest.raises(SystemExit) as err:
-        M.main(["--real", str(real), "--fake", str(real), "--extractors", "tiny", "--random-weights", "--device",
-                "cpu", "--workers", "1", "--no-cache", "--out", str(tmp_path / "r.json")])
-    assert "\n" not in str(err.value) and "b.png could not be decoded" in str(err.value)
+    line = one_line_error(M.main, ["--real", str(real), "--generated", str(real), "--extractors", "tiny",
+                                   "--random-weights", "--device", "cpu", "--num-workers", "1", "--no-cache", "--out",
+                                   str(tmp_path / "r")])
+    assert "b.png could not be decoded" in line
 
 
 def test_same_tiles_are_a_degenerate_comparison_and_random_extractors_reproduce(tmp_path, capsys):
     real = write_tiles(tmp_path / "real", ["a", "b", "c", "d", "e"], size=224)
     copy = write_tiles(tmp_path / "copy", ["a", "b", "c", "d", "e"], size=224)  # byte-identical, other folder
     fake = write_tiles(tmp_path / "fake", ["a", "b", "c", "d", "e"], size=224, seed=1)
-    args = ["--extractors", "tiny", "--random-weights", "--device", "cpu", "--workers", "0", "--seed", "3"]
+    args = ["--extractors", "tiny", "--random-weights", "--device", "cpu", "--num-workers", "0", "--seed", "3"]
     reports = []
     for n, (a, b) in enumerate(((real, copy), (real, fake), (real, fake))):
-        out = tmp_path / f"r{n}.json"
-        M.main(["--real", str(a), "--fake", str(b), "--cache-dir", str(tmp_path / f"cache{n}"), "--out", str(out)] + args)
-        reports.append(json.loads(out.read_text()))
+        out = tmp_path / f"r{n}"
+        M.main(["--real", str(a), "--generated", str(b), "--cache-dir", str(tmp_path / f"cache{n}"), "--out", str(out)] + args)
+        reports.append(json.loads((out / "metrics.json").read_text()))
     assert reports[0]["degenerate"] and reports[0]["results"][0]["settings"]["degenerate"]
     assert "degenerate comparison" in capsys.readouterr().err
     assert not reports[1]["degenerate"]
@@ -356,6 +359,11 @@ def test_fid_inception_is_pytorch_fids_network_built_without_weights():
     extractor = F.build_extractor("fid-inception", pretrained=False, seed=0)
     model = extractor.model
     assert isinstance(model, InceptionV3) and model.resize_input and model.normalize_input
+    from unittest import mock  # pytest-fid's own build (its weight download skipped): the same tensors
+    with mock.patch("pytorch_fid.inception.load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch("torchvision.models.Inception3.load_state_dict", lambda *a, **k: None):
+        reference = InceptionV3([3], resize_input=True, normalize_input=True)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
     assert isinstance(model.blocks[2][0], FIDInceptionA) and isinstance(model.blocks[3][2], FIDInceptionE_2)
     x = torch.rand(2, 3, 224, 224)  # a tile at its own size: the network resizes to 299 itself
     feats = extractor.embed(x)

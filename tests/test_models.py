@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from support import checkpoints
+from support import weights
 import features
 import repa_loss
 import sit
@@ -74,7 +74,7 @@ def test_repae_state_dict_loads_strictly():
     model = sit.build_sit("SiT-S/2", input_size=28)
     sd = {k: torch.randn(s) if s else torch.tensor(7) for k, s in repae_sit_table(depth=12, D=384).items()}
     sd.update({k: v.clone() for k, v in model.state_dict().items() if k.startswith("y_embedder.")})
-    checkpoints.load_state_dict_checked(model, sd, "a REPA-E state dict")
+    weights.load_state_dict_checked(model, sd, "a REPA-E state dict")
     assert torch.equal(model.state_dict()["blocks.3.mlp.fc1.weight"], sd["blocks.3.mlp.fc1.weight"])
 
 
@@ -129,9 +129,9 @@ def test_vae_matches_ldm_layout():
 def test_checkpoint_of_another_preset_is_refused_clearly():
     small = vae.build_vae("tiny")
     with pytest.raises(ValueError, match="another preset"):
-        checkpoints.load_state_dict_checked(small, sit.build_sit("SiT-T/2").state_dict(), "checkpoint.pt")
+        weights.load_state_dict_checked(small, sit.build_sit("SiT-T/2").state_dict(), "checkpoint.pt")
     with pytest.raises(ValueError, match="wrong shapes"):
-        checkpoints.load_state_dict_checked(sit.build_sit("SiT-T/2", cond_dim=32), sit.build_sit("SiT-T/2").state_dict(), "x")
+        weights.load_state_dict_checked(sit.build_sit("SiT-T/2", cond_dim=32), sit.build_sit("SiT-T/2").state_dict(), "x")
 
 
 def test_diffusers_vae_converts_to_identical_outputs():
@@ -141,7 +141,7 @@ def test_diffusers_vae_converts_to_identical_outputs():
                                   block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
                                   norm_num_groups=32).double().eval()
     ours = vae.build_vae("f8d4").double().eval()
-    checkpoints.load_state_dict_checked(ours, vae.convert_diffusers_state_dict(ref.state_dict()), "diffusers VAE")
+    weights.load_state_dict_checked(ours, vae.convert_diffusers_state_dict(ref.state_dict()), "diffusers VAE")
     old_names = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}  # diffusers < 0.14
     old = {}
     for key, value in ref.state_dict().items():
@@ -149,7 +149,7 @@ def test_diffusers_vae_converts_to_identical_outputs():
             key = key.replace(f"attentions.0.{new}", f"attentions.0.{was}")
         old[key] = value
     assert any(".query." in k for k in old)
-    checkpoints.load_state_dict_checked(vae.build_vae("f8d4").double(), vae.convert_diffusers_state_dict(old), "old VAE")
+    weights.load_state_dict_checked(vae.build_vae("f8d4").double(), vae.convert_diffusers_state_dict(old), "old VAE")
     x = torch.rand(1, 3, 32, 32, dtype=torch.float64) * 2 - 1
     z = torch.randn(1, 4, 4, 4, dtype=torch.float64)
     with torch.no_grad():

@@ -7,6 +7,7 @@ images; user errors end in one line on stderr, never a traceback.
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from support import checkpoints
+from support import weights
 import sample
 import sampler
 from features import encoder_features, load_encoder
@@ -27,11 +28,11 @@ torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TILE_DIR = os.path.join(REPO, "tests", "data", "tiles")  # real H&E tiles, 224 px at 0.5 µm/px
 TILES = sorted(os.path.join(TILE_DIR, f) for f in os.listdir(TILE_DIR) if f.endswith(".png"))
-FAST = ["--steps", "4", "--batch-size", "2"]
+FAST = ["--num-sampling-steps", "4", "--batch-size", "2"]
 
 
 def run(*argv):
-    sample.main(sample.parse_args([str(a) for a in argv] + ["--device", "cpu"]))  # CPU even where a GPU is
+    sample.main([str(a) for a in argv] + ["--device", "cpu"])  # CPU even where a GPU is
 
 
 def png(path):
@@ -69,8 +70,8 @@ def test_same_seed_same_files_other_seed_other_files(ckpt, tmp_path):
 
 
 def test_images_do_not_depend_on_batch_size(ckpt, tmp_path):
-    run("--ckpt", ckpt, "--num-samples", 3, "--out", tmp_path / "b1", "--steps", 4, "--batch-size", 1)
-    run("--ckpt", ckpt, "--num-samples", 3, "--out", tmp_path / "b3", "--steps", 4, "--batch-size", 3)
+    run("--ckpt", ckpt, "--num-samples", 3, "--out", tmp_path / "b1", "--num-sampling-steps", 4, "--batch-size", 1)
+    run("--ckpt", ckpt, "--num-samples", 3, "--out", tmp_path / "b3", "--num-sampling-steps", 4, "--batch-size", 3)
     for f in pngs(tmp_path / "b1"):
         diff = np.abs(png(tmp_path / "b1" / f).astype(int) - png(tmp_path / "b3" / f).astype(int))
         assert diff.max() <= 1  # per-image seeds; at most a rounding flip from batched kernels
@@ -79,14 +80,14 @@ def test_images_do_not_depend_on_batch_size(ckpt, tmp_path):
 def test_interrupted_run_resumes_without_redoing_finished_images(ckpt, tmp_path, monkeypatch):
     args = ("--ckpt", ckpt, "--num-samples", 5, *FAST)
     run(*args, "--out", tmp_path / "ref")
-    real_generate, calls = sample.generate, []
+    real_generate, calls = sample.Pipeline.generate, []
 
-    def generate_then_die(m, source, jobs, args, device):
+    def generate_then_die(pipe, cond, noise_ids, settings):
         if calls:
             raise KeyboardInterrupt  # killed during the second batch
-        calls.append(len(jobs))
-        return real_generate(m, source, jobs, args, device)
-    monkeypatch.setattr(sample, "generate", generate_then_die)
+        calls.append(len(noise_ids))
+        return real_generate(pipe, cond, noise_ids, settings)
+    monkeypatch.setattr(sample.Pipeline, "generate", generate_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(*args, "--out", tmp_path / "run")
     assert pngs(tmp_path / "run") == ["000000.png", "000001.png"]
@@ -95,12 +96,12 @@ def test_interrupted_run_resumes_without_redoing_finished_images(ckpt, tmp_path,
 
     generated = []
 
-    def counting_generate(m, source, jobs, args, device):
-        generated.extend(jobs)
-        return real_generate(m, source, jobs, args, device)
-    monkeypatch.setattr(sample, "generate", counting_generate)
+    def counting_generate(pipe, cond, noise_ids, settings):
+        generated.extend(noise_ids)
+        return real_generate(pipe, cond, noise_ids, settings)
+    monkeypatch.setattr(sample.Pipeline, "generate", counting_generate)
     run(*args, "--out", tmp_path / "run")
-    assert [j.name for j in generated] == ["000002", "000003", "000004"]
+    assert generated == [2, 3, 4]  # the images of 000002.png ... 000004.png
     assert all(os.stat(tmp_path / "run" / f).st_mtime_ns == t for f, t in mtimes.items())
     for f in pngs(tmp_path / "ref"):
         assert (tmp_path / "ref" / f).read_bytes() == (tmp_path / "run" / f).read_bytes()
@@ -137,15 +138,16 @@ def test_output_is_the_ema_pipeline(ckpt, tmp_path):
     assert np.abs(ours - png(tmp_path / "raw" / f"{stem}_01.png").astype(int)).mean() > 5
 
 
-def test_repae_layout_gives_the_same_images(ckpt, tmp_path):
+def test_repae_layout_gives_the_same_images(ckpt, tmp_path, one_line_error):
     """REPA-E pickles its argparse.Namespace: refused as it is, it samples the same images once converted."""
     ck = torch.load(ckpt, weights_only=True)
     repae = {"model": ck["sit"], "ema": ck["sit_ema"], "vae": ck["vae_ema"], "opt": {},
              "args": argparse.Namespace(model="SiT-T/2", encoder_depth=2, seed=0)}
     torch.save(repae, tmp_path / "repae_pickle.pt")
-    with pytest.raises(SystemExit, match=r"could run code.*checkpoints.py convert"):
-        run("--ckpt", tmp_path / "repae_pickle.pt", "--num-samples", 1, "--out", tmp_path / "refused", *FAST)
-    checkpoints.convert(str(tmp_path / "repae_pickle.pt"), str(tmp_path / "repae.pt"))
+    line = one_line_error(sample.main, ["--ckpt", str(tmp_path / "repae_pickle.pt"), "--num-samples", "1", "--out",
+                                        str(tmp_path / "refused"), *FAST])
+    assert re.search(r"could run code.*support.weights convert", line)
+    weights.convert(str(tmp_path / "repae_pickle.pt"), str(tmp_path / "repae.pt"))
     (tmp_path / "in").mkdir()
     features = tmp_path / "in" / "f.npy"
     np.save(features, np.random.default_rng(0).normal(size=(2, ck["config"]["cond_dim"])).astype(np.float32))
@@ -157,7 +159,7 @@ def test_repae_layout_gives_the_same_images(ckpt, tmp_path):
 
 
 def test_larger_tile_is_centre_cropped_and_resize_rescales(ckpt, tmp_path):
-    """A 256 px tile around a 224 px one conditions exactly like it (the paper's ±16 px); with --resize
+    """A 256 px tile around a 224 px one conditions exactly like it (the paper's ±16 px); with --cond-mpp
     0.25 a tile of twice the pixels is first brought back to 0.5 µm/px."""
     tile = png(TILES[0])
     big = np.zeros((256, 256, 3), np.uint8)
@@ -170,7 +172,7 @@ def test_larger_tile_is_centre_cropped_and_resize_rescales(ckpt, tmp_path):
     run("--ckpt", ckpt, "--cond", tmp_path / "big" / "t.png", "--n", 1, "--out", tmp_path / "a", *FAST)
     run("--ckpt", ckpt, "--cond", tmp_path / "ref" / "t.png", "--n", 1, "--out", tmp_path / "b", *FAST)
     assert np.array_equal(png(grid_of(tmp_path / "a")), png(grid_of(tmp_path / "b")))
-    run("--ckpt", ckpt, "--cond", tmp_path / "big" / "x2.png", "--resize", 0.25, "--n", 1, "--out", tmp_path / "c",
+    run("--ckpt", ckpt, "--cond", tmp_path / "big" / "x2.png", "--cond-mpp", 0.25, "--n", 1, "--out", tmp_path / "c",
         *FAST)
     reference = png(grid_of(tmp_path / "c"))[:, :224].astype(int)
     assert reference.shape == (224, 224, 3) and np.abs(reference - tile).mean() < 4
@@ -190,7 +192,7 @@ def test_interpolation_conditions_on_the_mixed_features(ckpt, tmp_path, monkeypa
     """Each factor a is the sample of (1 - a) f_A + a f_B with the row's noise (id 0). The tiles' features
     are replaced by two far-apart vectors (those of a random tiny encoder hardly differ between tiles)."""
     f = np.random.default_rng(0).standard_normal((2, 48)).astype(np.float32) * 3
-    monkeypatch.setattr(sample.TileSource, "features", lambda self, idx, device: torch.from_numpy(f[idx]))
+    monkeypatch.setattr(sample.TileSource, "features", lambda self, idx, pipe: torch.from_numpy(f[idx]))
     run("--ckpt", ckpt, "--interpolate", TILES[0], TILES[1], "--n", 1, "--out", tmp_path / "i", *FAST)
     (tmp_path / "in").mkdir()
     np.save(tmp_path / "in" / "mix.npy", 0.8 * f[0] + 0.2 * f[1])
@@ -244,39 +246,36 @@ BAD = {  # argv -> words the one-line message must contain
 }
 
 
-def test_argument_errors(ckpt, tmp_path, capsys):
-    cases = [(["--seed", "-1"], "--seed: -1 is outside the allowed range [0, "),
-             (["--interpolate", TILE_DIR, TILES[0]], "two tile files (not folders")]
-    for argv, words in cases:
-        with pytest.raises(SystemExit):
-            sample.parse_args(["--ckpt", ckpt] + argv)
-        assert words in capsys.readouterr().err
+def test_argument_errors(ckpt, tmp_path, capsys, one_line_error):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--ckpt", ckpt, "--seed", "-1"])
+    assert "--seed: -1 is outside the allowed range [0, 2147483647]" in capsys.readouterr().err
+    assert "two tile files (not folders" in one_line_error(sample.main, ["--ckpt", ckpt, "--interpolate", TILE_DIR,
+                                                                          TILES[0]])
     (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit, match="cannot create the output folder --out .*file"):
-        run("--ckpt", ckpt, "--num-samples", 1, "--out", tmp_path / "file", *FAST)
+    assert re.search("cannot create the output folder --out .*file", one_line_error(
+        sample.main, ["--ckpt", ckpt, "--num-samples", "1", "--out", str(tmp_path / "file"), *FAST]))
 
 
 def test_rerun_with_other_settings_is_refused_not_mixed_in(ckpt, tmp_path):
     run("--ckpt", ckpt, "--num-samples", 2, "--out", tmp_path / "o", *FAST)
     before = {f: png(tmp_path / "o" / f) for f in pngs(tmp_path / "o")}
     assert (tmp_path / "o" / "settings.json").exists()
-    for argv, words in [(["--steps", "3", "--batch-size", "2"], "steps: 4 -> 3"), (FAST + ["--seed", "1"], "seed: 0 -> 1"),
-                        (FAST + ["--vae-weights", "raw"], "vae_weights: ema -> raw")]:
-        with pytest.raises(SystemExit, match=words):
+    for argv, words in [(["--num-sampling-steps", "3", "--batch-size", "2"], "num_sampling_steps: 4 -> 3"),
+                        (FAST + ["--seed", "1"], "seed: 0 -> 1"), (FAST + ["--vae-weights", "raw"], "vae_weights: ema -> raw"),
+                        (FAST + ["--sampler", "ode"], "sampler: sde -> ode")]:
+        with pytest.raises(ValueError, match=words):
             run("--ckpt", ckpt, "--num-samples", 2, "--out", tmp_path / "o", *argv)
-    run("--ckpt", ckpt, "--num-samples", 2, "--out", tmp_path / "o", "--steps", "4", "--batch-size", "1")  # same run
+    run("--ckpt", ckpt, "--num-samples", 2, "--out", tmp_path / "o", "--num-sampling-steps", "4", "--batch-size", "1")
     assert {f: png(tmp_path / "o" / f) for f in pngs(tmp_path / "o")}.keys() == before.keys()
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_user_errors_exit_with_one_line(case, bad_files, ckpt, tmp_path):
+def test_user_errors_exit_with_one_line(case, bad_files, ckpt, tmp_path, one_line_error):
     argv, words = BAD[case]
-    argv = [a.format(d=bad_files, ckpt=ckpt) for a in argv] + ["--out", str(tmp_path)]
-    with pytest.raises(SystemExit) as exit_:
-        run(*argv)
-    message = exit_.value.code
-    assert isinstance(message, str) and "\n" not in message and words in message, message
-    assert pngs(tmp_path) == []
+    argv = [a.format(d=bad_files, ckpt=ckpt) for a in argv] + ["--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert words in one_line_error(sample.main, argv)
+    assert not (tmp_path / "o").exists() or pngs(tmp_path / "o") == []  # no image written
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "grey-scale tile"])
@@ -285,7 +284,7 @@ def test_user_errors_show_no_traceback(case, bad_files, ckpt, tmp_path):
     argv = [a.format(d=bad_files, ckpt=ckpt) for a in argv] + ["--out", str(tmp_path)]
     proc = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *argv], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and words in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and words in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
@@ -307,46 +306,59 @@ def test_torchrun_splits_the_work_and_writes_the_same_files(ckpt, tmp_path):
     (["--cfg-scale", "nan"], "--cfg-scale: nan is outside the allowed range [0.0, 100.0]"),
     (["--cfg-scale", "-1"], "--cfg-scale: -1 is outside the allowed range [0.0, 100.0]"),
     (["--cfg-scale", "inf"], "--cfg-scale: inf is outside the allowed range [0.0, 100.0]"),
-    (["--steps", "0"], "--steps: 0 is outside the allowed range [1, 10000]"),
+    (["--num-sampling-steps", "0"], "--num-sampling-steps: 0 is outside the allowed range [1, 10000]"),
     (["--guidance-high", "1.5"], "--guidance-high: 1.5 is outside the allowed range [0.0, 1.0]"),
     (["--batch-size", "2.5"], "--batch-size: '2.5' is not an integer"),
-    (["--resize", "0"], "--resize: 0 is outside the allowed range (0, 100]"),
-    (["--guidance-low", "0.8"], "need --guidance-low <= --guidance-high")])
+    (["--cond-mpp", "0"], "--cond-mpp: 0 is outside the allowed range (0, 100]"),
+    (["--sampler", "dpm"], "--sampler: invalid choice: 'dpm'")])
 def test_numeric_settings_are_range_checked(argv, words, ckpt, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["--ckpt", ckpt] + argv)
     assert words in capsys.readouterr().err
 
 
+def test_an_empty_guidance_window_is_refused(ckpt, one_line_error):
+    line = one_line_error(sample.main, ["--ckpt", ckpt, "--guidance-low", "0.8"])
+    assert "--guidance-low 0.8 is above --guidance-high 0.75" in line
+
+
 def test_output_inside_an_input_folder_is_refused_before_anything_is_written(ckpt, tmp_path):
     (tmp_path / "real").mkdir()
     Image.open(TILES[0]).save(tmp_path / "real" / "a.png")
     np.save(tmp_path / "real" / "f.npy", np.zeros((1, 48), np.float32))
-    for argv in (["--cond", tmp_path / "real"], ["--cond", tmp_path / "real" / "a.png"],
-                 ["--features", tmp_path / "real" / "f.npy"]):
-        for out in (tmp_path / "real", tmp_path / "real" / "fake"):
-            with pytest.raises(SystemExit, match=r"is inside the input folder .*real"):
-                run("--ckpt", ckpt, *argv, "--n", 1, "--out", out, *FAST)
+    refused = [(["--cond", tmp_path / "real"], tmp_path / "real", "is inside the input folder .*real"),
+               (["--cond", tmp_path / "real"], tmp_path / "real" / "fake", "is inside the input folder .*real"),
+               (["--cond", tmp_path / "real" / "a.png"], tmp_path / "real", "holds the input file .*a.png"),
+               (["--features", tmp_path / "real" / "f.npy"], tmp_path / "real", "holds the input file .*f.npy")]
+    for argv, out, words in refused:
+        with pytest.raises(ValueError, match=words):
+            run("--ckpt", ckpt, *argv, "--n", 1, "--out", out, *FAST)
     assert sorted(os.listdir(tmp_path / "real")) == ["a.png", "f.npy"]
 
 
-def test_a_whole_slide_as_conditioning_points_to_tiling(ckpt, tmp_path):
-    with pytest.raises(SystemExit) as exit_:
-        run("--ckpt", ckpt, "--cond", os.path.join(REPO, "tests", "data", "cmu_small_region.svs"), "--out", tmp_path,
-            *FAST)
-    assert "whole-slide file" in exit_.value.code and "tiling.py" in exit_.value.code
-    assert "\n" not in exit_.value.code and pngs(tmp_path) == []
+def test_the_cards_command_beside_its_tile_is_accepted(ckpt, tmp_path, monkeypatch):
+    """`python sample.py --ckpt CKPT --cond tile.png --out samples/tile`, run where tile.png sits: one input
+    file does not make its whole folder an input."""
+    Image.open(TILES[0]).save(tmp_path / "tile.png")
+    monkeypatch.chdir(tmp_path)
+    run("--ckpt", ckpt, "--cond", "tile.png", "--n", 1, "--out", "samples/tile", *FAST)
+    assert pngs(tmp_path / "samples" / "tile") == ["tile_00.png"]
 
 
-def test_no_non_finite_image_is_written(ckpt, tmp_path):
+def test_a_whole_slide_as_conditioning_points_to_tiling(ckpt, tmp_path, one_line_error):
+    line = one_line_error(sample.main, ["--ckpt", ckpt, "--cond", os.path.join(REPO, "tests", "data",
+                                        "cmu_small_region.svs"), "--out", str(tmp_path / "o"), *FAST])
+    assert "whole-slide file" in line and "tiling.py" in line and not (tmp_path / "o").exists()
+
+
+def test_no_non_finite_image_is_written(ckpt, tmp_path, one_line_error):
     """Image 000000 is finite and written; 000001's conditioning is inf: sampling stops before writing it."""
     (tmp_path / "in").mkdir()
     feats = np.random.default_rng(0).normal(size=(2, 48)).astype(np.float32)
     feats[1, 3] = np.inf
     np.save(tmp_path / "in" / "f.npy", feats)
-    with pytest.raises(SystemExit) as exit_:
-        run("--ckpt", ckpt, "--features", tmp_path / "in" / "f.npy", "--n", 1, "--out", tmp_path / "o",
-            "--steps", 2, "--batch-size", 1)
-    message = exit_.value.code
-    assert "non-finite" in message and "000001_00" in message and "guidance scale" in message and "\n" not in message
+    message = one_line_error(sample.main, ["--ckpt", ckpt, "--features", str(tmp_path / "in" / "f.npy"), "--n", "1",
+                                           "--out", str(tmp_path / "o"), "--num-sampling-steps", "2", "--batch-size",
+                                           "1", "--device", "cpu"])
+    assert "non-finite" in message and "000001_00" in message and "guidance scale" in message
     assert pngs(tmp_path / "o") == ["000000_00.png"]

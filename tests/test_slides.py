@@ -92,10 +92,10 @@ def test_typed_values_win_over_the_metadata():
 def test_mpp_csv_errors_name_the_line(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("slide,mpp\na.svs,0.25\nb.svs,nan\n")
-    with pytest.raises(SystemExit, match="line 3.*'nan'"):
+    with pytest.raises(slides.InputError, match="line 3.*'nan'"):
         slides.read_mpp_csv(bad)
     bad.write_text("name,resolution\na.svs,0.25\n")
-    with pytest.raises(SystemExit, match="columns slide,mpp"):
+    with pytest.raises(slides.InputError, match="columns slide,mpp"):
         slides.read_mpp_csv(bad)
 
 
@@ -169,7 +169,7 @@ def test_reader_gives_the_tiles_tiling_wrote(tmp_path, source, mpp):
     else:
         synthetic_slide.write_pyramid_tiff(folder / f"{source}.tiff", synthetic_slide.synthetic_tissue(2048),
                                            mpp, downsamples=(1, 4))
-    assert tiling.main([str(folder), str(tmp_path / "out"), "--val-in", "0.2"]) == 0
+    assert tiling.main(["--slides", str(folder), "--out", str(tmp_path / "out"), "--val-in", "0.2"]) == 0
     rows = read_manifest(tmp_path / "out")
     assert len(rows) >= 10
     assert {float(r["scale"]) for r in rows} == {slides.level_scale(float(rows[0]["slide_mpp"]), 0.5)}
@@ -194,7 +194,7 @@ def test_mpp_csv_overrides_per_slide_and_is_recorded(tmp_path, capsys):
     table = tmp_path / "mpp.csv"
     table.write_text("slide,mpp\na.svs,0.25\nghost,0.5\n")
     out = tmp_path / "out"
-    assert tiling.main([str(folder), str(out), "--mpp-csv", str(table)]) == 0
+    assert tiling.main(["--slides", str(folder), "--out", str(out), "--mpp-csv", str(table)]) == 0
     assert "1 rows name no slide in the folder, ignored: ghost" in capsys.readouterr().err
     rows = read_manifest(out)
     by_slide = {r["slide_id"]: r for r in rows}
@@ -216,8 +216,8 @@ def test_our_own_coords_give_the_same_tiles(tmp_path):
     folder = tmp_path / "slides"
     folder.mkdir()
     os.symlink(CMU, folder / CMU.name)
-    assert tiling.main([str(folder), str(tmp_path / "grid"), "--min-tissue", "0.8"]) == 0
-    assert tiling.main([str(folder), str(tmp_path / "again"), "--from-coords", str(tmp_path / "grid" / "coords")]) == 0
+    assert tiling.main(["--slides", str(folder), "--out", str(tmp_path / "grid"), "--min-tissue", "0.8"]) == 0
+    assert tiling.main(["--slides", str(folder), "--out", str(tmp_path / "again"), "--from-coords", str(tmp_path / "grid" / "coords")]) == 0
     grid, again = read_manifest(tmp_path / "grid"), read_manifest(tmp_path / "again")
     assert [(r["x"], r["y"], r["file"]) for r in grid] == [(r["x"], r["y"], r["file"]) for r in again]
     for r in grid:
@@ -246,7 +246,7 @@ def test_from_coords_centres_our_tile_on_their_patch_and_skips_bad_files(tmp_pat
     trident_file(coords / "p.h5", theirs, "p")
     trident_file(coords / "q.h5", theirs, "p")                    # written for another slide
     trident_file(coords / "r.h5", theirs + [[5000, 10]], "r")     # a point outside the slide
-    assert tiling.main([str(folder), str(tmp_path / "out"), "--from-coords", str(coords)]) == 0
+    assert tiling.main(["--slides", str(folder), "--out", str(tmp_path / "out"), "--from-coords", str(coords)]) == 0
     err = capsys.readouterr().err
     assert "skipped q.tiff: --from-coords" in err and "is for slide 'p'" in err
     assert "skipped r.tiff: --from-coords: 1 of 4 points" in err and "outside the slide (2048 x 2048" in err

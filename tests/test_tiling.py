@@ -31,8 +31,8 @@ TISSUE_CELLS = (2, 2, 6, 4)   # x0, y0, x1, y1 in cells: even, so the 1.0 µm/px
 PERIOD_UM = 16.0              # vertical stripes of this period in µm
 
 
-def run(*args):
-    return tiling.main([str(a) for a in args])
+def run(slides, out, *args):
+    return tiling.main(["--slides", str(slides), "--out", str(out), *[str(a) for a in args]])
 
 
 def read_manifest(out):
@@ -243,7 +243,7 @@ def test_jpeg_round_trip_at_quality(tmp_path, small_slide):
     folder = slide_folder(tmp_path, ["small.tiff"], small_slide)
     common = ["--max-tiles-per-slide", 6, "--seed", 3]
     assert run(folder, tmp_path / "png", *common) == 0
-    assert run(folder, tmp_path / "jpg", *common, "--format", "jpeg", "--quality", 70) == 0
+    assert run(folder, tmp_path / "jpg", *common, "--jpeg", 70) == 0
     png, jpg = read_manifest(tmp_path / "png"), read_manifest(tmp_path / "jpg")
     assert [(r["x"], r["y"]) for r in png] == [(r["x"], r["y"]) for r in jpg]
     assert ijg_luma_table(70) != ijg_luma_table(75)
@@ -331,7 +331,7 @@ def test_workers_give_the_same_manifest(tmp_path, small_slide):
     folder = slide_folder(tmp_path, ["TCGA-AA-0001.tiff", "TCGA-BB-0002.tiff"], small_slide)
     args = ["--max-tiles-per-slide", 4, "--val-in", 0.5]
     assert run(folder, tmp_path / "one", *args) == 0
-    assert run(folder, tmp_path / "two", *args, "--workers", 2) == 0
+    assert run(folder, tmp_path / "two", *args, "--slide-processes", 2) == 0
     assert read_manifest(tmp_path / "one") == read_manifest(tmp_path / "two")
 
 
@@ -456,14 +456,14 @@ def test_a_folder_without_slides_says_so(tmp_path, capsys, files):
 
 @pytest.mark.parametrize("flag, value, bounds", [
     ("--mpp", "0", "(0, 100]"), ("--mpp", "nan", "(0, 100]"), ("--slide-mpp", "inf", "(0, 100]"),
-    ("--size", "0", "[1, 8192]"), ("--size", "2.5", "[1, 8192]"), ("--min-tissue", "1.5", "[0, 1]"),
-    ("--quality", "101", "[1, 100]"), ("--context", "-1", "[0, 4096]"),
+    ("--image-size", "0", "[1, 8192]"), ("--image-size", "2.5", "[1, 8192]"), ("--min-tissue", "1.5", "[0, 1]"),
+    ("--jpeg", "101", "[1, 100]"), ("--context", "-1", "[0, 4096]"),
     ("--max-tiles-per-slide", "0", "[1, 1000000000]"), ("--val-in", "1", "[0, 1)"),
-    ("--val-out-slides", "-0.1", "[0, 1)"), ("--seed", "-1", "[0, 4294967295]"),
-    ("--workers", "0", "[1, 1024]")])
+    ("--val-out-slides", "-0.1", "[0, 1)"), ("--seed", "-1", "[0, 2147483647]"),
+    ("--slide-processes", "0", "[1, 1024]")])
 def test_numbers_are_checked_when_parsed(tmp_path, capsys, flag, value, bounds):
     with pytest.raises(SystemExit) as exit_:
-        tiling.parse_args([str(tmp_path), str(tmp_path / "out"), flag, value])
+        tiling.parse_args(["--slides", str(tmp_path), "--out", str(tmp_path / "out"), flag, value])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and bounds in err

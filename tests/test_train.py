@@ -17,8 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from support import checkpoints
-from support import data
+from support import checkpoints, data, weights
 import train
 
 torch.set_num_threads(1)
@@ -29,8 +28,9 @@ TINY = ["--data", str(TILES), "--image-size", "32", "--resize", "scale", "--mode
         "--sample-every", "0"]
 
 
-def tiny_args(results_dir, *extra):
-    return train.parse_args(TINY + ["--results-dir", str(results_dir), *extra])
+def tiny_args(out, *extra):
+    return train.parse_args(TINY + ["--out", str(out), *extra])
+
 
 
 def tensors_equal(a, b):
@@ -75,9 +75,9 @@ def step_setup(tmp_path):
     args = tiny_args(tmp_path)
     m = train.build_models(args, torch.device("cpu"), 1, None)
     opts = train.build_optimizers(args, m)
-    dataset = data.TileFolder(data.find_tiles(str(TILES))[1][:4], 32, resize="scale")
+    dataset = data.TileFolder(data.find_tiles(str(TILES)).items[:4], 32, resize="scale")
     images = torch.stack([dataset[i][0] for i in range(4)])
-    cond, target = train.encoder_features(m.encoder, images, token_grid=m.token_grid)
+    cond, target = train.encoder_features(m.encoder, images, token_grid=m.sit.token_grid)
     x = images.float() / 127.5 - 1
     torch.manual_seed(0)
     t, eps = torch.rand(4), torch.randn(4, 4, 4, 4)
@@ -133,7 +133,8 @@ def test_step_losses_are_the_weighted_sums_of_their_terms(step_setup):
         kl = m.vae.encode(x).kl().mean()  # summed over C, H, W, batch mean (does not depend on the sample)
     z, recon, vt = train.vae_update(m, opts["vae"], batch_of(x, cond, target, t, eps), args)
     torch.testing.assert_close(vt["kl"], kl)
-    expected = vt["l1"] + vt["lpips"] + 0.25 * vt["kl"] + 0.1 * vt["gan_g"] + 1.5 * vt["proj_vae"]
+    assert "lpips" not in vt  # --no-lpips: the term is not computed, not logged, not plotted
+    expected = vt["l1"] + 0.25 * vt["kl"] + 0.1 * vt["gan_g"] + 1.5 * vt["proj_vae"]
     torch.testing.assert_close(vt["vae_loss"], expected)
     st = train.sit_update(m, opts["sit"], z, batch_of(x, cond, target, t, eps), args)
     torch.testing.assert_close(st["sit_loss"], st["diffusion"] + 0.5 * st["proj_sit"])
@@ -200,11 +201,11 @@ def test_sit_overfits_a_few_tiles(step_setup):
 # -- whole runs ----------------------------------------------------------------------------------------
 def test_smoke_run_on_real_tiles(tmp_path):
     """Full objective (random-VGG LPIPS, GAN): finite losses, checkpoint, samples, curves; it loads back."""
-    args = train.parse_args(TINY + ["--results-dir", str(tmp_path), "--max-steps", "2", "--ckpt-every", "2",
-                                    "--lpips-random", "--sample-every", "2", "--sample-steps", "2",
+    args = train.parse_args(TINY + ["--out", str(tmp_path), "--max-steps", "2", "--ckpt-every", "2",
+                                    "--lpips-random", "--sample-every", "2", "--num-sampling-steps", "2",
                                     "--num-samples", "3"])
     args.no_lpips = False
-    train.main(args)
+    train.train(args)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == ["1", "2"]
     for key in train.LOSS_TERMS:
@@ -218,22 +219,22 @@ def test_smoke_run_on_real_tiles(tmp_path):
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 1
     assert (cfg["model"], cfg["vae"], cfg["encoder"], cfg["image_size"]) == ("SiT-T/2", "tiny", "tiny", 32)
     # the checkpoint rebuilds its models from its own config, as sample.py reads it
-    loaded = checkpoints.load_models(str(tmp_path / "checkpoints" / "0000002.pt"))
+    loaded = weights.load_models(str(tmp_path / "checkpoints" / "0000002.pt"))
     assert tensors_equal(loaded.sit.state_dict(), ckpt["sit_ema"]) and loaded.encoder == "tiny"
     assert loaded.vae.decode(torch.zeros(1, 4, 4, 4)).shape == (1, 3, 32, 32)
     assert Image.open(tmp_path / "samples" / "0000002.png").size == (3 * 32, 2 * 32)
     assert Image.open(tmp_path / "loss.png").size[0] > 0
     assert "step=2" in (tmp_path / "log.txt").read_text()
     with pytest.raises(FileExistsError, match="--resume"):  # never silently overwrite a run
-        train.main(args)
+        train.train(args)
 
 
 def test_resume_is_bitwise_identical(tmp_path):
     """6 steps straight == 3 steps, stop, resume, 3 more (mid-epoch: 8 tiles / batch 2 = 4 steps per epoch)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train.main(tiny_args(straight, "--max-steps", "6", "--ckpt-every", "100"))
-    train.main(tiny_args(split, "--max-steps", "3", "--ckpt-every", "100"))
-    train.main(tiny_args(split, "--max-steps", "6", "--ckpt-every", "100", "--resume"))
+    train.train(tiny_args(straight, "--max-steps", "6", "--ckpt-every", "100"))
+    train.train(tiny_args(split, "--max-steps", "3", "--ckpt-every", "100"))
+    train.train(tiny_args(split, "--max-steps", "6", "--ckpt-every", "100", "--resume"))
     a = torch.load(straight / "checkpoints" / "0000006.pt", weights_only=True)
     b = torch.load(split / "checkpoints" / "0000006.pt", weights_only=True)
     for key in ("sit", "sit_ema", "vae", "vae_ema", "disc", "opt_sit", "opt_vae", "opt_disc"):
@@ -245,7 +246,7 @@ def test_resume_is_bitwise_identical(tmp_path):
 def test_bad_data_is_one_line_before_any_model_is_built(tmp_path):
     """With the default H0-mini (a gated download), a missing --data must still be what the user hears."""
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--data", str(tmp_path / "nope"),
-                           "--results-dir", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [f"train.py: error: --data {tmp_path / 'nope'}: not a folder of "
                                                 f"tiles, a manifest .csv or a .tar shard"]
@@ -264,7 +265,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, m
 
     monkeypatch.setattr(train, "diffusion_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"step 3: diffusion=nan.*0000002\.pt"):
-        train.main(tiny_args(tmp_path, "--max-steps", "5", "--ckpt-every", "2"))
+        train.train(tiny_args(tmp_path, "--max-steps", "5", "--ckpt-every", "2"))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000002.pt"]
     ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["sit"].values())
@@ -286,7 +287,7 @@ ref = bn(z)
 bn_ok = (torch.allclose(out, ref[2 * rank:2 * rank + 2], atol=1e-5)
          and torch.allclose(synced.running_mean, bn.running_mean)
          and torch.allclose(synced.running_var, bn.running_var))
-m = train.main(train.parse_args(sys.argv[1:]))
+m = train.train(train.parse_args(sys.argv[1:]))
 torch.save({"bn_ok": bn_ok, "sit": m.sit.state_dict(), "vae": m.vae.state_dict(), "disc": m.disc.state_dict(),
             "sit_ema": m.sit_ema.state_dict(), "vae_ema": m.vae_ema.state_dict()},
            os.path.join(m.results_dir, f"rank{rank}.pt"))
@@ -299,7 +300,7 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(tmp_path / "helper.py"), *TINY, "--global-batch-size", "4", "--max-steps", "2",
-           "--ckpt-every", "2", "--results-dir", str(tmp_path / "run")]
+           "--ckpt-every", "2", "--out", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
@@ -331,17 +332,17 @@ def test_each_network_gets_the_pixel_range_it_expects(step_setup, monkeypatch):
     batch = train.make_batch(m, images, torch.empty(0))
     assert seen["enc"].dtype == torch.uint8 and torch.equal(seen["enc"].cpu(), images)
     assert torch.equal(batch.x, images.float() / 127.5 - 1) and -1 <= batch.x.min() and batch.x.max() <= 1
-    cond, target = real_encoder(m.encoder, images, token_grid=m.token_grid)
+    cond, target = real_encoder(m.encoder, images, token_grid=m.sit.token_grid)
     assert torch.equal(batch.cond, cond) and torch.equal(batch.target, target)
     vae_inputs = []
-    m.wrapped["vae"] = lambda x: vae_inputs.append(x) or m.vae(x)
+    m.forward.vae = lambda x: vae_inputs.append(x) or m.vae(x)
     train.vae_update(m, opts["vae"], batch, args)
     assert vae_inputs[0] is batch.x
 
 
 def test_precomputed_tokens_are_split_into_condition_and_target(step_setup):
     args, m, opts, *_ = step_setup
-    feats = torch.randn(2, 1 + m.token_grid ** 2, 48)
+    feats = torch.randn(2, 1 + m.sit.token_grid ** 2, 48)
     batch = train.make_batch(m, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), feats)
     assert torch.equal(batch.cond, feats[:, 0]) and torch.equal(batch.target, feats[:, 1:])
 
@@ -350,11 +351,10 @@ def test_training_from_the_slides_equals_training_from_the_pngs(tmp_path):
     """--slides reads each tile from its slide: the same pixels, so the same weights, bit for bit."""
     import tiling
     out = tmp_path / "tiles"
-    assert tiling.main([str(REPO / "tests" / "data"), str(out), "--max-tiles-per-slide", "8"]) == 0
+    assert tiling.main(["--slides", str(REPO / "tests" / "data"), "--out", str(out), "--max-tiles-per-slide", "8"]) == 0
     common = ["--data", str(out / "manifest.csv"), *TINY[2:], "--max-steps", "2", "--ckpt-every", "2"]
-    train.main(train.parse_args(common + ["--results-dir", str(tmp_path / "png")]))
-    train.main(train.parse_args(common + ["--results-dir", str(tmp_path / "slides"), "--slides",
-                                          str(REPO / "tests" / "data")]))
+    train.main(common + ["--out", str(tmp_path / "png")])
+    train.main(common + ["--out", str(tmp_path / "slides"), "--slides", str(REPO / "tests" / "data")])
     a, b = (torch.load(tmp_path / run / "checkpoints" / "0000002.pt", weights_only=False) for run in ("png", "slides"))
     for key in ("sit", "vae", "sit_ema", "vae_ema", "disc"):
         assert tensors_equal(a[key], b[key]), key
@@ -366,7 +366,7 @@ def test_training_from_the_slides_equals_training_from_the_pngs(tmp_path):
 def trained(tmp_path_factory):
     """A 2-step tiny run: its checkpoint's EMA weights differ from a fresh initialisation."""
     results = tmp_path_factory.mktemp("trained")
-    train.main(tiny_args(results, "--max-steps", "2", "--ckpt-every", "2"))
+    train.train(tiny_args(results, "--max-steps", "2", "--ckpt-every", "2"))
     return results / "checkpoints" / "0000002.pt"
 
 
@@ -376,10 +376,10 @@ def fresh_nets(tmp_path):
 
 def test_init_from_a_checkpoint_and_its_export_loads_the_ema_weights(trained, tmp_path):
     ckpt = torch.load(trained, weights_only=True)
-    checkpoints.export(str(trained), str(tmp_path / "export"))
+    weights.export(str(trained), str(tmp_path / "export"))
     for source in (trained, tmp_path / "export"):
         nets = fresh_nets(tmp_path)
-        lines = checkpoints.init_from(str(source), nets)
+        lines = weights.init_from(str(source), nets)
         assert "left at" in lines[1] and ", 0 left at initialisation" in lines[1], lines
         for net in ("sit", "sit_ema", "vae", "vae_ema"):
             assert tensors_equal(getattr(nets, net).state_dict(), ckpt[net.split("_")[0] + "_ema"]), (source, net)
@@ -392,7 +392,7 @@ def test_init_from_a_class_conditional_repae_checkpoint_leaves_the_conditioning_
     torch.save({"model": sit, "ema": sit, "vae": ckpt["vae"], "opt": {}, "args": {"seed": 0}}, tmp_path / "repae.pt")
     nets = fresh_nets(tmp_path)
     init = snapshot(nets.sit)
-    lines = checkpoints.init_from(str(tmp_path / "repae.pt"), nets)
+    lines = weights.init_from(str(tmp_path / "repae.pt"), nets)
     assert "class table" in lines[0] and "left at initialisation: y_embedder (5)" in lines[1], lines
     for k, v in nets.sit.state_dict().items():
         assert torch.equal(v, init[k] if k.startswith("y_embedder.") else ckpt["sit"][k]), k
@@ -409,7 +409,7 @@ def test_init_from_a_diffusers_vae_converts_it_and_leaves_the_sit(tmp_path):
     save_file(ref.state_dict(), tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
     nets = fresh_nets(tmp_path)
     sit = snapshot(nets.sit)
-    lines = checkpoints.init_from(str(tmp_path), nets)  # the folder holding vae/diffusion_pytorch_model.*
+    lines = weights.init_from(str(tmp_path), nets)  # the folder holding vae/diffusion_pytorch_model.*
     assert "diffusers VAE" in lines[0] and "SIT: nothing" in lines[1] and ", 0 left at" in lines[2], lines
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -423,16 +423,15 @@ def test_init_from_weights_of_another_size_names_the_tensors(trained, tmp_path):
     ckpt["sit_ema"]["pos_embed"] = torch.zeros(1, 4, 96)
     torch.save(ckpt, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"SIT weights does not fit .*pos_embed \(1, 4, 96\) \(this run: \(1, 4, 64\)\)"):
-        checkpoints.init_from(str(tmp_path / "other.pt"), fresh_nets(tmp_path))
+        weights.init_from(str(tmp_path / "other.pt"), fresh_nets(tmp_path))
 
 
 def test_init_from_starts_a_new_run_and_excludes_resume(trained, tmp_path, capsys):
-    train.main(tiny_args(tmp_path / "run", "--max-steps", "1", "--init-from", str(trained)))
+    train.train(tiny_args(tmp_path / "run", "--max-steps", "1", "--init-from", str(trained)))
     assert "--init-from" in (tmp_path / "run" / "log.txt").read_text()
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == ["1"]  # step 0 + 1: a new run
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--init-from starts a new run, --resume continues one"):
         tiny_args(tmp_path, "--resume", "--init-from", str(trained))
-    assert "--init-from starts a new run, --resume continues one" in capsys.readouterr().err
 
 
 def test_truncated_latest_checkpoint_names_the_newest_readable_one(trained, tmp_path):
@@ -441,4 +440,4 @@ def test_truncated_latest_checkpoint_names_the_newest_readable_one(trained, tmp_
     good.write_bytes(trained.read_bytes())
     (tmp_path / "checkpoints" / "0000004.pt").write_bytes(trained.read_bytes()[:5000])  # killed mid-copy
     with pytest.raises(ValueError, match=rf"0000004.pt is unreadable .* newest readable one is {good}: pass --resume"):
-        train.main(tiny_args(tmp_path, "--max-steps", "6", "--resume"))
+        train.train(tiny_args(tmp_path, "--max-steps", "6", "--resume"))
