@@ -45,7 +45,7 @@ from features import ENCODERS
 from metrics import fd, feature_stats
 from sample import Pipeline, SamplingSettings
 from sit import SiT_models, build_sit
-from support.cli import (SEED, Unavailable, add_device_args, add_sampling_args, autocast, number_in,
+from support.cli import (BATCH_SIZE, IMAGE_SIZE, SEED, Unavailable, add_device_args, add_sampling_args, autocast, number_in,
                          resolve_precision, run)
 from support.perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
 from support.slides import RESAMPLE, SlideError, SlideTileReader, open_slide, read_tile_at
@@ -75,8 +75,8 @@ def add_train_args(p):
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
     p.add_argument("--encoder", choices=list(ENCODERS), default="h0-mini", help="architecture, random weights")
-    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=TILE_SIZE)
-    p.add_argument("--batch-size", type=number_in(int, 1, 10 ** 5), default=32, help="tiles per step (one process)")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=TILE_SIZE)
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=32, help="tiles per step (one process)")
     p.add_argument("--timed-steps", type=number_in(int, 1, 10 ** 5), default=10, help="steps timed")
     p.add_argument("--warmup", type=number_in(int, 0, 10 ** 5), default=3, help="untimed steps first (compiling happens here)")
     p.add_argument("--compile", action="store_true")
@@ -156,8 +156,8 @@ def bench_train(args):
 def add_sample_args(p):
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
-    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=TILE_SIZE)
-    p.add_argument("--batch-size", type=number_in(int, 1, 10 ** 5), default=64)
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=TILE_SIZE)
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=64)
     add_sampling_args(p)
     p.add_argument("--seed", type=SEED, default=0)
     add_device_args(p)
@@ -209,8 +209,8 @@ def bench_sample(args):
 
 # -------- fd: our FD against the scipy.linalg.sqrtm formula of pytorch-fid / clean-fid ----------------
 def add_fd_args(p):
-    p.add_argument("--n", type=number_in(int, 2, 10 ** 7), default=100_000, help="samples per set")
-    p.add_argument("--d", type=number_in(int, 1, 10 ** 5), default=1536, help="feature dimension (H-optimus-0, UNI2-h)")
+    p.add_argument("--num-vectors", type=number_in(int, 2, 10 ** 7), default=100_000, help="feature vectors per set")
+    p.add_argument("--dims", type=number_in(int, 1, 10 ** 5), default=1536, help="feature dimension (H-optimus-0, UNI2-h)")
     p.add_argument("--seed", type=SEED, default=0)
 
 
@@ -236,7 +236,7 @@ def fd_sqrtm_reference(mu1, s1, mu2, s2, eps=1e-6):
 
 def bench_fd(args):
     """Both FD implementations on the same random features (two correlated Gaussians)."""
-    n, d = args.n, args.d
+    n, d = args.num_vectors, args.dims
     rng = np.random.default_rng(args.seed)
     mix = rng.standard_normal((d, d), dtype=np.float32) / np.sqrt(d)
     x = rng.standard_normal((n, d), dtype=np.float32) @ mix + 0.5
@@ -283,7 +283,7 @@ def read_tile_naive(slide, geo, x, y, context, resample):
 def benchmark_reading(path, tiling_args, rounds):
     """Tiles/s of read_tile_at and of a plain per-tile read_region loop on one slide."""
     job = {"slide_id": path.stem, "path": str(path), "csv_mpp": None,
-           "settings": tiling.run_settings(tiling_args)}
+           "settings": tiling.tiling_settings(tiling_args)}
     _, geo, tissue, _ = tiling.prepare(job)
     corners, resample, c = list(zip(tissue.x, tissue.y)), RESAMPLE[tiling_args.resample], tiling_args.context
 
@@ -381,7 +381,7 @@ def bench_tiling(args):
 def add_weights_args(p):
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
-    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=TILE_SIZE)
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=TILE_SIZE)
     p.add_argument("--work-dir", default=None, help="where the export is written (default: a temporary folder, "
                                                     "deleted afterwards)")
 

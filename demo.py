@@ -8,7 +8,7 @@ with the flags printed before it runs, so every step can be rerun by hand. It en
 (evaluate.py) on three checkpoints, untrained (step 0), middle and last, and says whether the numbers
 show learning: the FD to the held-out tiles must fall, and a sample's cosine with the tile whose features
 conditioned it must beat a shuffled pairing (CytoSyn §4.1's sample-wise cosine).
-NOTE: not CytoSyn: tiny models (SiT-T/2, the "tiny" VAE) on the central 64 px of each tile (as sample.py
+Not CytoSyn: tiny models (SiT-T/2, the "tiny" VAE) on the central 64 px of each tile (as sample.py
 crops its conditioning tiles), a random two-block ViT standing in for the gated H0-mini (the same seeded
 one conditions, aligns and scores), no LPIPS (its VGG weights come from the hub), and a learning rate and
 EMA decay for a 1500-step run (with the paper's 0.9999 the EMA would still be 86 % initial weights at the
@@ -30,9 +30,11 @@ import sample
 import tiling
 import train
 from support.checkpoints import CHECKPOINT, latest_checkpoint
-from support.cli import SAMPLING_RANGES, InputError, number_in, run
+from support.cli import MAX_STEPS, SAMPLES_PER_COND, SAMPLING_RANGES, InputError, number_in, run
 
 SLIDES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data")
+# NOTE: the demo's settings, not the paper's: tiny models, 64 px crops, the random "tiny" encoder for H0-mini,
+# no LPIPS, and a learning rate and EMA decay for a short run.
 TRAIN = dict(model="SiT-T/2", vae="tiny", encoder="tiny", image_size=64, resize="crop", global_batch_size=8,
              lr=3e-4, vae_lr=3e-4, disc_lr=3e-4, ema_decay=0.995, log_every=50, num_workers=0)
 
@@ -69,10 +71,10 @@ def tile(out):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/demo", help="everything the demo writes goes here")
-    p.add_argument("--max-steps", type=number_in(int, 1, 10 ** 7), default=1500)
+    p.add_argument("--max-steps", type=MAX_STEPS, default=1500)
     p.add_argument("--num-sampling-steps", type=number_in(*SAMPLING_RANGES["num_sampling_steps"]), default=50,
                    help="SDE steps of the generated tiles")
-    p.add_argument("--n", type=number_in(int, 1, 100), default=4, help="generated tiles per held-out tile")
+    p.add_argument("--n", type=SAMPLES_PER_COND, default=4, help="generated tiles per held-out tile")
     return p
 
 

@@ -35,7 +35,7 @@ import torch
 
 import metrics as M
 import sample
-from support.cli import INF, InputError, MissingInput, add_sampling_args, check_guidance, comma_list, number_in, processes, run
+from support.cli import BATCH_SIZE, INF, InputError, MissingInput, add_sampling_args, check_guidance, comma_list, number_in, processes, run
 from support.data import read_manifest_rows
 from features import load_encoder
 from support.extractors import EXTRACTORS, build_extractor, spec_record, weights_id
@@ -324,14 +324,14 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint from train.py")
     p.add_argument("--tiles", required=True, type=Path, help="tiling.py's output folder (manifest.csv inside)")
-    p.add_argument("--out", required=True, type=Path, help="everything the benchmark writes; a rerun resumes")
+    p.add_argument("--out", required=True, help="everything the benchmark writes; a rerun resumes")
     p.add_argument("--num-guidance", type=number_in(int, 2, INF), default=100_000, help="paper: 100k")
     p.add_argument("--val-sets", type=comma_list(VAL_SETS), default=list(VAL_SETS), help="comma-separated: "
                                                                                          "val_in, val_out")
     add_sampling_args(p, several=True)
     p.add_argument("--sit-weights", choices=["ema", "raw"], default="ema")
     p.add_argument("--vae-weights", choices=["ema", "raw"], default="ema", help="Table 2: 108M (raw) / 108M-EMA")
-    p.add_argument("--sample-batch-size", type=number_in(int, 1, 65_536), default=32, help="sample.py's --batch-size")
+    p.add_argument("--sample-batch-size", type=BATCH_SIZE, default=32, help="sample.py's --batch-size")
     p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=PAPER_EXTRACTORS,
                    help=f"comma-separated: {', '.join(EXTRACTORS)}")
     p.add_argument("--random-encoder", action="store_true", help="guidance features from an untrained encoder")
@@ -344,6 +344,7 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    args.out = Path(args.out)
     check_guidance(args)
     return args
 

@@ -26,9 +26,10 @@ from timm.layers import SwiGLUPacked
 from tqdm import tqdm
 
 from sit import SiT_models, token_grid
-from support.cli import (InputError, Unavailable, add_device_args, add_workers_arg, number_in, processes, run,
+from support.cli import (BATCH_SIZE, IMAGE_SIZE, InputError, Unavailable, add_device_args, add_workers_arg, processes, run,
                          SEED)
 from support.data import find_tiles, shard_names, tile_batches, tile_stem
+from tiling import TILE_SIZE
 from vae import latent_size, vae_models
 
 # H0-mini's input normalisation (its model card; the same constants as H-optimus-0).
@@ -219,9 +220,9 @@ def build_parser():
     p.add_argument("--random-encoder", action="store_true", help="untrained encoder (pipeline tests)")
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2", help="the SiT the tokens are for")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4", help="the VAE the tokens are for")
-    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224, help="train.py's --image-size")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=TILE_SIZE, help="train.py's --image-size")
     p.add_argument("--resize", choices=["crop", "scale"], default=None, help="train.py's --resize")
-    p.add_argument("--batch-size", type=number_in(int, 1, 100_000), default=64)
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=64)
     add_workers_arg(p, default=min(8, os.cpu_count() or 1))
     p.add_argument("--seed", type=SEED, default=0, help="the random encoder's seed")
     add_device_args(p, precision=False)

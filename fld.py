@@ -70,7 +70,7 @@ class IsotropicMoG:
         x = x[torch.randperm(len(x), generator=generator).to(x.device)]
         nearest = torch.stack([self._sq_dist(x[i:j]).min(0).values for i, j in row_chunks(len(x), self.m)])
         logvar = ((nearest.min(0).values + 1e-3) / self.d).log().requires_grad_()  # at its nearest point
-        # NOTE: as in Jiralerspong et al.'s code, one extra wide component (unweighted, own variance) at the
+        # As in Jiralerspong et al.'s code, one extra wide component (unweighted, own variance) at the
         # data mean keeps every point's likelihood finite during the fit; it is not part of the density.
         origin_logvar = torch.zeros((), device=x.device, requires_grad=True)
         origin_sq = FLD_ORIGIN_SCALE**2 * (x - x.mean(0)).square().sum(1, keepdim=True)  # (N, 1)

@@ -45,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fld import DIST_BUDGET, FLD_EPOCHS, FLD_GEN_SIZE, fld, row_chunks
-from support.cli import (INF, SEED, InputError, MissingInput, Unavailable, add_device_args, add_workers_arg,
+from support.cli import (BATCH_SIZE, INF, SEED, InputError, MissingInput, Unavailable, add_device_args, add_workers_arg,
                          comma_list, number_in, run)
 from support.data import TileError, list_images, open_tile
 from support.extractors import EXTRACTORS, build_extractor, spec_record, weights_id
@@ -435,7 +435,7 @@ def add_metric_args(p):
     p.add_argument("--bootstrap-size", type=number_in(int, 2, INF), help="generated samples per draw (default: half)")
     p.add_argument("--fld-gen-size", type=number_in(int, 2, INF), default=FLD_GEN_SIZE)
     p.add_argument("--random-weights", action="store_true", help="untrained extractors (pipeline tests)")
-    p.add_argument("--batch-size", type=number_in(int, 1, 100_000), default=64, help="tiles per extractor batch")
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=64, help="tiles per extractor batch")
     add_workers_arg(p, default=min(8, os.cpu_count() or 1))
     p.add_argument("--seed", type=SEED, default=0)
     add_device_args(p)
@@ -460,7 +460,7 @@ def build_parser():
     add_metric_args(p)
     p.add_argument("--cache-dir", type=Path, default=Path("results/features"))
     p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("results/metrics"), help="folder of the report, metrics.json")
+    p.add_argument("--out", default="results/metrics", help="folder of the report, metrics.json")
     return p
 
 

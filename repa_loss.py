@@ -5,7 +5,7 @@ One time convention for the whole repo, defined here and used by train.py and sa
     x_t = (1 - t) x + t eps,   t ~ U[0, 1),   t = 0 is data, t = 1 is noise,
     the SiT predicts the velocity  v = d x_t / d t = eps - x.
 
-NOTE: this is REPA-E's convention; the original SiT code runs time the other way (t = 1 data).
+This is REPA-E's convention; the original SiT code runs time the other way (t = 1 data).
 
 The REPA target is the frozen encoder's patch tokens (features.py: H0-mini, resized to the SiT's token
 grid); the loss aligns them with the SiT's projected tokens after block `encoder_depth`.
@@ -25,6 +25,7 @@ def sample_t(batch, device=None, generator=None):
 
 def interpolate(x, eps, t):
     """x_t = (1 - t) x + t eps: t = 0 data, t = 1 noise."""
+    # NOTE: REPA-E's time direction; SiT §2 writes the path the other way, with t = 1 the data.
     t = t.view(-1, *([1] * (x.ndim - 1)))
     return (1 - t) * x + t * eps
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from features import encoder_features, load_encoder
 from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
-from support.cli import (SAMPLERS, SAMPLING_RANGES, SEED, InputError, NonFinite, add_device_args, add_sampling_args,
+from support.cli import (BATCH_SIZE, SAMPLERS, SAMPLES_PER_COND, SAMPLING_RANGES, SEED, InputError, NonFinite, add_device_args, add_sampling_args,
                          autocast, check_guidance, check_number, number_in, processes,
                          resolve_precision, run)
 from support.data import list_tile_args, open_tile, read_tile_at_mpp, size_at_mpp
@@ -117,9 +117,9 @@ class Pipeline:
         return self.decode(x, noise_ids)
 
     def decode(self, x, noise_ids):
-        """Normalised latents -> uint8 images (B, H, W, 3), refusing any non-finite one before it is written.
-        NOTE: decoded in float32 even with bf16 sampling (once per image, against hundreds of SiT passes),
-        so bf16 cannot band the 8-bit output."""
+        """Normalised latents -> uint8 images (B, H, W, 3), refusing any non-finite one before it is written."""
+        # NOTE: decoded in float32 even after bf16 sampling (once per image, against hundreds of SiT passes),
+        # so bf16 cannot band the 8-bit output.
         check_finite(x, noise_ids, "latents")
         images = self.vae.decode(self.sit.denormalize(x.float()))  # (B, 3, H, W), about [-1, 1]
         check_finite(images, noise_ids, "decoded pixels")
@@ -128,7 +128,7 @@ class Pipeline:
     def encode_tiles(self, tiles):
         """uint8 tiles (B, 3, S, S) -> their CLS features (B, D), from the checkpoint's encoder."""
         if self.encoder is None:
-            # NOTE: the "tiny" encoder is random, drawn from the run's seed: the very encoder a smoke run trained with.
+            # the "tiny" encoder is random, drawn from the run's seed: the very encoder a smoke run trained with
             self.encoder = load_encoder(self.encoder_name, seed=self.encoder_seed).to(self.device)
             if self.encoder.embed_dim != self.sit.cond_dim:
                 raise InputError(f"the checkpoint's SiT takes {self.sit.cond_dim}-d features but encoder "
@@ -276,7 +276,7 @@ def save_grid(rows, source, out, path):
         save_rows([[cell(*c) for c in row] for row in rows], path)
 
 
-def run_settings(args, step):
+def output_settings(args, step):
     """What decides the images of an output folder (OUT/settings.json): a rerun with others is refused."""
     files = lambda paths: None if paths is None else [os.path.abspath(p) for p in paths]  # noqa: E731
     return dict(ckpt=os.path.abspath(args.ckpt), ckpt_step=step, sit_weights=args.sit_weights,
@@ -304,7 +304,7 @@ def main(argv=None):
             os.makedirs(args.out, exist_ok=True)
         except OSError as err:
             raise InputError(f"cannot create the output folder --out {args.out} ({type(err).__name__}: {err})") from None
-        record_settings(args.out, run_settings(args, pipe.step), rank)
+        record_settings(args.out, output_settings(args, pipe.step), rank)
         path = lambda job: os.path.join(args.out, job.name + ".png")  # noqa: E731
         todo = [j for j in jobs[rank::world] if not os.path.exists(path(j))]  # resume: skip finished files
         if rank == 0:
@@ -358,14 +358,14 @@ def build_parser():
                       help="Figure 3: condition on (1 - a) f_A + a f_B, a = 0.2, 0.4, 0.6, 0.8")
     p.add_argument("--cond-mpp", type=number_in(float, 0, 100, open_low=True), metavar="MPP", default=None,
                    help=f"the conditioning tiles' µm/px if not {TILE_MPP}: rescale them to {TILE_MPP} before cropping")
-    p.add_argument("--n", type=number_in(int, 1, 10_000), default=5, help="samples per conditioning (rows of the "
+    p.add_argument("--n", type=SAMPLES_PER_COND, default=5, help="samples per conditioning (rows of the "
                                                                           "interpolation)")
     p.add_argument("--num-samples", type=number_in(int, 1, 10 ** 9), help="unconditional: number of images "
                                                                            "(default --n)")
     p.add_argument("--out", default="samples", help="output folder; a rerun with the same settings keeps its images")
     add_sampling_args(p)
     p.add_argument("--seed", type=SEED, default=0, help="image i's noise comes from (seed, i)")
-    p.add_argument("--batch-size", type=number_in(int, 1, 65_536), default=32, help="images per forward pass, per "
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=32, help="images per forward pass, per "
                                                                                     "process")
     p.add_argument("--sit-weights", choices=["ema", "raw"], default="ema",
                    help="the SiT's EMA or raw weights (its BatchNorm statistics denormalise the latents)")

@@ -64,9 +64,9 @@ def cfg_velocity(model, x, t, cond, cfg_scale, guidance_low, guidance_high, dtyp
 
     The only place the unconditional pass runs: one batched forward on [x; x] with the second half's
     condition dropped to the null embedding. `t` is a Python float, so the window test costs no sync.
-    NOTE: REPA-E guides only when cfg_scale > 1; we guide for any scale != 1 (s < 1 is a valid
-    interpolation towards the unconditional model, which REPA-E would silently ignore).
     """
+    # NOTE: REPA-E guides only when cfg_scale > 1; we guide for any scale != 1 (s < 1 is a valid
+    # interpolation towards the unconditional model, which REPA-E would silently ignore).
     B = x.shape[0]
     guided = cond is not None and cfg_scale != 1 and guidance_low <= t <= guidance_high
     if not guided:
@@ -105,7 +105,7 @@ def euler_maruyama_sampler(model, noise, cond=None, num_steps=250, cfg_scale=1.0
                            guidance_high=1.0, generator=None, dtype=torch.float32):
     """SDE dx = [v - w s / 2] dt + sqrt(w) dW from t = 1 to SDE_T_END, then one Euler step to 0.
 
-    NOTE: as REPA-E, the last step uses the SDE drift without noise (the mean of an Euler-Maruyama step), not
+    As REPA-E's sampler, the last step uses the SDE drift without noise (the mean of an Euler-Maruyama step), not
     a probability-flow step: the noise y left at SDE_T_END becomes -y rather than 0, so the output keeps a
     residual std ~ SDE_T_END around each mode (4% of the unit-variance latent; tests pin this down).
     N network evaluations (unguided). `generator` (one, or one per row; on noise's device) drives the

@@ -270,7 +270,7 @@ class SiT(nn.Module):
 
     def denormalize(self, x):
         """SiT space -> VAE latent with the running statistics (use the EMA model's for decoding).
-        NOTE: as REPA-E, without BatchNorm's eps, so this is the inverse of `normalize` up to eps = 1e-4."""
+        As REPA-E, without BatchNorm's eps, so this is the inverse of `normalize` up to eps = 1e-4."""
         mean = self.bn.running_mean.view(1, -1, 1, 1).to(x.dtype)
         std = self.bn.running_var.sqrt().view(1, -1, 1, 1).to(x.dtype)
         return x * std + mean
@@ -314,8 +314,9 @@ class SyncedLatentBatchNorm(nn.BatchNorm2d):
     torch's SyncBatchNorm runs on GPUs only. Here batch statistics are only used in the SiT update,
     on z.detach() with an affine-free BN, so they need no gradient: three small all-reduces (count,
     sum, squared deviations).
-    NOTE: our own; torch.nn.SyncBatchNorm would need CUDA and a gradient path that is never used here.
     """
+    # NOTE: our own, where REPA-E's DDP would use torch.nn.SyncBatchNorm, which needs CUDA and keeps a gradient
+    # path that is never used here.
 
     def forward(self, z):
         if not self.training:

@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from tqdm import tqdm
 
-from support.cli import SEED, InputError, MissingInput, number_in, run
+from support.cli import IMAGE_SIZE, SEED, InputError, MissingInput, number_in, run
 from support.data import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 from support.slides import (RESAMPLE, SlideError, centred_tiles, csv_mpp_for, open_slide, read_coords,
                     read_mpp_csv, read_tile_at, resolve_mpp, slide_geometry, thumbnail, write_coords)
@@ -102,12 +102,11 @@ def tissue_mask(rgb, min_object_px):
 
 
 def ink_mask(rgb):
-    """Pen marks by colour on a thumbnail: blue (hue 190-245°), green (hue 70-170°), black.
-
-    NOTE: the paper drops pen marks with its artefact filters (a model); this colour rule stands
-    in, and misses red pen, which eosin hides. H&E stays out: eosin is pink (hue 300-350°),
-    haematoxylin purple (250-290°), the darkest nuclei on the CMU slide keep a channel above 44,
-    and the saturation floors keep out grey glass and pale stain."""
+    """Pen marks by colour on a thumbnail: blue (hue 190-245°), green (hue 70-170°), black. H&E stays out:
+    eosin is pink (hue 300-350°), haematoxylin purple (250-290°), the darkest nuclei on the CMU slide keep a
+    channel above 44, and the saturation floors keep out grey glass and pale stain."""
+    # NOTE: the paper drops pen marks with its artefact filters (a model); this colour rule stands in, and
+    # misses red pen, which eosin hides.
     hue = np.asarray(Image.fromarray(rgb).convert("HSV"))[..., 0] * (360 / 255)  # uint8 RGB in
     rgb = rgb.astype(np.float32)
     high, low = rgb.max(-1), rgb.min(-1)
@@ -448,7 +447,7 @@ def mpp_table(path, slides):
     return table
 
 
-def run_settings(args):
+def tiling_settings(args):
     """Everything that changes a slide's tiles; a slide is redone when these differ."""
     return {"mpp": args.mpp, "image_size": args.image_size, "slide_mpp": args.slide_mpp,
             "min_tissue": args.min_tissue, "resample": args.resample, "jpeg": args.jpeg,
@@ -527,7 +526,7 @@ def tile_slides(args):
         print(f"{args.slides} holds no slides (any OpenSlide format, or PNG/TIFF/JPEG images): "
               "nothing to tile", file=sys.stderr)
         return 1
-    mpps, settings = mpp_table(args.mpp_csv, paths), run_settings(args)
+    mpps, settings = mpp_table(args.mpp_csv, paths), tiling_settings(args)
     out.mkdir(parents=True, exist_ok=True)
     print(f"tiles of {args.image_size} px at {args.mpp} µm/px, resampled with Pillow "
           f"{RESAMPLE[args.resample].name} (antialiased) where the slide's MPP differs", file=sys.stderr)
@@ -555,7 +554,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder: tiles/, manifest.csv, coords/, previews/")
     p.add_argument("--mpp", type=number_in(float, 0, 100, open_low=True), default=TILE_MPP,
                    help="µm per pixel of the tiles (0.5 = 20x)")
-    p.add_argument("--image-size", type=number_in(int, 1, 8192), default=TILE_SIZE, help="tile side in pixels")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=TILE_SIZE, help="tile side in pixels")
     p.add_argument("--slide-mpp", type=number_in(float, 0, 100, open_low=True), default=None,
                    help="µm per level-0 pixel of every slide, overriding the metadata; "
                         "required for plain images")

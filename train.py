@@ -13,19 +13,15 @@ One step, in the paper's order (CytoSyn §3.3), on every rank with the same t an
      + 0.5 x REPA loss. The diffusion loss never reaches the VAE.
   5. EMA (0.9999) of the SiT, BatchNorm buffers included, and (CytoSyn's addition) of the VAE.
 
-Outputs in --out: checkpoints/NNNNNNN.pt (support/checkpoints.py), log.txt, metrics.csv, loss.png and
-samples/NNNNNNN.png (conditioning tiles above EMA samples of their CLS features). On the CPU a run and
-its resumed halves are bitwise identical. Speed: `python bench.py train`; a first run: `python demo.py`.
+Outputs in --out: checkpoints/NNNNNNN.pt, log.txt, metrics.csv, loss.png and samples/NNNNNNN.png
+(conditioning tiles above EMA samples of their CLS features). A resumed run is bitwise identical on the CPU.
 
-Left out: gradient accumulation, learning-rate schedules (REPA-E uses a constant 1e-4), data
-augmentation (neither paper states any), REPA-E's lognormal time sampling and LeCam regulariser,
-and exact mid-epoch resume for tar shards (a resumed shard stream starts a new pass).
+Left out: gradient accumulation, learning-rate schedules (REPA-E uses a constant 1e-4), data augmentation
+(neither paper states any), REPA-E's lognormal time sampling and LeCam regulariser.
 """
 import argparse
 import copy
-import math
 import os
-import time
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
@@ -37,27 +33,20 @@ from features import ENCODERS, encoder_features, load_encoder
 from repa_loss import diffusion_loss, interpolate, repa_loss, sample_t, velocity_target
 from sample import Pipeline, SamplingSettings
 from sit import SiT_models, build_sit, synced_batchnorm
-from support.checkpoints import latest_checkpoint, save_all_ranks, start_or_resume
-from support.cli import (CytoSynError, InputError, NonFinite, SEED, add_device_args, add_sampling_args,
-                         add_workers_arg, check_guidance, number_in, processes,
-                         resolve_precision, run)
+from support.checkpoints import save_all_ranks, start_or_resume
+from support.cli import (IMAGE_SIZE, MAX_STEPS, SEED, InputError, add_device_args, add_sampling_args, add_workers_arg, check_guidance,
+                         number_in, processes, resolve_precision, run)
 from support.data import feature_dim, find_tiles, first_tiles, training_batches
-from support.logs import Logger, append_line, save_training_grid
+from support.logs import Logger, errors_to_log, save_training_grid
 from support.outputs import check_output_folder
-from support.perf import peak_memory_gb
+from tiling import TILE_SIZE
 from vae import build_vae, vae_models
-from vae_loss import LPIPS, NLayerDiscriminator, hinge_d_loss, hinge_g_loss
+from vae_loss import LPIPS, NLayerDiscriminator, add_lpips_args, hinge_d_loss, hinge_g_loss
 
-# Averaged over ranks and checked for finiteness every step; logged every --log-every steps.
-LOSS_TERMS = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "disc",
-              "grad_sit", "grad_vae", "grad_disc")
-EXTRA_TERMS = ("logits_real", "logits_fake")
 LOSS_WEIGHT = number_in(float, 0, 10 ** 6)  # a loss term's weight: 0 turns the term off
 
 
-#################################################################################
-#                         One training step (CytoSyn §3.3)                      #
-#################################################################################
+# -------- One training step (CytoSyn §3.3) --------------------------------------------------------
 
 def train_step(nets, opts, images, feats, args):
     """One REPA-E step on a batch of uint8 tiles (B, 3, H, W) -> the loss terms of this rank (tensors).
@@ -85,8 +74,7 @@ def make_batch(nets, images, feats):
             cond, target = encoder_features(nets.encoder, images, token_grid=nets.sit.token_grid)  # (B, D), (B, T, D)
     x = images.float() / 127.5 - 1.0                       # (B, 3, H, W) in [-1, 1]: the VAE's range
     t = sample_t(x.shape[0], device=device)                # (B,)
-    z_shape = (x.shape[0], nets.vae.z_channels, x.shape[2] // nets.vae.factor, x.shape[3] // nets.vae.factor)
-    eps = torch.randn(z_shape, device=device)              # (B, 4, h, w)
+    eps = torch.randn(len(x), nets.vae.z_channels, *(n // nets.vae.factor for n in x.shape[2:]), device=device)  # (B, 4, h, w)
     return SimpleNamespace(x=x, cond=cond, target=target, t=t, eps=eps)
 
 
@@ -95,8 +83,7 @@ def vae_loss(nets, batch, args):
     terms). The SiT's and the discriminator's weights take no gradient from it."""
     sit, x = nets.sit, batch.x
     sit.eval()  # running BN statistics; no conditioning dropout
-    disc_frozen = frozen(nets.disc) if nets.disc is not None else nullcontext()
-    with frozen(sit), disc_frozen, nets.autocast:
+    with frozen(sit), frozen(nets.disc) if nets.disc is not None else nullcontext(), nets.autocast:
         posterior, z, recon = nets.forward.vae(x)                                # z (B, 4, h, w), recon (B, 3, H, W)
         terms = dict(l1=(recon.float() - x).abs().mean())
         # NOTE: LPIPS and the discriminator run under the same bf16 autocast; REPA-E runs them in fp32.
@@ -168,7 +155,7 @@ def optimizer_step(module, opt, max_norm):
 @contextmanager
 def frozen(module):
     """No gradient reaches `module`'s parameters from what runs inside the block; their flags are restored
-    after (the autograd graph records the flags at forward time, so a later backward respects them)."""
+    after (the autograd graph records them at forward time, so a later backward respects them)."""
     flags = [p.requires_grad for p in module.parameters()]
     module.requires_grad_(False)
     try:
@@ -193,9 +180,7 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(averaged, current, 1.0 - decay)
 
 
-#################################################################################
-#                                Setup helpers                                  #
-#################################################################################
+# -------- Setup helpers ---------------------------------------------------------------------------
 
 def build_models(args, device, world, feature_dim_=None, pretrained=True):
     """SiT, VAE, their EMAs, the discriminator, LPIPS and the encoder; the same init on every rank.
@@ -264,37 +249,19 @@ def build_optimizers(args, nets):
 
 
 def local_batch_size(global_batch, world):
+    """The tiles each rank takes per step; the global batch must divide evenly."""
     if global_batch % world:
         raise InputError(f"--global-batch-size {global_batch} is not divisible by the {world} processes: "
                          f"choose a multiple of {world}")
     return global_batch // world
 
 
-def reduce_and_check(terms, step, world, out):
-    """Average the loss terms over ranks -> (names, floats); stop every rank at a non-finite one.
-    Every step, not only at log steps, so no checkpoint is ever written after a non-finite loss."""
-    keys = [k for k in LOSS_TERMS + EXTRA_TERMS if k in terms]
-    values = torch.stack([terms[k].detach().float() for k in keys])
-    if world > 1:
-        dist.all_reduce(values)
-        values /= world
-    values = values.tolist()
-    bad = [f"{k}={v}" for k, v in zip(keys, values) if not math.isfinite(v)]
-    if bad:
-        raise NonFinite(f"non-finite loss at step {step}: {', '.join(bad)} (all terms: {dict(zip(keys, values))}). "
-                        f"Nothing was saved after it; the last checkpoint is {latest_checkpoint(out) or 'none'}.")
-    return keys, values
-
-
-#################################################################################
-#                                    main                                       #
-#################################################################################
+# -------- main ------------------------------------------------------------------------------------
 
 def train(args):
     """Train CytoSyn; returns the models (tests and demo.py read them)."""
     with processes(args.device) as (rank, world, device):
         # Setup processes and precision.
-        distributed = world > 1
         local_batch = local_batch_size(args.global_batch_size, world)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = args.tf32  # TF32 matmuls/convs: REPA-E's default
@@ -313,13 +280,12 @@ def train(args):
             nets = build_models(args, device, world, feature_dim(args.features) if args.features else None)
             return nets, build_optimizers(args, nets), {**vars(args), **nets.sit.config, "world_size": world}
         nets, opts, config, start_step, lines = start_or_resume(args, rank, world, device, build)
-        log = Logger(args.out, rank, start_step)
-        log.info(f"{lines[0]}; {world} process(es) on {device.type}, {local_batch} tiles per process")
-        for line in lines[1:]:
+        log = Logger(args.out, rank, start_step, world, args.log_every, args.global_batch_size, device)
+        for line in [f"{world} process(es) on {device.type}, {local_batch} tiles per process", *lines]:
             log.info(line)
         log.info(f"SiT {args.model}: {sum(p.numel() for p in nets.sit.parameters()) / 1e6:.2f} M parameters; "
                  f"VAE {args.vae}: {sum(p.numel() for p in nets.vae.parameters()) / 1e6:.2f} M")
-        wrap_models(nets, args, distributed)
+        wrap_models(nets, args, distributed=world > 1)
 
         # Setup data loading, and the fixed tiles whose CLS features condition every sample grid.
         dataset, data = training_batches(
@@ -329,7 +295,7 @@ def train(args):
             pin_memory=device.type == "cuda")
         log.info(f"data: {tiles.describe()} from {args.data}")
         if rank == 0 and args.sample_every:
-            fixed, fixed_feats = first_tiles(dataset, args.num_samples)
+            fixed, fixed_feats = first_tiles(dataset, args.grid_tiles)
             with nets.autocast:
                 fixed_cond = (fixed_feats[:, 0].to(device) if fixed_feats.numel() else
                               encoder_features(nets.encoder, fixed.to(device), nets.sit.token_grid)[0])
@@ -337,21 +303,13 @@ def train(args):
             grid_settings = SamplingSettings.from_args(args)
 
         # Train.
-        step, window, sums, t0 = start_step, 0, None, time.perf_counter()
+        step = start_step
         while step < args.max_steps:
             images, feats = next(data)
             terms = train_step(nets, opts, images, feats, args)
             step += 1
-            keys, values = reduce_and_check(terms, step, world, args.out)
-            sums = values if sums is None else [a + b for a, b in zip(sums, values)]
-            window += 1
             last = step == args.max_steps
-            if step % args.log_every == 0 or last:
-                elapsed = time.perf_counter() - t0
-                log.metrics({"step": step, **{k: s / window for k, s in zip(keys, sums)},
-                             "img_per_s": window * args.global_batch_size / elapsed,
-                             "sec_per_step": elapsed / window, "peak_mem_gb": peak_memory_gb(device)})
-                window, sums, t0 = 0, None, time.perf_counter()
+            log.step(step, terms, last)  # averaged over ranks, checked finite, written every --log-every steps
             saving = step % args.ckpt_every == 0 or last
             sampling = args.sample_every > 0 and (step % args.sample_every == 0 or last)
             if saving:
@@ -360,7 +318,7 @@ def train(args):
             if sampling and rank == 0:
                 images = grid_pipe.generate(fixed_cond, list(range(len(fixed_cond))), grid_settings)
                 save_training_grid(fixed, images, os.path.join(args.out, "samples", f"{step:07d}.png"))
-            if distributed and (saving or sampling):
+            if world > 1 and (saving or sampling):
                 dist.barrier()  # the other ranks wait for rank 0's files
         log.info(f"done: {step} steps")
         return nets
@@ -368,12 +326,8 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with errors_to_log(args.out):  # the error that stops a run is also the last line of its log.txt
         train(args)
-    except CytoSynError as err:  # bad input or a non-finite loss: also the last line of log.txt, beside the history
-        if os.environ.get("RANK", "0") == "0" and os.path.isdir(args.out):
-            append_line(args.out, f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] train.py: error: {err}")
-        raise
     return 0
 
 
@@ -386,15 +340,14 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--data", required=True,
                    help="folder of PNG/JPEG tiles (recursive), manifest .csv, or folder/.tar of shards")
     p.add_argument("--slides", default=None, metavar="SLIDES_DIR",
                    help="read each tile of the --data manifest from its slide (the folder tiling.py read): no PNG copy")
     p.add_argument("--features", default=None, help="folder of precomputed <tile stem>.npy H0-mini tokens")
-    p.add_argument("--image-size", type=number_in(int, 16, 4096), default=224)
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=TILE_SIZE)
     p.add_argument("--resize", choices=["crop", "scale"], default=None,
                    help="what to do with tiles of another size (default: stop with an error)")
     add_workers_arg(p)
@@ -408,7 +361,7 @@ def build_parser():
                    help="probability that a tile's condition is dropped to the null embedding (for guidance)")
     # optimisation (REPA-E's defaults; CytoSyn's global batch)
     p.add_argument("--global-batch-size", type=number_in(int, 1, 10 ** 7), default=640)
-    p.add_argument("--max-steps", type=number_in(int, 1, 10 ** 10), default=400_000)
+    p.add_argument("--max-steps", type=MAX_STEPS, default=400_000)
     p.add_argument("--lr", type=number_in(float, 0, 1, open_low=True), default=1e-4, help="SiT learning rate")
     p.add_argument("--vae-lr", type=number_in(float, 0, 1, open_low=True), default=1e-4)
     p.add_argument("--disc-lr", type=number_in(float, 0, 1, open_low=True), default=1e-4)
@@ -424,29 +377,23 @@ def build_parser():
     p.add_argument("--lpips-weight", type=LOSS_WEIGHT, default=1.0)
     p.add_argument("--kl-weight", type=LOSS_WEIGHT, default=1e-6)
     p.add_argument("--gan-weight", type=LOSS_WEIGHT, default=0.1)
-    p.add_argument("--no-lpips", action="store_true", help="ablation / smoke run: no LPIPS term")
     p.add_argument("--no-gan", action="store_true", help="ablation / smoke run: no discriminator")
-    p.add_argument("--lpips-heads", default=None, help="LPIPS heads file (default: the lpips package's calibrated vgg.pth)")
-    p.add_argument("--lpips-uniform", dest="lpips_heads", action="store_const", const="uniform",
-                   help="ablation: weigh VGG channels 1/C instead of the calibrated heads (not LPIPS)")
-    p.add_argument("--lpips-vgg-range-quirk", action="store_true", help="REPA-E's code: VGG sees [-3, 1]")
-    p.add_argument("--lpips-random", action="store_true", help="random VGG weights (tests and offline smoke runs)")
+    add_lpips_args(p)
     # run
     p.add_argument("--out", default="results/cytosyn", help="the run's folder: checkpoints, logs, samples")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in --out, or from the given file")
-    p.add_argument("--init-from", default=None, metavar="PATH", help="start a new run from these weights: an "
-                   "export, a train.py or REPA-E checkpoint, or a diffusers VAE (file or folder)")
+    p.add_argument("--init-from", metavar="PATH", help="start a new run from these weights: an export, a train.py or "
+                                                       "REPA-E checkpoint, a diffusers VAE")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--log-every", type=number_in(int, 1, 10 ** 10), default=100)
     p.add_argument("--ckpt-every", type=number_in(int, 1, 10 ** 10), default=50_000)
     p.add_argument("--sample-every", type=number_in(int, 0, 10 ** 10), default=10_000, help="0: no sample grids")
-    p.add_argument("--num-samples", type=number_in(int, 1, 64), default=8, help="tiles in each sample grid")
+    p.add_argument("--grid-tiles", type=number_in(int, 1, 64), default=8, help="tiles in each sample grid")
     add_sampling_args(p, sampler="ode", steps=50)  # the sample grids' sampler
     add_device_args(p)
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compile", action="store_true", help="torch.compile the SiT and the VAE (GPU; see "
-                                                          "docs/performance.md)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the SiT and the VAE (GPU)")
     return p
 
 

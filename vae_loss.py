@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from support.cli import InputError, MissingInput
+
 # LPIPS's own input scaling for images in [-1, 1]: (x - shift) / scale. These are the ImageNet
 # mean/std re-expressed for [-1, 1] input (e.g. -0.030 = 2 * 0.485 - 1, 0.458 = 2 * 0.229).
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
@@ -41,7 +43,7 @@ def calibrated_heads_path():
     try:
         path = files("lpips") / "weights" / "v0.1" / "vgg.pth"
     except ModuleNotFoundError:
-        raise FileNotFoundError("the calibrated LPIPS heads ship with the `lpips` package: pip install lpips "
+        raise MissingInput("the calibrated LPIPS heads ship with the `lpips` package: pip install lpips "
                                 "(or pass --lpips-heads PATH, or --lpips-uniform for uncalibrated heads)") from None
     return str(path)
 
@@ -51,7 +53,7 @@ def load_lpips_heads(path):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"LPIPS heads file {path} not found; pass the `vgg.pth` of the "
+        raise MissingInput(f"LPIPS heads file {path} not found; pass the `vgg.pth` of the "
                                 "lpips package (lpips/weights/v0.1/vgg.pth) or leave --lpips-heads unset") from None
     heads = []
     for k, c in enumerate(VGG16_CHANNELS):
@@ -59,7 +61,7 @@ def load_lpips_heads(path):
         w = sd.get(f"lin{k}.model.1.weight", sd.get(f"lin{k}.model.0.weight"))
         if w is None or tuple(w.shape) != (1, c, 1, 1):
             got = None if w is None else tuple(w.shape)
-            raise ValueError(f"{path} is not an LPIPS VGG heads file: expected lin{k}.model.1.weight "
+            raise InputError(f"{path} is not an LPIPS VGG heads file: expected lin{k}.model.1.weight "
                              f"of shape (1, {c}, 1, 1), found {got}; keys: {sorted(sd)[:8]}")
         heads.append(w.float())
     return heads
@@ -116,6 +118,17 @@ class LPIPS(nn.Module):
             weighted = (diff * getattr(self, f"head{k}")).sum(dim=1)                   # (B, h, w): 1x1 conv head
             dist = dist + weighted.mean(dim=(1, 2))                                      # (B,): spatial mean
         return dist
+
+
+def add_lpips_args(p):
+    """train.py's LPIPS flags: the paper's calibrated LPIPS by default, and the ablations."""
+    p.add_argument("--no-lpips", action="store_true", help="ablation / smoke run: no LPIPS term")
+    p.add_argument("--lpips-heads", default=None, help="LPIPS heads file (default: the lpips package's calibrated "
+                                                       "vgg.pth)")
+    p.add_argument("--lpips-uniform", dest="lpips_heads", action="store_const", const=UNIFORM,
+                   help="ablation: weigh VGG channels 1/C instead of the calibrated heads (not LPIPS)")
+    p.add_argument("--lpips-vgg-range-quirk", action="store_true", help="REPA-E's code: VGG sees [-3, 1]")
+    p.add_argument("--lpips-random", action="store_true", help="random VGG weights (tests and offline smoke runs)")
 
 
 def discriminator_init_(m):

@@ -108,6 +108,7 @@ def comma_list(choices=None, kind=str):
                 raise argparse.ArgumentTypeError(f"{item!r} in {text!r}: choose from {', '.join(choices)}")
         return values
     parse.__name__ = "comma-separated list"
+    parse.element, parse.choices = kind, choices  # what one value is (tests compare it with the single flag)
     return parse
 
 
@@ -118,6 +119,11 @@ SAMPLING_RANGES = {"num_sampling_steps": (int, 1, 10_000), "cfg_scale": (float, 
                    "guidance_low": (float, 0.0, 1.0), "guidance_high": (float, 0.0, 1.0), "seed": (int, 0, 2 ** 31 - 1)}
 SEED = number_in(*SAMPLING_RANGES["seed"])
 WORKERS = number_in(int, 0, 256)
+# Types shared by flags of the same name in several tools (tests/test_layout.py checks every shared name).
+BATCH_SIZE = number_in(int, 1, 65_536)
+IMAGE_SIZE = number_in(int, 16, 4096)
+MAX_STEPS = number_in(int, 1, 10 ** 10)
+SAMPLES_PER_COND = number_in(int, 1, 10_000)
 
 
 def add_sampling_args(p, several=False, sampler="sde", steps=250):

@@ -376,7 +376,7 @@ def training_batches(tiles, *, size, resize, features, tokens, rank, world, loca
         items = rows
     if kind == "shards":
         dataset = TileShards(items, **common, rank=rank, world=world, seed=seed, shuffle_buffer=shuffle_buffer,
-                             start_pass=start_step)  # NOTE: a resumed stream starts a fresh shuffle, not mid-pass
+                             start_pass=start_step)  # a resumed stream starts a fresh shuffle, not mid-pass
         return dataset, batches(dataset, None, DataLoader(dataset, **loader_kw), start_step, None)
     if kind == "files":
         dataset = TileFolder(items, **common)

@@ -51,7 +51,7 @@ EXTRACTORS = {
     "fid-inception": ExtractorSpec("pt_inception-2015-12-05 (pytorch-fid)", "pytorch-fid InceptionV3", {}, 299,
                                    "bilinear", dim=2048, backend="pytorch-fid", bf16_ok=False, resize_inside=True,
                                    access="pytorch-fid downloads its FID weights from github.com on first use"),
-    # NOTE: timm's torchvision Inception is another network than the paper's (fid-inception): its FD is
+    # timm's torchvision Inception is another network than the paper's (fid-inception): its FD is
     # comparable with itself, not with Table 2.
     "inception": ExtractorSpec("inception_v3.tv_in1k", "inception_v3", dict(num_classes=0), 299,
                                "bilinear", INCEPTION_MEAN, INCEPTION_STD, "head", 2048, bf16_ok=False),

@@ -4,21 +4,34 @@ DiT's logger), and the picture grids of train.py and sample.py (torchvision's ma
 Left out: TensorBoard and Weights & Biases (a CSV reads into either).
 """
 import csv
+import math
 import os
+import sys
 import time
+from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 
+from support.checkpoints import latest_checkpoint
+from support.cli import CytoSynError, NonFinite, error_line
+from support.perf import peak_memory_gb
+
+# What train_step returns that is averaged over ranks, checked for finiteness every step and logged.
+LOGGED_TERMS = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "disc", "grad_sit", "grad_vae",
+                "grad_disc", "logits_real", "logits_fake")
 PLOTTED = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "disc")  # loss.png's panels
 
 
 class Logger:
     """Rank 0 writes a text log, a CSV (one row per --log-every steps) and the loss curves."""
 
-    def __init__(self, run_dir, rank, resume_step=0):
+    def __init__(self, run_dir, rank, resume_step=0, world=1, log_every=1, images_per_step=1, device=None):
         self.rank, self.dir, self.rows = rank, run_dir, []
+        self.world, self.log_every, self.images_per_step, self.device = world, log_every, images_per_step, device
+        self.window, self.sums, self.t0 = 0, None, time.perf_counter()
         self.csv = os.path.join(run_dir, "metrics.csv")
         if rank == 0 and resume_step and os.path.exists(self.csv):  # keep the history up to the checkpoint
             with open(self.csv, newline="") as f:
@@ -38,6 +51,28 @@ class Logger:
             writer.writeheader()
             writer.writerows(self.rows)
 
+    def step(self, step, terms, last=False):
+        """One training step's loss terms: averaged over ranks and checked every step (so no checkpoint is
+        ever written after a non-finite loss, on any rank), written every log_every steps and at the last."""
+        keys = [k for k in LOGGED_TERMS if k in terms]
+        values = torch.stack([terms[k].detach().float() for k in keys])
+        if self.world > 1:
+            dist.all_reduce(values)
+            values /= self.world
+        values = values.tolist()
+        bad = [f"{k}={v}" for k, v in zip(keys, values) if not math.isfinite(v)]
+        if bad:
+            raise NonFinite(f"non-finite loss at step {step}: {', '.join(bad)} (all terms: {dict(zip(keys, values))}). "
+                            f"Nothing was saved after it; the last checkpoint is {latest_checkpoint(self.dir) or 'none'}.")
+        self.sums = values if self.sums is None else [a + b for a, b in zip(self.sums, values)]
+        self.window += 1
+        if step % self.log_every == 0 or last:
+            elapsed = time.perf_counter() - self.t0
+            self.metrics({"step": step, **{k: s / self.window for k, s in zip(keys, self.sums)},
+                          "img_per_s": self.window * self.images_per_step / elapsed,
+                          "sec_per_step": elapsed / self.window, "peak_mem_gb": peak_memory_gb(self.device)})
+            self.window, self.sums, self.t0 = 0, None, time.perf_counter()
+
     def metrics(self, row):
         if self.rank != 0:
             return
@@ -45,6 +80,19 @@ class Logger:
         self.write_csv()
         self.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         plot_losses(self.rows, os.path.join(self.dir, "loss.png"))
+
+
+@contextmanager
+def errors_to_log(run_dir):
+    """A CytoSynError that stops a run (bad input, a non-finite loss) is also written at the end of
+    run_dir/log.txt, beside the run's history (rank 0), then goes on to the user."""
+    try:
+        yield
+    except CytoSynError as err:
+        if os.environ.get("RANK", "0") == "0" and os.path.isdir(run_dir):
+            append_line(run_dir, f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {os.path.basename(sys.argv[0])}: error: "
+                                 f"{error_line(err)}")
+        raise
 
 
 def append_line(run_dir, line):

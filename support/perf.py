@@ -42,7 +42,7 @@ class PhaseTimer:
 
 class PhaseFlops:
     """Same interface as PhaseTimer, but counts the FLOPs of each phase: the numerator of MFU.
-    NOTE: FlopCounterMode cannot see inside a torch.compile'd graph; count on the eager modules."""
+    FlopCounterMode cannot see inside a torch.compile'd graph: count on the eager modules."""
 
     def __init__(self):
         self.totals = {}

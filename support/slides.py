@@ -28,8 +28,8 @@ from PIL import Image
 
 from support.cli import InputError
 
-# NOTE: plain images given as slides are large by design; Pillow's decompression-bomb guard
-# (about 89 Mpx) would refuse them.
+# Plain images given as slides are large by design; Pillow's decompression-bomb guard (about 89 Mpx)
+# would refuse them.
 Image.MAX_IMAGE_PIXELS = None
 
 MPP_TOLERANCE = 0.02      # 0.499 or 0.504 µm/px counts as 0.5: scanners are calibrated no better
@@ -74,10 +74,9 @@ def _number(text):
 
 
 def metadata_mpp(properties):
-    """(level-0 µm/px, the key it came from) from the slide's properties, or (None, None).
-
-    NOTE: values from vendor keys and the TIFF resolution are kept only within PLAUSIBLE_MPP:
-    images saved by ordinary software carry 72 or 96 dpi, which is no microscope's resolution."""
+    """(level-0 µm/px, the key it came from) from the slide's properties, or (None, None)."""
+    # NOTE: unlike TRIDENT's fallbacks, values from vendor keys and the TIFF resolution are kept only within
+    # PLAUSIBLE_MPP: images saved by ordinary software carry 72 or 96 dpi, which is no microscope's resolution.
     mpp = _number(properties.get(openslide.PROPERTY_NAME_MPP_X))
     if mpp:
         return mpp, openslide.PROPERTY_NAME_MPP_X
@@ -94,11 +93,10 @@ def metadata_mpp(properties):
 
 def resolve_mpp(slide, csv_mpp=None, global_mpp=None):
     """Level-0 µm/px of a slide and its source, one of: "csv", "--slide-mpp", a metadata key
-    ("openslide.mpp-x", "aperio.MPP", ...), "tiff-resolution", "objective-power".
-
-    NOTE: the field's order puts the metadata first; here a value the user typed wins (a
-    `--mpp-csv` row, then `--slide-mpp`), because it is given to correct metadata that is wrong
-    or missing. The objective power comes last: it names a lens, not the scanner's pixel."""
+    ("openslide.mpp-x", "aperio.MPP", ...), "tiff-resolution", "objective-power"."""
+    # NOTE: the field's order puts the metadata first; here a value the user typed wins (a `--mpp-csv` row,
+    # then `--slide-mpp`), because it is given to correct metadata that is wrong or missing. The objective
+    # power comes last: it names a lens, not the scanner's pixel.
     if csv_mpp:
         return float(csv_mpp), "csv"
     if global_mpp:
@@ -170,10 +168,9 @@ def choose_level(level_mpps, target_mpp):
 
 
 def level_scale(level_mpp, target_mpp):
-    """Level pixels per output pixel, snapped to a whole number within MPP_TOLERANCE.
-
-    NOTE: snapping keeps native 20x pixels untouched (0.499 µm/px is read 1:1 rather than
-    shrunk by 0.2%, which would blur every tile); the manifest records the tiles' true MPP."""
+    """Level pixels per output pixel, snapped to a whole number within MPP_TOLERANCE."""
+    # NOTE: the paper resamples to 0.5 µm/px exactly; snapping keeps native 20x pixels untouched (0.499 µm/px
+    # is read 1:1 rather than shrunk by 0.2%, which would blur every tile); the manifest records the true MPP.
     scale = target_mpp / level_mpp
     whole = round(scale)
     return float(whole) if whole >= 1 and abs(scale - whole) <= MPP_TOLERANCE * scale else scale
@@ -254,11 +251,10 @@ def read_tile_at(slide, geo, x, y, context, resample):
     """The (size + 2 context)^2 tile whose size^2 centre has level-0 top-left (x, y). The size^2
     tile is cut from its centre, never read on its own, so the two agree bit for bit.
 
-    NOTE: the tile starts exactly at the manifest's integer (x, y), so a manifest row gives back
-    its tile; where a grid step is fractional in level-0 pixels (unsnapped scales), this moves a
-    tile by under half a level-0 pixel from the exact grid. Reading blocks of neighbouring tiles
-    at once ran at 0.9-0.96x the speed of this per-tile read: OpenSlide's tile cache already
-    decodes each JPEG tile only once."""
+    The tile starts exactly at the manifest's integer (x, y), so a manifest row gives back its tile;
+    where a grid step is fractional in level-0 pixels (unsnapped scales), this moves a tile by under
+    half a level-0 pixel from the exact grid. Reading blocks of neighbouring tiles at once ran at
+    0.9-0.96x the speed of this per-tile read: OpenSlide's tile cache already decodes each JPEG tile once."""
     per_output_px = geo.scale * geo.downsample  # level-0 px per output px
     n = geo.size + 2 * context
     return read_output_pixels(slide, geo, x / per_output_px - context, y / per_output_px - context,

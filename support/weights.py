@@ -262,7 +262,7 @@ def convert(src, dst):
     """The one full unpickle in the repo, run only when asked for by name: a trusted checkpoint ->
     a weights-only copy, checked by reading it back with weights_only=True."""
     try:
-        # NOTE: weights_only=False: this runs whatever the file's pickle asks for. Only for files you trust.
+        # weights_only=False: this runs whatever the file's pickle asks for. Only for files you trust.
         obj = torch.load(src, map_location="cpu", weights_only=False)
     except Exception as err:
         raise InputError(f"{src} is not a PyTorch checkpoint ({type(err).__name__}: {err})") from err

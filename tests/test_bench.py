@@ -34,7 +34,7 @@ def test_train_times_and_counts_every_phase(tmp_path):
 
 
 def test_fd_agrees_with_the_sqrtm_formula():
-    record = bench.bench_fd(bench.argparse.Namespace(n=500, d=16, seed=0))
+    record = bench.bench_fd(bench.argparse.Namespace(num_vectors=500, dims=16, seed=0))
     assert record["rel_diff"] < 1e-6 and record["fd_ours"] > 0
 
 
@@ -70,3 +70,27 @@ def test_bench_weights_sizes_from_shapes_match_the_written_files(tmp_path):
     assert 0 < on_disk["sit_ema.safetensors"] - record["sit_mb"] < 0.05  # the safetensors header, nothing more
     assert 0 < on_disk["vae_ema.safetensors"] - record["vae_mb"] < 0.05
     assert record["load_s"] > 0 and weights.load_models(str(tmp_path)).sit.config["model"] == "SiT-T/2"
+
+
+def test_the_timed_step_is_train_step():
+    """bench.py times train.train_step's calls one by one: from the same state they give the same weights."""
+    import torch
+    import train
+    argv = ["--data", "unused", "--model", "SiT-T/2", "--vae", "tiny", "--encoder", "tiny", "--image-size", "32",
+            "--global-batch-size", "2", "--lpips-random"]
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    states = []
+    for step in ("train_step", "timed_step"):
+        args = train.parse_args(argv)
+        nets = train.wrap_models(train.build_models(args, torch.device("cpu"), 1, pretrained=False), args, False)
+        opts = train.build_optimizers(args, nets)
+        before = {k: v.clone() for k, v in nets.sit.state_dict().items()}
+        torch.manual_seed(1)
+        if step == "train_step":
+            train.train_step(nets, opts, images, torch.empty(0), args)
+        else:
+            bench.timed_step(nets, opts, images, torch.empty(0), args, bench.PhaseTimer(torch.device("cpu")))
+        states.append({name: getattr(nets, name).state_dict() for name in ("sit", "sit_ema", "vae", "vae_ema", "disc")})
+    for name, sd in states[0].items():
+        assert all(torch.equal(sd[k], states[1][name][k]) for k in sd), name
+    assert not torch.equal(states[0]["sit"]["final_layer.linear.weight"], before["final_layer.linear.weight"])
