@@ -48,7 +48,8 @@ from sit import SiT_models, build_sit
 from support.cli import (BATCH_SIZE, IMAGE_SIZE, SEED, Unavailable, add_device_args, add_sampling_args, autocast, number_in,
                          resolve_precision, run)
 from support.perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
-from support.slides import RESAMPLE, SlideError, SlideTileReader, open_slide, read_tile_at
+from support.outputs import read_csv
+from support.slides import RESAMPLE, SlideError, SlideTileReader, open_slide, read_tile_at, sort_folder
 from tiling import TILE_SIZE
 from vae import build_vae, vae_models
 
@@ -306,7 +307,7 @@ def benchmark_run(folder, out, args):
     tiling_args = tiling.parse_args(["--slides", str(folder), "--out", str(out), "--resample", args.resample])
     start = time.perf_counter()
     tiling.tile_slides(tiling_args)
-    rows = tiling.read_csv(out / "manifest.csv")
+    rows = read_csv(out / "manifest.csv")
     speed = len(rows) / (time.perf_counter() - start)
     print(f"{folder}: whole run, 1 worker, png: {len(rows)} tiles, {speed:.0f} tiles/s")
     return rows, {f"{Path(folder).name}.run_tiles_per_s": speed}
@@ -364,7 +365,7 @@ def bench_tiling(args):
     tiling_args = tiling.parse_args(["--slides", args.slides, "--out", str(work), "--resample", args.resample])
     result = {}
     for k, folder in enumerate([Path(args.slides), synthetic]):
-        for path in tiling.sort_folder(folder)[0]:
+        for path in sort_folder(folder)[0]:
             try:
                 result.update(benchmark_reading(path, tiling_args, args.rounds))
             except SlideError as e:

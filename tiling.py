@@ -1,56 +1,45 @@
-"""Whole-slide images to training and validation tiles: 224 x 224 px at 0.5 µm/px from tissue.
+"""Whole-slide images to training and validation tiles: 224 x 224 px at 0.5 µm/px from tissue (CytoSyn §3.2).
 
-CytoSyn tech report (arXiv 2603.18089) §3.2: tiles of 224 x 224 px at 0.5 MPP (20x) from the
-tissue of each slide, saved as lossless PNG, sampled so that the TCGA tissue source sites (TSS,
-`TCGA-XX-...`) keep their share; §4.1: val-out (tiles of held-out slides) and val-in (other
-tiles of training slides); §4.3's preprocessing ablations as flags: `--context 16` writes the
-256 px tile around the same centre (the 224 tile is its centre crop, bit for bit with PNG) and
-`--jpeg 70` the DS-MIL JPEG variant PixCell's tiles most likely went through.
+Tiles of 224 x 224 px at 0.5 µm/px (20x) from the tissue of each slide, lossless PNG, sampled so that the TCGA
+tissue source sites (TSS, `TCGA-XX-...`) keep their share; val-out (tiles of held-out patients) and val-in
+(other tiles of training slides) for §4.1; §4.3's ablations as flags: `--context 16` also writes the 256 px
+tile around the same centre (the 224 tile is its centre crop, bit for bit with PNG), `--jpeg 70` DS-MIL's JPEG.
 
     python tiling.py --slides SLIDES_DIR --out OUT              # OUT/tiles/, manifest.csv, coords/, previews/
     python tiling.py --slides SLIDES_DIR --out OUT --from-coords TRIDENT_DIR/patches   # another pipeline's patches
 
-Per slide: MPP (support/slides.resolve_mpp: --mpp-csv, --slide-mpp, metadata, objective power) ->
-coarsest pyramid level at or finer than the target -> tissue mask on a thumbnail, pen ink removed
--> a grid of non-overlapping candidate tiles -> sampling and splits -> each tile read once and
-resampled with a named antialiased kernel (Pillow LANCZOS by default) -> tiles, a preview PNG,
+Per slide: MPP (support/slides.resolve_mpp) -> the coarsest pyramid level at or finer than the target ->
+tissue mask on a thumbnail, pen ink removed -> a grid of non-overlapping candidate tiles -> sampling and
+splits -> each tile read once and resampled with a named antialiased kernel -> tiles, a preview PNG,
 coords/<slide>.h5 (TRIDENT/CLAM layout), a CSV, and last a done-marker (so a killed run resumes).
-Reading slides lives in support/slides.py; timing in `python bench.py tiling`.
+--from-coords DIR skips the mask and the sampling: each patch of DIR/<slide>.h5 gives our tile centred on it.
 
---from-coords DIR skips the mask and the sampling: it tiles the patches in DIR/<slide>.h5. Each
-of their patches gives our 224 px tile at 0.5 µm/px centred on the centre of their patch, whatever
-their patch size, so a 256 px patch at 20x maps to its centre 224 px.
-
-Deliberately left out: the paper's tissue-detection model and its artefact filters (folds,
-bubbles, blur) -- a saturation/Otsu threshold and a colour rule for blue, green and black pen
-stand in; the v2 curation to 108M tiles; stain normalisation (the paper names none);
-TSS-stratified choice of the val-out slides (whole patients are held out, chosen by a seeded
-hash of the TCGA patient barcode, whatever their site).
+Left out: the paper's tissue-detection model and artefact filters (folds, bubbles, blur; a saturation/Otsu
+threshold and a colour rule for pen stand in), the v2 curation to 108M tiles, stain normalisation (the paper
+names none), TSS-stratified choice of the val-out patients (chosen by a seeded hash of the barcode).
 """
 import argparse
-import csv
 import json
-import math
 import multiprocessing
-import os
 import re
 import shutil
 import sys
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import openslide
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
 from support.cli import IMAGE_SIZE, SEED, InputError, MissingInput, number_in, run
-from support.data import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
-from support.slides import (RESAMPLE, SlideError, centred_tiles, csv_mpp_for, open_slide, read_coords,
-                    read_mpp_csv, read_tile_at, resolve_mpp, slide_geometry, thumbnail, write_coords)
+from support.logs import save_tiling_preview
+from support.outputs import read_csv, save_csv, save_json
+from support.slides import (RESAMPLE, SlideError, centred_tiles, csv_mpp_for, list_slides, mpp_table, open_slide,
+                            read_coords, read_tile_at, resolve_mpp, slide_geometry, thumbnail,
+                            write_coords)
 
 TILE_SIZE, TILE_MPP = 224, 0.5  # CytoSyn's training tiles: 224 x 224 px at 0.5 µm/px, 20x (§3.2)
 THUMB_PX_PER_TILE = 16    # the tissue mask sees each tile as about 16 x 16 pixels
@@ -58,20 +47,13 @@ MIN_SATURATION = 0.07     # floor under the Otsu threshold, so glass and a blank
 MIN_OBJECT_TILES = 0.25   # tissue pieces smaller than a quarter of a tile are dust
 MAX_INK_FRACTION = 0.02   # a tile with more pen ink than this (about 5 thumbnail pixels) is dropped
 PNG_COMPRESS_LEVEL = 3    # lossless either way; on H&E tiles 1.35x faster than Pillow's 6, +5% bytes
-PREVIEW_MAX_PX = 1024
-SPLIT_COLOURS = {"train": (0, 160, 0), "val_in": (0, 90, 255), "val_out": (255, 120, 0)}
-INK_COLOUR = (255, 0, 255)  # the preview tints dropped pen ink magenta
 MANIFEST_FIELDS = ["slide_id", "slide_file", "tss", "x", "y", "level", "scale", "size", "mpp",
                    "slide_mpp", "mpp_source", "tissue", "file", "context_file", "split"]
 # Files a slide folder may hold: OpenSlide's formats and plain images are slides; anything else
 # is one only if OpenSlide or Pillow recognises its bytes.
-SLIDE_FILES = set(SLIDE_EXTENSIONS) | set(IMAGE_EXTENSIONS)  # data.py's two lists: slides, and plain images
-OUTPUT_FILES = {"manifest.csv", "tiling.json"}  # ours, when OUT_DIR is SLIDES_DIR
 
 
-# ----------------------------------------------------------------------------------------------
-# Tissue: a saturation mask on a thumbnail, minus pen ink, then the grid cells it covers
-# ----------------------------------------------------------------------------------------------
+# -------- Tissue: a saturation mask on a thumbnail, minus pen ink, then the grid cells it covers ---
 
 def otsu_threshold(values, bins=256):
     """Otsu (1979): the threshold on [0, 1] that maximises the between-class variance."""
@@ -180,9 +162,7 @@ def write_tile_image(array, path, jpeg_quality):
         image.save(path, "PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
-# ----------------------------------------------------------------------------------------------
-# Sampling and splits
-# ----------------------------------------------------------------------------------------------
+# -------- Sampling and splits ---------------------------------------------------------------------
 
 def tss_code(slide_id):
     """Tissue source site: the two characters after `TCGA-` in a TCGA barcode, else ''."""
@@ -254,9 +234,7 @@ def sample_tiles(tissue, n_tiles, split, val_in, rng):
     return chosen, splits
 
 
-# ----------------------------------------------------------------------------------------------
-# One slide: plan (count candidates), then tile (read, save, preview, coords, CSV, done-marker)
-# ----------------------------------------------------------------------------------------------
+# -------- One slide: plan (count candidates), then tile (read, save, preview, coords, CSV, done-marker) ---
 
 def prepare(job):
     """Open the slide and find its candidates; the same answer in the plan and the tile pass."""
@@ -298,13 +276,13 @@ def tile_slide(job):
         rng = np.random.default_rng([s["seed"], zlib.crc32(slide_id.encode())])
         chosen, splits = sample_tiles(tissue, job["n_tiles"], job["split"], s["val_in"], rng)
         rows = write_tiles(slide, geo, tissue, chosen, splits, job)
-        save_preview(out / "previews" / f"{slide_id}.png", slide, tissue, geo, rows)
+        save_tiling_preview(out / "previews" / f"{slide_id}.png", slide, tissue, geo.step, rows)
         write_coords(out / "coords" / f"{slide_id}.h5", [(r["x"], r["y"]) for r in rows], geo, slide_id)
         slide.close()
     except Exception as e:
         return {"slide_id": slide_id, "error": describe(e), "n_tiles": 0}
-    write_csv(out / "slides" / f"{slide_id}.csv", rows)
-    write_json_atomic(marker_path(out, slide_id), job)
+    save_csv(rows, out / "slides" / f"{slide_id}.csv", MANIFEST_FIELDS)
+    save_json(job, marker_path(out, slide_id))
     return {"slide_id": slide_id, "error": None, "n_tiles": len(rows)}
 
 
@@ -338,30 +316,7 @@ def write_tiles(slide, geo, tissue, chosen, splits, job):
     return rows
 
 
-def save_preview(path, slide, tissue, geo, rows):
-    """A thumbnail of about PREVIEW_MAX_PX, dimmed outside the tissue mask, pen ink tinted
-    magenta (dropped), kept tiles outlined in their split's colour, and a legend of the colours:
-    the way to check the mask by eye."""
-    thumb, scale = thumbnail(slide, math.ceil(max(slide.dimensions) / PREVIEW_MAX_PX))
-    size = (thumb.shape[1], thumb.shape[0])
-    mask, ink = (np.asarray(Image.fromarray(m).resize(size, Image.Resampling.NEAREST))[..., None]
-                 for m in (tissue.mask, tissue.ink))
-    tinted = (thumb.astype(np.uint16) + INK_COLOUR) // 2
-    image = np.where(ink, tinted, np.where(mask, thumb, thumb // 3 + 150))
-    image = Image.fromarray(image.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for row in rows:
-        x, y, side = row["x"] / scale, row["y"] / scale, geo.step / scale
-        draw.rectangle([x, y, x + side, y + side], outline=SPLIT_COLOURS[row["split"]])
-    legend = {**SPLIT_COLOURS, "pen ink (dropped)": INK_COLOUR}
-    for k, (label, colour) in enumerate(legend.items()):
-        draw.text((4, 4 + 12 * k), label, fill=colour)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, compress_level=1)
-
-# ----------------------------------------------------------------------------------------------
-# Files: per-slide CSV and done-marker, the run's manifest
-# ----------------------------------------------------------------------------------------------
+# -------- Files: per-slide CSV and done-marker, the run's manifest --------------------------------
 
 def marker_path(out, slide_id):
     return out / "slides" / f"{slide_id}.done.json"
@@ -374,78 +329,7 @@ def read_marker(out, slide_id):
         return None
 
 
-def write_json_atomic(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
-
-
-def write_csv(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, MANIFEST_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-# ----------------------------------------------------------------------------------------------
-# The run: sort the folder, plan, split and allocate, tile in parallel, write the manifest
-# ----------------------------------------------------------------------------------------------
-
-def looks_like_a_slide(path):
-    """A slide extension, else bytes that OpenSlide or Pillow recognise."""
-    if path.suffix.lower() in SLIDE_FILES or openslide.OpenSlide.detect_format(str(path)):
-        return True
-    try:
-        with warnings.catch_warnings(), Image.open(path):
-            warnings.simplefilter("ignore")
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def sort_folder(folder):
-    """(slides, files that are not slides, our own outputs) among the files of SLIDES_DIR.
-    Folders are never slides, so OUT_DIR inside SLIDES_DIR is skipped with them."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MissingInput(f"--slides {folder}: not a folder; give the folder that holds the slides")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    ours = [p for p in files if p.name in OUTPUT_FILES]
-    slides = [p for p in files if p not in ours and looks_like_a_slide(p)]
-    return slides, [p for p in files if p not in ours and p not in slides], ours
-
-
-def list_slides(folder):
-    """The slide paths of SLIDES_DIR; one line each for what is skipped as not a slide."""
-    slides, others, ours = sort_folder(folder)
-    if ours:
-        tqdm.write(f"skipped tiling.py's own output: {', '.join(p.name for p in ours)}", file=sys.stderr)
-    if others:
-        tqdm.write(f"not a slide, skipped ({len(others)}): {', '.join(p.name for p in others)}", file=sys.stderr)
-    return slides
-
-
-def mpp_table(path, slides):
-    """--mpp-csv as {name: mpp}; one line for the rows that name no slide of the folder."""
-    if not path:
-        return {}
-    table = read_mpp_csv(path)
-    names = {p.name for p in slides} | {p.stem for p in slides}
-    unknown = sorted(name for name in table if name not in names)
-    if unknown:
-        tqdm.write(f"--mpp-csv {path}: {len(unknown)} rows name no slide in the folder, ignored: "
-                   f"{', '.join(unknown)}", file=sys.stderr)
-    return table
-
+# -------- The run: sort the folder, plan, split and allocate, tile in parallel, write the manifest ---
 
 def tiling_settings(args):
     """Everything that changes a slide's tiles; a slide is redone when these differ."""
@@ -498,7 +382,7 @@ def write_manifest(out, jobs):
     for job in sorted(jobs, key=lambda j: j["slide_id"]):
         if read_marker(out, job["slide_id"]) == job:
             rows += read_csv(out / "slides" / f"{job['slide_id']}.csv")
-    write_csv(out / "manifest.csv", rows)
+    save_csv(rows, out / "manifest.csv", MANIFEST_FIELDS)
     return rows
 
 
@@ -533,18 +417,17 @@ def tile_slides(args):
     plans = plan_all(paths, settings, out, args.slide_processes, mpps)
     plans.sort(key=lambda p: p["slide_id"])  # workers finish in any order; splits must not
     jobs = assign_splits([p for p in plans if not p["error"]], args)
-    write_json_atomic(out / "tiling.json", {
+    save_json({
         **vars(args), "kernel": f"Pillow {args.resample} (antialiased)",
         "openslide": openslide.__library_version__,
-        "slides": {j["slide_id"]: {"slide_mpp": j["slide_mpp"], "mpp_source": j["mpp_source"]} for j in jobs}})
+        "slides": {j["slide_id"]: {"slide_mpp": j["slide_mpp"], "mpp_source": j["mpp_source"]} for j in jobs}},
+        out / "tiling.json")
     todo = [job for job in jobs if read_marker(out, job["slide_id"]) != job]
     results = parallel(tile_slide, todo, args.slide_processes, "tiling")
     return summarise(plans, jobs, results, len(write_manifest(out, jobs)))
 
 
-# ----------------------------------------------------------------------------------------------
-# The command line: every number checked for range when parsed
-# ----------------------------------------------------------------------------------------------
+# -------- The command line: every number checked for range when parsed ----------------------------
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -2,10 +2,11 @@
 inputs, and a folder's settings recorded so that a rerun with other settings is refused, not mixed in.
 
     atomic(path)                    write to a temporary name, then rename: a kill never leaves half a file
-    save_png / save_json / save_npy the three kinds of file the tools write, through atomic()
+    save_png / save_json / save_csv / save_npy   the kinds of file the tools write, through atomic()
     check_output_folder(out, ...)   refuse an output folder that is, or is inside, an input folder
     record_settings(out, settings)  OUT/settings.json: the settings that decide the folder's contents
 """
+import csv
 import json
 import os
 from contextlib import contextmanager
@@ -40,8 +41,23 @@ def save_png(array, path):
 
 
 def save_json(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=str)
+
+
+def save_csv(rows, path, fields):
+    """Rows (dicts) as a CSV with the given columns; the folder is made if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def save_npy(array, path):

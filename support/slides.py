@@ -17,6 +17,7 @@ assumed equal to mpp-x), DICOM folders as one slide.
 """
 import csv
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,10 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from support.cli import InputError
+from tqdm import tqdm
+
+from support.cli import InputError, MissingInput
+from support.data import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 
 # Plain images given as slides are large by design; Pillow's decompression-bomb guard (about 89 Mpx)
 # would refuse them.
@@ -38,6 +42,10 @@ PLAUSIBLE_MPP = (0.05, 20.0)  # a fallback key outside this is a placeholder (72
 RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
             "bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX}
 # Vendor keys OpenSlide passes through, in the order tried; each value -> µm per pixel.
+# Files a slide folder may hold: OpenSlide's formats and plain images are slides; anything else is one only
+# if OpenSlide or Pillow recognises its bytes. manifest.csv and tiling.json are tiling.py's own output.
+SLIDE_FILES = set(SLIDE_EXTENSIONS) | set(IMAGE_EXTENSIONS)
+OUTPUT_FILES = {"manifest.csv", "tiling.json"}
 VENDOR_MPP_KEYS = {
     "aperio.MPP": float,
     "openslide.mirax.MPP": float,
@@ -61,9 +69,7 @@ def open_slide(path):
         raise SlideError(f"corrupt or truncated: neither OpenSlide nor Pillow can read it ({e})") from e
 
 
-# ----------------------------------------------------------------------------------------------
-# µm per pixel: explicit values first, then the metadata, then the objective power
-# ----------------------------------------------------------------------------------------------
+# -------- µm per pixel: explicit values first, then the metadata, then the objective power --------
 
 def _number(text):
     try:
@@ -154,9 +160,56 @@ def csv_mpp_for(table, path):
     return table.get(path.name, table.get(path.stem))
 
 
-# ----------------------------------------------------------------------------------------------
-# Levels and the output-pixel geometry
-# ----------------------------------------------------------------------------------------------
+# -------- A folder of slides: what is a slide, what is not, and what is tiling.py's own output ----
+
+def looks_like_a_slide(path):
+    """A slide extension, else bytes that OpenSlide or Pillow recognise."""
+    if path.suffix.lower() in SLIDE_FILES or openslide.OpenSlide.detect_format(str(path)):
+        return True
+    try:
+        with warnings.catch_warnings(), Image.open(path):
+            warnings.simplefilter("ignore")
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def sort_folder(folder):
+    """(slides, files that are not slides, our own outputs) among the files of SLIDES_DIR.
+    Folders are never slides, so OUT_DIR inside SLIDES_DIR is skipped with them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingInput(f"--slides {folder}: not a folder; give the folder that holds the slides")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    ours = [p for p in files if p.name in OUTPUT_FILES]
+    slides = [p for p in files if p not in ours and looks_like_a_slide(p)]
+    return slides, [p for p in files if p not in ours and p not in slides], ours
+
+
+def list_slides(folder):
+    """The slide paths of SLIDES_DIR; one line each for what is skipped as not a slide."""
+    slides, others, ours = sort_folder(folder)
+    if ours:
+        tqdm.write(f"skipped tiling.py's own output: {', '.join(p.name for p in ours)}", file=sys.stderr)
+    if others:
+        tqdm.write(f"not a slide, skipped ({len(others)}): {', '.join(p.name for p in others)}", file=sys.stderr)
+    return slides
+
+
+def mpp_table(path, slides):
+    """--mpp-csv as {name: mpp}; one line for the rows that name no slide of the folder."""
+    if not path:
+        return {}
+    table = read_mpp_csv(path)
+    names = {p.name for p in slides} | {p.stem for p in slides}
+    unknown = sorted(name for name in table if name not in names)
+    if unknown:
+        tqdm.write(f"--mpp-csv {path}: {len(unknown)} rows name no slide in the folder, ignored: "
+                   f"{', '.join(unknown)}", file=sys.stderr)
+    return table
+
+
+# -------- Levels and the output-pixel geometry ----------------------------------------------------
 
 def choose_level(level_mpps, target_mpp):
     """Index of the coarsest level whose MPP is at or finer than the target (within tolerance)."""
@@ -225,9 +278,7 @@ def thumbnail(slide, downsample):
     return np.concatenate(rows), level_ds * factor
 
 
-# ----------------------------------------------------------------------------------------------
-# Tiles: one read_region and one exact resize per tile
-# ----------------------------------------------------------------------------------------------
+# -------- Tiles: one read_region and one exact resize per tile ------------------------------------
 
 def read_output_pixels(slide, geo, u0, v0, width, height, resample):
     """Output pixels [u0, u0 + width) x [v0, v0 + height) of the slide at the target MPP
@@ -261,9 +312,7 @@ def read_tile_at(slide, geo, x, y, context, resample):
                               n, n, resample)
 
 
-# ----------------------------------------------------------------------------------------------
-# Coordinates in TRIDENT / CLAM's HDF5 layout
-# ----------------------------------------------------------------------------------------------
+# -------- Coordinates in TRIDENT / CLAM's HDF5 layout ---------------------------------------------
 
 def write_coords(path, coords, geo, slide_id):
     """OUT/coords/<slide>.h5: dataset `coords` (N, 2) int64 level-0 top-left (x, y), and the
@@ -319,9 +368,7 @@ def centred_tiles(coords, their_side, our_step):
     return np.round(coords + (their_side - our_step) / 2).astype(np.int64)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training from slides: a manifest row back to its pixels
-# ----------------------------------------------------------------------------------------------
+# -------- Training from slides: a manifest row back to its pixels ---------------------------------
 
 class SlideTileReader:
     """Tiles straight from the slides, identical to the PNGs tiling.py wrote.

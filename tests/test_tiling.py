@@ -19,6 +19,7 @@ from PIL import Image
 
 import synthetic_slide
 import tiling
+from support import logs
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "cmu_small_region.svs"
@@ -411,7 +412,7 @@ def test_tiles_over_pen_ink_are_dropped_and_shown(inked, tmp_path):
         previews[name] = load(tmp_path / name / "previews" / "inked.png").astype(int)
     assert cells["on"] == tissue - INK_CELLS   # the neighbours of every stroke are kept
     assert cells["off"] == tissue
-    downsample = math.ceil(6 * CELL / tiling.PREVIEW_MAX_PX)
+    downsample = math.ceil(6 * CELL / logs.PREVIEW_MAX_PX)
     blue = previews["on"][(2 * CELL) // downsample, (2 * CELL + 225) // downsample]
     assert blue[0] > 120 and blue[1] < 60          # tinted magenta: (ink + INK_COLOUR) / 2
     assert previews["off"][(2 * CELL) // downsample, (2 * CELL + 225) // downsample][0] < 60
@@ -456,7 +457,7 @@ def test_a_folder_without_slides_says_so(tmp_path, capsys, files):
 
 @pytest.mark.parametrize("flag, value, bounds", [
     ("--mpp", "0", "(0, 100]"), ("--mpp", "nan", "(0, 100]"), ("--slide-mpp", "inf", "(0, 100]"),
-    ("--image-size", "0", "[1, 8192]"), ("--image-size", "2.5", "[1, 8192]"), ("--min-tissue", "1.5", "[0, 1]"),
+    ("--image-size", "0", "[16, 4096]"), ("--image-size", "2.5", "[16, 4096]"), ("--min-tissue", "1.5", "[0, 1]"),
     ("--jpeg", "101", "[1, 100]"), ("--context", "-1", "[0, 4096]"),
     ("--max-tiles-per-slide", "0", "[1, 1000000000]"), ("--val-in", "1", "[0, 1)"),
     ("--val-out-slides", "-0.1", "[0, 1)"), ("--seed", "-1", "[0, 2147483647]"),
