@@ -344,7 +344,7 @@ def weight_kinds(text):
     return tuple(dict.fromkeys(kinds))
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(prog="python -m support.weights", description=__doc__[__doc__.index("Every file"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -354,7 +354,11 @@ def main(argv=None):
     e.add_argument("paths", nargs=2, metavar=("CKPT", "OUT"))
     e.add_argument("--sit", type=weight_kinds, default=("ema",), help="which SiT weights: ema, raw or ema,raw")
     e.add_argument("--vae", type=weight_kinds, default=("ema",), help="which VAE weights: ema, raw or ema,raw")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     convert(*args.paths) if args.command == "convert" else export(*args.paths, args.sit, args.vae)
     print(f"wrote {args.paths[1]}")
     return 0
