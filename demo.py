@@ -4,26 +4,31 @@
     python demo.py --max-steps 20        # a quick check that everything runs
 
 The four tools in the order a user runs them (tiling.py, train.py, sample.py, evaluate.py), each called
-with the flags printed before it runs, so every step can be rerun by hand. It ends with the benchmark
-(evaluate.py) on three checkpoints, untrained (step 0), middle and last, and says whether the numbers
-show learning: the FD to the held-out tiles must fall, and a sample's cosine with the tile whose features
-conditioned it must beat a shuffled pairing (CytoSyn §4.1's sample-wise cosine).
-Not CytoSyn: tiny models (SiT-T/2, the "tiny" VAE) on the central 64 px of each tile (as sample.py
-crops its conditioning tiles), a random two-block ViT standing in for the gated H0-mini (the same seeded
-one conditions, aligns and scores), no LPIPS (its VGG weights come from the hub), and a learning rate and
-EMA decay for a 1500-step run (with the paper's 0.9999 the EMA would still be 86 % initial weights at the
-end). The metrics come from the same seeded random extractor on the central 64 px of every tile (--crop 64),
-against the 9 held-out val-in tiles of one slide (no val-out: a single slide): they can show that the model
-moved towards the data, not quality.
+with the flags printed before it runs, so every step can be rerun by hand. The slide is cut into 64 px tiles
+(at 0.5 µm/px: many tiles from one small slide, each mostly stroma or mostly nuclei), 20 % of them held out
+as val-in. After training, sample.py conditions on the four most eosin-dominated (pink) held-out tiles and the
+four most haematoxylin-dominated (purple) ones, so the grid shows by eye whether the conditioning works. It ends
+with the benchmark (evaluate.py) on three checkpoints, untrained (step 0), middle and last, and says
+whether the numbers show learning: the FD to the held-out tiles must fall, and a sample's cosine with the
+tile whose features conditioned it must beat a shuffled pairing (CytoSyn §4.1's sample-wise cosine).
+
+Not CytoSyn: tiny models (SiT-T/2, the "tiny" VAE), 64 px tiles, a random two-block ViT standing in for the
+gated H0-mini (the same seeded one conditions, aligns and scores), no LPIPS (its VGG weights come from the
+hub), and a learning rate and EMA decay for a short run (with the paper's 0.9999 the EMA would still be
+mostly its initial weights at the end). The metrics come from that random extractor, against held-out
+tiles of the one slide (no val-out): they show that the model moved towards the data, not quality.
+The demo runs torch on DEMO_THREADS threads, whatever the machine: a CPU run's numbers depend on the thread
+count (the order of float reductions), and this keeps a rerun, or a resumed run, on the README's numbers.
 """
 import argparse
-import csv
 import json
 import os
 import shlex
 import shutil
 
+import numpy as np
 import torch
+from PIL import Image
 
 import evaluate
 import sample
@@ -31,11 +36,15 @@ import tiling
 import train
 from support.checkpoints import CHECKPOINT, latest_checkpoint
 from support.cli import MAX_STEPS, SAMPLES_PER_COND, SAMPLING_RANGES, InputError, number_in, run
+from support.outputs import read_csv
 
 SLIDES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data")
-# NOTE: the demo's settings, not the paper's: tiny models, 64 px crops, the random "tiny" encoder for H0-mini,
+TILE_PX, DEMO_THREADS, SHOWN, GUIDANCE = 64, 2, 4, 128  # tile side; torch threads; tiles shown per end; benchmark
+_H, _E = np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11])  # Ruifrok and Johnston's H&E OD vectors
+STAINS = np.stack([v / np.linalg.norm(v) for v in (_H, _E, np.cross(_H, _E))])  # rows: H, E, residual
+# NOTE: the demo's settings, not the paper's: tiny models, 64 px tiles, the random "tiny" encoder for H0-mini,
 # no LPIPS, and a learning rate and EMA decay for a short run.
-TRAIN = dict(model="SiT-T/2", vae="tiny", encoder="tiny", image_size=64, resize="crop", global_batch_size=8,
+TRAIN = dict(model="SiT-T/2", vae="tiny", encoder="tiny", image_size=TILE_PX, resize="crop", global_batch_size=8,
              lr=3e-4, vae_lr=3e-4, disc_lr=3e-4, ema_decay=0.995, log_every=50, num_workers=0)
 
 
@@ -52,20 +61,33 @@ def say(tool, argv):
 
 
 def tile(out):
-    """The slide's tissue tiles, 20 % held out as val-in and copied to OUT/val for the metrics."""
+    """The slide's 64 px tissue tiles, 20 % held out as val-in; of the held-out tiles that are tissue edge to
+    edge, the most eosin-dominated (pink) and the most haematoxylin-dominated (purple) are copied to OUT/shown
+    for sample.py's grid."""
     tiles = os.path.join(out, "tiles")
     if not os.path.exists(os.path.join(tiles, "manifest.csv")):
-        argv = ["--slides", SLIDES, "--out", tiles, "--val-in", "0.2", "--seed", "0"]
+        argv = ["--slides", SLIDES, "--out", tiles, "--image-size", str(TILE_PX), "--val-in", "0.2", "--seed", "0"]
         say("tiling.py", argv)
         if tiling.main(argv):
             raise InputError("tiling the bundled slide failed (see above)")
-    val = os.path.join(out, "val")
-    os.makedirs(val, exist_ok=True)
-    with open(os.path.join(tiles, "manifest.csv"), newline="") as f:
-        for row in csv.DictReader(f):
-            if row["split"] == "val_in":
-                shutil.copy(os.path.join(tiles, row["file"]), val)
-    return os.path.join(tiles, "manifest.csv"), val
+    val = [os.path.join(tiles, r["file"]) for r in read_csv(os.path.join(tiles, "manifest.csv")) if r["split"] == "val_in"]
+    stains = {path: stain_balance(path) for path in val}
+    by_stain = sorted((p for p in val if stains[p][1] < 0.1), key=lambda p: stains[p][0])  # tissue edge to edge
+    shown = os.path.join(out, "shown")
+    os.makedirs(shown, exist_ok=True)
+    for k, path in enumerate(by_stain[:SHOWN] + by_stain[-SHOWN:]):  # named so that the grid's rows keep this order
+        shutil.copy(path, os.path.join(shown, f"{k}_{os.path.basename(path)}"))
+    return os.path.join(tiles, "manifest.csv"), shown
+
+
+def stain_balance(path):
+    """(mean haematoxylin minus mean eosin, share of white pixels) of a tile: colour deconvolution of the
+    optical density OD = -log10((I + 1) / 256) onto the H and E stain vectors (Ruifrok and Johnston 2001)."""
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), np.float64).reshape(-1, 3)
+    od = -np.log10((rgb + 1) / 256)
+    concentrations = od @ np.linalg.inv(STAINS)  # (pixels, 3): H, E, residual
+    return concentrations[:, 0].mean() - concentrations[:, 1].mean(), float((rgb.mean(1) > 210).mean())
 
 
 def build_parser():
@@ -80,8 +102,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-
-    manifest, val = tile(args.out)
+    torch.set_num_threads(DEMO_THREADS)
+    manifest, shown = tile(args.out)
 
     run_dir = os.path.join(args.out, "run")
     every = max(args.max_steps // 3, 1)
@@ -94,7 +116,7 @@ def main(argv=None):
     ckpt = latest_checkpoint(run_dir)
 
     generated = os.path.join(args.out, "generated")
-    sample_argv = ["--ckpt", ckpt, "--cond", val, "--n", str(args.n), "--num-sampling-steps",
+    sample_argv = ["--ckpt", ckpt, "--cond", shown, "--n", str(args.n), "--num-sampling-steps",
                    str(args.num_sampling_steps), "--out", generated]
     say("sample.py", sample_argv)
     sample.main(sample_argv)
@@ -104,7 +126,7 @@ def main(argv=None):
 
     print(f"\nWhere to look:\n  {run_dir}/loss.png              loss curves\n"
           f"  {run_dir}/samples/               conditioning tiles (top) and EMA samples (bottom), per checkpoint\n"
-          f"  {generated}_grid.png  each held-out tile, then {args.n} samples\n"
+          f"  {generated}_grid.png  held-out tiles (pinkest on top, most purple below), then {args.n} samples\n"
           f"  {args.out}/bench/STEP/report.md  the benchmark per checkpoint; {learning}")
 
 
@@ -130,13 +152,13 @@ def middle_and_last(run_dir):
 def benchmark(checkpoints, tiles, args):
     """evaluate.py on each checkpoint (the seeded random extractor), then the two checks of learning."""
     steps, fd, cosine, shuffled = [], [], [], []
-    guidance = sum(1 for r in csv.DictReader(open(os.path.join(tiles, "manifest.csv"))) if r["split"] == "train")
+    guidance = sum(1 for r in read_csv(os.path.join(tiles, "manifest.csv")) if r["split"] == "train")
     for ckpt in checkpoints:
         step = int(os.path.basename(ckpt)[:-3])
         out = os.path.join(args.out, "bench", f"{step:07d}")
-        argv = ["--ckpt", ckpt, "--tiles", tiles, "--out", out, "--num-guidance", str(min(guidance, 32)),
+        argv = ["--ckpt", ckpt, "--tiles", tiles, "--out", out, "--num-guidance", str(min(guidance, GUIDANCE)),
                 "--val-sets", "val_in", "--num-sampling-steps", str(args.num_sampling_steps), "--extractors", "tiny",
-                "--random-weights", "--crop", "64", "--bootstrap-draws", "10", "--num-workers", "0", "--device", "cpu"]
+                "--random-weights", "--bootstrap-draws", "10", "--num-workers", "0", "--device", "cpu"]
         say("evaluate.py", argv)
         evaluate.main(argv)
         rows = json.load(open(os.path.join(out, "report.json")))["results"]

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import demo
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,10 +21,13 @@ def test_demo_pipeline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Where to look" in proc.stdout and "$ python train.py --data" in proc.stdout
 
-    # the tiles: real H&E from the bundled slide, with a held-out val-in split copied aside
+    # the tiles: 64 px of real H&E from the bundled slide, a val-in split, and the 8 held-out tiles shown
     manifest = list(csv.DictReader(open(out / "tiles" / "manifest.csv")))
-    val = sorted((out / "val").glob("*.png"))
-    assert len(manifest) > 30 and len(val) == sum(r["split"] == "val_in" for r in manifest) > 0
+    assert len(manifest) > 400 and sum(r["split"] == "val_in" for r in manifest) > 80
+    shown = sorted((out / "shown").glob("*.png"))
+    assert [p.name[0] for p in shown] == list("01234567") and Image.open(shown[0]).size == (64, 64)
+    balance = [demo.stain_balance(p)[0] for p in shown]  # pinkest first, most purple last
+    assert balance[:4] == sorted(balance[:4]) and max(balance[:4]) < min(balance[4:])
 
     # training: checkpoints, finite losses, a loss curve and a sample grid
     run = out / "run"
@@ -34,9 +39,9 @@ def test_demo_pipeline(tmp_path):
     grid = np.asarray(Image.open(run / "samples" / "0000020.png").convert("RGB"))
     assert grid.shape[0] >= 2 * 64 and grid.std() > 1  # a row of real tiles above the samples, not blank
 
-    # sampling from the last checkpoint, conditioned on every held-out tile
+    # sampling from the last checkpoint, conditioned on the shown tiles
     images = sorted((out / "generated").glob("*.png"))
-    assert len(images) == 2 * len(val) and Image.open(images[0]).size == (64, 64)
+    assert len(images) == 2 * len(shown) and Image.open(images[0]).size == (64, 64)
     assert (out / "generated_grid.png").exists()  # the grid lies beside the tiles, not among them
 
     # the benchmark (evaluate.py) on the untrained, middle and last checkpoints, and the verdict on learning
