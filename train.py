@@ -316,8 +316,8 @@ def train(args):
                 path = save_all_ranks(args.out, step, nets, opts, config, rank, world, device)
                 log.info(f"saved {path}")
             if sampling and rank == 0:
-                images = grid_pipe.generate(fixed_cond, list(range(len(fixed_cond))), grid_settings)
-                save_training_grid(fixed, images, os.path.join(args.out, "samples", f"{step:07d}.png"))
+                samples = grid_pipe.generate(fixed_cond, list(range(len(fixed_cond))), grid_settings)
+                save_training_grid(fixed, samples, os.path.join(args.out, "samples", f"{step:07d}.png"))
             if world > 1 and (saving or sampling):
                 dist.barrier()  # the other ranks wait for rank 0's files
         log.info(f"done: {step} steps")
