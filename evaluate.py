@@ -50,7 +50,7 @@ BASELINE = "guidance vs val"
 
 # -------- Guidance and validation tiles from the tiling manifest -----------------------------------
 def manifest_rows(tiles):
-    """Every row of tiling.py's manifest (data.py reads it), with the tile's path."""
+    """Every row of tiling.py's manifest (support/data.py reads it), with the tile's path."""
     path = Path(tiles) / "manifest.csv"
     if not path.exists():
         raise MissingInput(f"--tiles {tiles}: no manifest.csv; pass the output folder of tiling.py")

@@ -20,7 +20,7 @@ Definitions:
 The whole benchmark (guidance, sampling, every extractor against val-in and val-out, Table 2's layout):
 evaluate.py.
 
-The extractors and what each sees of a tile: features.py. Left out: KID, AuthPct, the C_T test;
+The extractors and what each sees of a tile: support/extractors.py. Left out: KID, AuthPct, the C_T test;
 multi-GPU extraction.
 """
 import argparse
