@@ -259,7 +259,7 @@ def bench_fd(args):
                 threads=torch.get_num_threads(), cpus=os.cpu_count())
 
 
-# -------- tiling: tiling.py and slides.py (CytoSyn §3.2) ------------------------------------------
+# -------- tiling: tiling.py and support/slides.py (CytoSyn §3.2) ------------------------------------------
 def time_methods(methods, rounds=3):
     """Best tiles/s of each method (name -> function returning the tiles it read); the methods
     take turns, so a busy machine slows them alike."""

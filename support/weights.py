@@ -349,9 +349,11 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="unpickle IN fully (only a file you trust) and write a weights-only OUT")
-    c.add_argument("paths", nargs=2, metavar=("IN", "OUT"))
+    c.add_argument("source", metavar="IN", help="the trusted checkpoint")
+    c.add_argument("dest", metavar="OUT", help="its weights-only copy")
     e = sub.add_parser("export", help="SiT and VAE weights as safetensors + config.json with sha256 sums")
-    e.add_argument("paths", nargs=2, metavar=("CKPT", "OUT"))
+    e.add_argument("source", metavar="CKPT", help="a train.py checkpoint, an export or a converted REPA-E checkpoint")
+    e.add_argument("dest", metavar="OUT", help="the export folder (new or empty)")
     e.add_argument("--sit", type=weight_kinds, default=("ema",), help="which SiT weights: ema, raw or ema,raw")
     e.add_argument("--vae", type=weight_kinds, default=("ema",), help="which VAE weights: ema, raw or ema,raw")
     return p
@@ -359,8 +361,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    convert(*args.paths) if args.command == "convert" else export(*args.paths, args.sit, args.vae)
-    print(f"wrote {args.paths[1]}")
+    convert(args.source, args.dest) if args.command == "convert" else export(args.source, args.dest, args.sit, args.vae)
+    print(f"wrote {args.dest}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""perf.py: the numerator (FLOPs per phase) and the denominator (the GPU's bf16 peak) of MFU."""
+"""support/perf.py: the numerator (FLOPs per phase) and the denominator (the GPU's bf16 peak) of MFU."""
 import torch
 
 from support import perf

@@ -1,4 +1,4 @@
-"""Tests for slides.py: reading whole-slide images (CytoSyn §3.2), MPP, coordinates, and the
+"""Tests for support/slides.py: reading whole-slide images (CytoSyn §3.2), MPP, coordinates, and the
 reader that gives training tiles straight from the slides, identical to tiling.py's PNGs.
 
 Real data: tests/data/cmu_small_region.svs (Aperio, 0.499 µm/px). Synthetic slides are written
