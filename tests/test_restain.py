@@ -129,6 +129,9 @@ def test_cond_mean_of_a_feature_array_is_its_mean_row(ckpt, tmp_path):
     mean, slide = png(tmp_path / "mean" / "000000_00.png"), png(tmp_path / "slide" / "mean_00.png")
     assert np.array_equal(mean, slide)
     assert np.abs(slide.astype(int) - png(tmp_path / "first" / "000000_00.png")).mean() > 2  # not one row's
+    pipe = sample.load_pipeline(ckpt, device="cpu")  # the Python API: the mean row as h0_mini_embeds
+    api = pipe(h0_mini_embeds=feats.mean(0, keepdims=True), num_inference_steps=4)["images"][0]
+    assert np.abs(np.asarray(api).astype(int) - slide).max() <= 1  # float32 vs float64 sums: a rounding flip
 
 
 def test_cond_mean_folder_averages_its_tiles(ckpt, tmp_path, monkeypatch):
