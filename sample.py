@@ -4,6 +4,8 @@
     python sample.py --ckpt CKPT --cond tiles/ other.png             # several tiles, or folders of tiles
     python sample.py --ckpt CKPT --features cls.npy --n 1            # precomputed (N, 768) CLS features
     python sample.py --ckpt CKPT --interpolate a.png b.png           # Figure 3: factors 0.2 ... 0.8
+    python sample.py --ckpt CKPT --cond-mean slide_tiles/ --n 8      # a slide's mean CLS (or --cond-mean cls.npy)
+    python sample.py --ckpt CKPT --restain tiles/ --style s.png --strength 0.5   # one tile's stain on others
     python sample.py --ckpt CKPT --num-samples 64                    # unconditional (null embedding)
     torchrun --nproc_per_node=8 sample.py --ckpt CKPT --features cls.npy --n 1 --out DIR   # 100k tiles
 
@@ -13,6 +15,13 @@ resolution CytoSyn was trained at; a larger tile is centre-cropped to 224 px, ne
 250 Euler-Maruyama steps, guidance 2.5 on t in [0, 0.75]; decoding with the EMA SiT's BatchNorm
 statistics and the EMA VAE (--sit-weights / --vae-weights pick raw ones).
 
+Restaining (not in the paper; Owkin's announced next step) is SDEdit (Meng et al., 2022) on the interpolant:
+each content tile is encoded (the VAE posterior's mean: the deterministic latent; a sample's noise would only
+add to eps) and normalised with the SiT's running BatchNorm statistics, noised to t = S (--strength) as
+x_S = (1 - S) x + S eps, then integrated from S to 0 guided by the style tile's CLS. Small S keeps the cells
+and changes little; S = 1 ignores the content. OUT/restain.json holds, per tile, how much of the content's
+structure it kept and how far its stain moved towards the style's (support/stain.py).
+
 Every image has a stable name and its own noise seed (from --seed and the image's index), so a run split
 over any number of processes, or killed and started again, writes the same files: existing files are
 skipped. OUT/settings.json records the run, and a rerun with other settings is refused rather than mixed
@@ -20,12 +29,13 @@ in. No non-finite image is ever written. From Python, with the released pipeline
 
     pipe = load_pipeline("EXPORT_DIR")
     images = pipe(h0_mini_embeds=feats, num_inference_steps=250, guidance_scale=2.5, seed=0)["images"]
+    images = pipe(h0_mini_embeds=feats.mean(0, keepdims=True), num_images_per_prompt=8)["images"]  # --cond-mean
+    images = pipe(h0_mini_embeds=style_cls, restain_from=[content_pil], strength=0.5)["images"]   # --restain
 
 Left out: PixCell-style multi-tile conditioning, metrics (metrics.py), loading weights from the hub.
 """
 import argparse
 import os
-from collections import namedtuple
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,24 +45,22 @@ from PIL import Image
 from tqdm import tqdm
 
 from features import encoder_features, load_encoder
+from repa_loss import interpolate
 from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
 from support.cli import (BATCH_SIZE, SAMPLERS, SAMPLES_PER_COND, SAMPLING_RANGES, SEED, InputError, NonFinite, add_device_args, add_sampling_args,
                          autocast, check_guidance, check_number, number_in, processes,
                          resolve_precision, run)
-from support.data import list_tile_args, open_tile, read_tile_at_mpp, size_at_mpp
-from support.logs import save_rows
+from support.data import list_tile_args
 from support.outputs import check_output_folder, record_settings, save_png
+from support.sampling import (ArraySource, MeanSource, TileSource, batch_conditioning, content_tiles, plan_jobs,
+                              read_feature_array, read_png, restain_jobs, save_grid)
+from support.stain import score_restained
 from tiling import TILE_MPP
 from support.weights import load_models
 
-INTERPOLATION_FACTORS = (0.2, 0.4, 0.6, 0.8)      # paper Fig. 3: f = (1 - a) f_left + a f_right
-GRID_ROWS, GRID_COLS = 8, 8                       # the grid shows at most this many rows / samples per row
+SAMPLES_PER_TILE, STRENGTH = 5, 0.5              # --n's and --strength's defaults
 # The released pipeline's keyword for a setting where it differs (as LazySlide calls it).
 API_NAMES = {"num_sampling_steps": "num_inference_steps", "cfg_scale": "guidance_scale"}
-
-# One image to generate: its file name, its conditioning as a mix of sources ((index, weight), ...;
-# empty = unconditional), and the id its noise seed comes from.
-Job = namedtuple("Job", "name mix noise_id")
 
 
 @dataclass(frozen=True)
@@ -107,14 +115,33 @@ class Pipeline:
         gens = [torch.Generator(self.device).manual_seed(noise_seed(settings.seed, i)) for i in noise_ids]
         shape = (len(noise_ids), self.sit.in_channels, self.sit.input_size, self.sit.input_size)
         noise = standard_normal(shape, gens, self.device)  # the first draw of every image's stream
+        return self.decode(self.integrate(noise, 1.0, cond, gens, settings), noise_ids)
+
+    @torch.no_grad()
+    def restain(self, content, cond, strength, noise_ids, settings):
+        """SDEdit: uint8 content tiles (B, 3, H, W) noised to t = strength, then integrated back to 0 guided by
+        cond (the style's CLS, (B, D)) -> uint8 images (B, H, W, 3). Image i's eps and Brownian increments come
+        from its own generator, as in generate()."""
+        gens = [torch.Generator(self.device).manual_seed(noise_seed(settings.seed, i)) for i in noise_ids]
+        x = self.encode(content)                                 # (B, 4, h, w): the content's normalised latent
+        eps = standard_normal(x.shape, gens, self.device)        # the first draw of every image's stream
+        t = torch.full((len(x),), float(strength), dtype=torch.float64, device=self.device)
+        return self.decode(self.integrate(interpolate(x, eps, t), strength, cond, gens, settings), noise_ids)
+
+    def integrate(self, x, t_start, cond, gens, settings):
+        """x at t_start (pure noise at 1) -> x at 0, float64, with the settings' sampler and guidance."""
         guidance = dict(cond=cond, num_steps=settings.num_sampling_steps, cfg_scale=settings.cfg_scale,
-                        guidance_low=settings.guidance_low, guidance_high=settings.guidance_high)
+                        guidance_low=settings.guidance_low, guidance_high=settings.guidance_high, t_start=t_start)
         with autocast(self.device, self.precision):  # the network in bf16 if asked; the sampler state float64
             if settings.sampler == "sde":
-                x = euler_maruyama_sampler(self.velocity, noise, generator=gens, **guidance)
-            else:
-                x = euler_sampler(self.velocity, noise, heun=settings.sampler == "heun", **guidance)
-        return self.decode(x, noise_ids)
+                return euler_maruyama_sampler(self.velocity, x, generator=gens, **guidance)
+            return euler_sampler(self.velocity, x, heun=settings.sampler == "heun", **guidance)
+
+    def encode(self, tiles):
+        """uint8 tiles (B, 3, H, W) -> float64 latents (B, 4, h, w) in the SiT's space: the VAE posterior's mean,
+        normalised with the SiT's running BatchNorm statistics (decode() undoes it), in float32 as decode()."""
+        posterior = self.vae.encode(tiles.to(self.device).float() / 127.5 - 1.0)
+        return self.sit.normalize(posterior.mean).double()  # the SiT is in eval mode: running statistics
 
     def decode(self, x, noise_ids):
         """Normalised latents -> uint8 images (B, H, W, 3), refusing any non-finite one before it is written."""
@@ -136,9 +163,13 @@ class Pipeline:
         return encoder_features(self.encoder, tiles.to(self.device))[0]
 
     def __call__(self, h0_mini_embeds=None, num_images_per_prompt=1, num_inference_steps=250, guidance_scale=2.5,
-                 guidance_low=0.0, guidance_high=0.75, seed=0, batch_size=32, sampler="sde"):
+                 guidance_low=0.0, guidance_high=0.75, seed=0, batch_size=32, sampler="sde", restain_from=None,
+                 strength=0.5):
         """The released pipeline's call: h0_mini_embeds (N, 768) or None -> {"images": N x num_images_per_prompt
-        PIL images}, embed by embed; the jobs, seeds and functions of `sample.py --features`."""
+        PIL images}, embed by embed; the jobs, seeds and functions of `sample.py --features`. With restain_from
+        (M content tiles at 0.5 µm/px: PIL images or uint8 (H, W, 3) arrays), the M x num_images_per_prompt
+        restained tiles of `sample.py --restain`: h0_mini_embeds is then the style's CLS, one row for every tile
+        or one per tile (a style tile's: pipe.encode_tiles(uint8 (1, 3, 224, 224)))."""
         settings = SamplingSettings(sampler, num_inference_steps, guidance_scale, guidance_low, guidance_high, seed)
         n = check_number("num_images_per_prompt", num_images_per_prompt, int, 1, 10_000)
         source = None  # unconditional: the null embedding; guidance off
@@ -146,12 +177,22 @@ class Pipeline:
             embeds = (h0_mini_embeds.detach().float().cpu().numpy() if torch.is_tensor(h0_mini_embeds)
                       else np.asarray(h0_mini_embeds, dtype=np.float32))
             source = ArraySource(embeds, self.sit.cond_dim, "h0_mini_embeds")
-        jobs, _ = plan_jobs(source, n)
+        content = None if restain_from is None else content_tiles(restain_from, self.tile_size)
+        if content is None:
+            jobs, _ = plan_jobs(source, n)
+        else:
+            check_number("strength", strength, float, 0, 1, open_low=True)
+            if source is None or len(source.names) not in (1, len(content)):
+                raise InputError(f"restain_from ({len(content)} tiles) needs h0_mini_embeds, the style's CLS: one row "
+                                 f"for all tiles or one per tile")
+            jobs = restain_jobs([f"{i:06d}" for i in range(len(content))], n, one_style=len(source.names) == 1)
         images = []
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
-            cond = batch_conditioning(source, batch, self)
-            images += [Image.fromarray(im) for im in self.generate(cond, [j.noise_id for j in batch], settings)]
+            cond, ids = batch_conditioning(source, batch, self), [j.noise_id for j in batch]
+            out = (self.generate(cond, ids, settings) if content is None else
+                   self.restain(content[[i // n for i in ids]], cond, strength, ids, settings))
+            images += [Image.fromarray(im) for im in out]
         return {"images": images}
 
 
@@ -179,101 +220,23 @@ def check_finite(x, noise_ids, what):
 #                                 Conditioning                                  #
 #################################################################################
 
-class TileSource:
-    """Conditioning tiles, read and encoded a batch at a time; every header is checked up front."""
-
-    def __init__(self, paths, size, mpp):
-        for p in paths:  # fail early on a bad tile, before hours of sampling (the header is enough)
-            size_at_mpp(open_tile(p, decode=False), p, size, mpp, TILE_MPP)
-        self.paths, self.size, self.mpp = paths, size, mpp
-        self.names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-
-    def tile(self, i):
-        return read_tile_at_mpp(self.paths[i], self.size, self.mpp, TILE_MPP)
-
-    def features(self, indices, pipe):
-        return pipe.encode_tiles(torch.stack([self.tile(i) for i in indices]))  # CLS (B, D)
-
-
-class ArraySource:
-    """Precomputed CLS features (N, D). An (N, 2 D) array is LazySlide's / TRIDENT's CLS followed by the
-    mean patch token: its first D values are the CLS."""
-
-    def __init__(self, arr, dim, what):
-        arr = arr[None] if arr.ndim == 1 else arr
-        if arr.ndim == 2 and arr.shape[1] == 2 * dim:
-            print(f"{what} has shape {arr.shape}: using its first {dim} values, the CLS token (the rest is taken to "
-                  f"be the mean patch token)", flush=True)
-            arr = arr[:, :dim]
-        if arr.ndim != 2 or arr.shape[1] != dim or not len(arr):
-            raise InputError(f"{what} has shape {arr.shape}; this model needs (N, {dim}) H0-mini CLS features, N >= 1")
-        self.arr, self.names = arr, [f"{i:06d}" for i in range(len(arr))]
-
-    def tile(self, i):
-        return None
-
-    def features(self, indices, pipe):
-        return torch.from_numpy(np.asarray(self.arr[indices], dtype=np.float32)).to(pipe.device)
-
-
-def batch_conditioning(source, jobs, pipe):
-    """(B, D) features of a batch: each job's weighted mix of source features; None if unconditional."""
-    if source is None:
-        return None
-    needed = sorted({i for job in jobs for i, _ in job.mix})
-    feats = dict(zip(needed, source.features(needed, pipe)))
-    return torch.stack([sum(w * feats[i] for i, w in job.mix) for job in jobs])
-
-
 def conditioning_source(args, pipe):
-    """What --cond, --features or --interpolate name -> a TileSource or an ArraySource; None: unconditional."""
+    """What the flags name -> (the conditioning: a TileSource, an ArraySource or a MeanSource, None when
+    unconditional; the content tiles of --restain, whose conditioning is --style, or None)."""
+    size, mpp, dim = pipe.tile_size, args.cond_mpp or TILE_MPP, pipe.sit.cond_dim
+    if args.restain:
+        return TileSource([args.style], size, mpp), TileSource(list_tile_args(args.restain, "--restain"), size, mpp)
     if args.features:
-        try:
-            arr = np.load(args.features, mmap_mode="r")
-        except (ValueError, OSError) as err:  # a missing file, or not a .npy array
-            raise InputError(f"--features {args.features}: cannot read it as a .npy array ({type(err).__name__}: "
-                             f"{err})") from None
-        return ArraySource(arr, pipe.sit.cond_dim, f"--features {args.features}")
+        return ArraySource(read_feature_array(args.features, "--features"), dim, f"--features {args.features}"), None
+    if args.cond_mean and args.cond_mean[0].endswith(".npy"):
+        path = args.cond_mean[0]
+        return MeanSource(ArraySource(read_feature_array(path, "--cond-mean"), dim, f"--cond-mean {path}")), None
+    if args.cond_mean:
+        return MeanSource(TileSource(list_tile_args(args.cond_mean, "--cond-mean"), size, mpp)), None
     if args.cond or args.interpolate:
         paths = list_tile_args(args.cond or args.interpolate, "--cond" if args.cond else "--interpolate")
-        return TileSource(paths, pipe.tile_size, args.cond_mpp or TILE_MPP)
-    return None
-
-
-#################################################################################
-#                               Jobs and grids                                  #
-#################################################################################
-
-def plan_jobs(source, n, num_samples=None, interpolate=False):
-    """All images of the run, in a fixed order, and the grid layout: rows of ("tile", index) / ("file", name)."""
-    if interpolate:
-        a, b = source.names
-        jobs, rows = [], []
-        for k in range(n):  # one noise per row, shared by its factors, so the row changes only in f
-            row = [Job(f"{a}_{b}_{k:02d}_a{alpha:.1f}", ((0, 1 - alpha), (1, alpha)), k) for alpha in INTERPOLATION_FACTORS]
-            jobs += row
-            rows.append([("tile", 0)] + [("file", j.name) for j in row] + [("tile", 1)])
-        return jobs, rows[:GRID_ROWS]
-    if source is None:
-        jobs = [Job(f"{j:06d}", (), j) for j in range(num_samples or n)]
-        names = [("file", j.name) for j in jobs[:GRID_ROWS * GRID_COLS]]
-        return jobs, [names[r:r + GRID_COLS] for r in range(0, len(names), GRID_COLS)]
-    jobs = [Job(f"{name}_{k:02d}", ((i, 1.0),), i * n + k) for i, name in enumerate(source.names) for k in range(n)]
-    rows = [([("tile", i)] if isinstance(source, TileSource) else [])  # the reference tile on the left (Figure 2)
-            + [("file", f"{source.names[i]}_{k:02d}") for k in range(min(n, GRID_COLS))]
-            for i in range(min(len(source.names), GRID_ROWS))]
-    return jobs, rows
-
-
-def save_grid(rows, source, out, path):
-    """Figure 2 / 3 style: each row a reference tile (when there is one) and its samples, side by side."""
-    def cell(kind, ref):
-        if kind == "tile":
-            return source.tile(ref)
-        with Image.open(os.path.join(out, ref + ".png")) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-    if rows:
-        save_rows([[cell(*c) for c in row] for row in rows], path)
+        return TileSource(paths, size, mpp), None
+    return None, None
 
 
 def output_settings(args, step):
@@ -282,7 +245,9 @@ def output_settings(args, step):
     return dict(ckpt=os.path.abspath(args.ckpt), ckpt_step=step, sit_weights=args.sit_weights,
                 vae_weights=args.vae_weights, **asdict(SamplingSettings.from_args(args)), precision=args.precision,
                 cond_mpp=args.cond_mpp, cond=files(args.cond), features=files(args.features and [args.features]),
-                interpolate=files(args.interpolate), n=args.n, num_samples=args.num_samples)
+                interpolate=files(args.interpolate), n=args.n, num_samples=args.num_samples,
+                cond_mean=files(args.cond_mean), restain=files(args.restain), style=files(args.style and [args.style]),
+                strength=args.strength)
 
 
 #################################################################################
@@ -296,10 +261,11 @@ def main(argv=None):
         args.precision = resolve_precision(args.precision, device)
         # generated tiles must never land among real ones (nor be read back as conditioning by a rerun)
         check_output_folder(args.out, {"--cond": args.cond, "--features": args.features and [args.features],
-                                       "--interpolate": args.interpolate})
+                                       "--interpolate": args.interpolate, "--cond-mean": args.cond_mean,
+                                       "--restain": args.restain, "--style": args.style and [args.style]})
         pipe = load_pipeline(args.ckpt, device, args.sit_weights, args.vae_weights, args.precision, args.compile)
-        source = conditioning_source(args, pipe)
-        jobs, grid_rows = plan_jobs(source, args.n, args.num_samples, bool(args.interpolate))
+        source, content = conditioning_source(args, pipe)
+        jobs, grid_rows = plan_jobs(source, args.n, args.num_samples, bool(args.interpolate), content)
         try:
             os.makedirs(args.out, exist_ok=True)
         except OSError as err:
@@ -309,15 +275,17 @@ def main(argv=None):
         todo = [j for j in jobs[rank::world] if not os.path.exists(path(j))]  # resume: skip finished files
         if rank == 0:
             guidance = (f"cfg {args.cfg_scale} on [{args.guidance_low}, {args.guidance_high}]" if source is not None
-                        else "unconditional")
+                        else "unconditional") + (f", from t = {args.strength}" if content is not None else "")
             print(f"{len(jobs)} images in {args.out}, {sum(os.path.exists(path(j)) for j in jobs)} already there; "
                   f"{args.sampler} {args.num_sampling_steps} steps, {guidance}, {args.precision}, {world} "
                   f"process(es)", flush=True)
         with tqdm(total=len(todo), unit="img", disable=rank != 0) as bar:
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start:start + args.batch_size]
+                cond, ids = batch_conditioning(source, batch, pipe), [j.noise_id for j in batch]
                 try:
-                    images = pipe.generate(batch_conditioning(source, batch, pipe), [j.noise_id for j in batch], settings)
+                    images = (pipe.generate(cond, ids, settings) if content is None else
+                              pipe.restain(torch.stack([content.tile(i) for i in ids]), cond, args.strength, ids, settings))
                 except NonFinite as err:
                     raise NonFinite(f"{err} (images {', '.join(j.name for j in batch)}; --cfg-scale {args.cfg_scale}, "
                                     f"--ckpt {args.ckpt})") from None
@@ -329,18 +297,32 @@ def main(argv=None):
         if rank == 0:
             # next to the folder, not in it: the folder holds the tiles (and settings.json), ready for metrics.py
             grid = os.path.normpath(args.out) + "_grid.png"
-            save_grid(grid_rows, source, args.out, grid)
+            save_grid(grid_rows, {"tile": source, "content": content}, args.out, grid)
+            if content is not None:  # each tile's numbers (support/stain.py), printed and in OUT/restain.json
+                score_restained(((j.name, read_png(args.out, j.name), content.tile(j.noise_id), source.tile(0))
+                                 for j in jobs), args.strength, os.path.join(args.out, "restain.json"))
             print(f"done: {args.out}/ and {grid}", flush=True)
     return 0
 
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    if args.num_samples is not None and (args.cond or args.features or args.interpolate):
-        raise InputError("--num-samples is for unconditional runs; with --cond/--features each conditioning gets "
-                         "--n images")
+    if args.num_samples is not None and (args.cond or args.features or args.interpolate or args.cond_mean or args.restain):
+        raise InputError("--num-samples is for unconditional runs; with --cond/--features/--cond-mean each conditioning "
+                         "gets --n images")
     if args.interpolate and not all(os.path.isfile(f) for f in args.interpolate):
         raise InputError("--interpolate takes two tile files (not folders, and they must exist)")
+    if bool(args.restain) != bool(args.style) or (args.strength is not None and not args.restain):
+        raise InputError("--restain CONTENT... takes --style STYLE_TILE (and --strength S); --style and --strength "
+                         "go with --restain only")
+    if args.restain and args.n is not None:
+        raise InputError("--restain writes one tile per content tile, named after it: --n is for the other modes")
+    if args.style and not os.path.isfile(args.style):
+        raise InputError(f"--style {args.style}: give one tile file (it must exist)")
+    if args.cond_mean and any(p.endswith(".npy") for p in args.cond_mean) and len(args.cond_mean) > 1:
+        raise InputError("--cond-mean takes tiles (files or folders) or one .npy feature array, not both")
+    args.n = None if args.restain else (args.n or SAMPLES_PER_TILE)
+    args.strength = (args.strength or STRENGTH) if args.restain else None
     check_guidance(args)
     return args
 
@@ -356,10 +338,19 @@ def build_parser():
     what.add_argument("--features", metavar="FILE.npy", help="precomputed (N, 768) H0-mini CLS features")
     what.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
                       help="Figure 3: condition on (1 - a) f_A + a f_B, a = 0.2, 0.4, 0.6, 0.8")
+    what.add_argument("--cond-mean", nargs="+", metavar="TILES_OR_NPY", help="condition on the mean CLS of tiles "
+                      "(files or folders, e.g. a slide's) or of an (N, 768) .npy feature array")
+    what.add_argument("--restain", nargs="+", metavar="CONTENT", help="restain these tiles (files or folders) with "
+                      "the stain of --style: SDEdit from t = --strength")
+    p.add_argument("--style", metavar="STYLE_TILE", help="--restain: the tile whose stain (CLS) guides the result")
+    p.add_argument("--strength", type=number_in(float, 0, 1, open_low=True), metavar="S", default=None,
+                   help=f"--restain: the time the content is noised to, in (0, 1] (default {STRENGTH}); small S "
+                        "keeps the cells, S = 1 ignores them")
     p.add_argument("--cond-mpp", type=number_in(float, 0, 100, open_low=True), metavar="MPP", default=None,
-                   help=f"the conditioning tiles' µm/px if not {TILE_MPP}: rescale them to {TILE_MPP} before cropping")
-    p.add_argument("--n", type=SAMPLES_PER_COND, default=5, help="samples per conditioning (rows of the "
-                                                                          "interpolation)")
+                   help=f"the tiles' µm/px (conditioning, content, style) if not {TILE_MPP}: rescale them to {TILE_MPP} "
+                        "before cropping")
+    p.add_argument("--n", type=SAMPLES_PER_COND, default=None, help=f"samples per conditioning (rows of the "
+                                                                     f"interpolation; default {SAMPLES_PER_TILE})")
     p.add_argument("--num-samples", type=number_in(int, 1, 10 ** 9), help="unconditional: number of images "
                                                                            "(default --n)")
     p.add_argument("--out", default="samples", help="output folder; a rerun with the same settings keeps its images")

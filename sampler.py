@@ -11,6 +11,10 @@ network predicts the velocity v = eps - x. Sampling integrates from t = 1 (noise
 with dt < 0. A sampler is a plain loop next to its equation. Classifier-free guidance lives in one
 function, `cfg_velocity`, which is the only place the unconditional pass can happen.
 
+Both samplers can also start at t_start < 1, from an image noised along the same path,
+x_{t_start} = (1 - t_start) x + t_start eps: SDEdit (Meng et al., 2022, §3), which sample.py --restain uses.
+The grid keeps its N steps, squeezed onto [0, t_start]; t_start = 1 is the paper's sampler, bit for bit.
+
 The state is float64; the network gets x and the conditioning in `dtype` (cast inside `cfg_velocity`), so
 bf16 networks do not accumulate rounding error over 250 steps, and t in float32 (bf16 would merge steps). The time grid is a Python list of floats: the guidance window
 and the step sizes are decided on the host, so the loop never waits on the device.
@@ -34,6 +38,14 @@ def sde_time_grid(num_steps):
     """N - 1 stochastic steps on linspace(1, SDE_T_END, N), then one deterministic step to 0
     (CytoSyn §4.1; REPA-E's sampler)."""
     return torch.linspace(1, SDE_T_END, num_steps, dtype=torch.float64).tolist() + [0.0]
+
+
+def start_at(grid, t_start, t_end):
+    """Times from 1 down to t_end, mapped linearly onto [t_end, t_start]: linspace(1, t_end, N) becomes
+    linspace(t_start, t_end, N) (SDEdit). Written s t + (1 - s) t_end so that t_start = 1 (s = 1) leaves every
+    time as it is, bit for bit."""
+    s = (t_start - t_end) / (1 - t_end)
+    return [s * t + (1 - s) * t_end for t in grid]
 
 
 def diffusion_coefficient(t):
@@ -83,12 +95,13 @@ def cfg_velocity(model, x, t, cond, cfg_scale, guidance_low, guidance_high, dtyp
 
 @torch.no_grad()
 def euler_sampler(model, noise, cond=None, num_steps=50, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
-                  heun=False, dtype=torch.float32):
-    """ODE dx = v dt from t = 1 to 0; Euler, or Heun's 2nd order (2N - 1 evaluations). Returns float64 x_0."""
+                  heun=False, dtype=torch.float32, t_start=1.0):
+    """ODE dx = v dt from t = t_start to 0 on linspace(t_start, 0, N + 1); Euler, or Heun's 2nd order (2N - 1
+    evaluations). `noise` is x at t_start: pure noise at t_start = 1. Returns float64 x_0."""
     def velocity(x, t):
         return cfg_velocity(model, x, t, cond, cfg_scale, guidance_low, guidance_high, dtype)
 
-    ts = ode_time_grid(num_steps)
+    ts = start_at(ode_time_grid(num_steps), t_start, 0.0)
     x = noise.to(torch.float64)
     for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         dt = t_next - t  # < 0: noise -> data
@@ -102,16 +115,21 @@ def euler_sampler(model, noise, cond=None, num_steps=50, cfg_scale=1.0, guidance
 
 @torch.no_grad()
 def euler_maruyama_sampler(model, noise, cond=None, num_steps=250, cfg_scale=1.0, guidance_low=0.0,
-                           guidance_high=1.0, generator=None, dtype=torch.float32):
-    """SDE dx = [v - w s / 2] dt + sqrt(w) dW from t = 1 to SDE_T_END, then one Euler step to 0.
+                           guidance_high=1.0, generator=None, dtype=torch.float32, t_start=1.0):
+    """SDE dx = [v - w s / 2] dt + sqrt(w) dW from t = t_start to SDE_T_END, then one Euler step to 0.
 
     As REPA-E's sampler, the last step uses the SDE drift without noise (the mean of an Euler-Maruyama step), not
     a probability-flow step: the noise y left at SDE_T_END becomes -y rather than 0, so the output keeps a
     residual std ~ SDE_T_END around each mode (4% of the unit-variance latent; tests pin this down).
     N network evaluations (unguided). `generator` (one, or one per row; on noise's device) drives the
-    Brownian increments, so a seeded run is reproducible. Returns float64 x_0.
+    Brownian increments, so a seeded run is reproducible. `noise` is x at t_start: pure noise at t_start = 1;
+    the stochastic steps lie on linspace(t_start, SDE_T_END, N). Returns float64 x_0.
     """
+    if t_start <= SDE_T_END:  # no room for a stochastic step: N plain (deterministic) Euler steps to 0
+        return euler_sampler(model, noise, cond, num_steps, cfg_scale, guidance_low, guidance_high, dtype=dtype,
+                             t_start=t_start)
     ts = sde_time_grid(num_steps)
+    ts = start_at(ts[:-1], t_start, SDE_T_END) + ts[-1:]  # the last step still goes from SDE_T_END to 0
     x = noise.to(torch.float64)
     for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         dt = t_next - t  # < 0: noise -> data

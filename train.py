@@ -383,8 +383,8 @@ def build_parser():
     p.add_argument("--out", default="results/cytosyn", help="the run's folder: checkpoints, logs, samples")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in --out, or from the given file")
-    p.add_argument("--init-from", metavar="PATH", help="start a new run from these weights: an export, a train.py or "
-                                                       "REPA-E checkpoint, a diffusers VAE")
+    p.add_argument("--init-from", nargs="+", metavar="PATH", help="start a new run from these weights: an export, a "
+                   "train.py or REPA-E checkpoint, a diffusers VAE, a discriminator (REPA-E's -discriminator-ckpt.pt)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--log-every", type=number_in(int, 1, 10 ** 10), default=100)
     p.add_argument("--ckpt-every", type=number_in(int, 1, 10 ** 10), default=50_000)

@@ -87,10 +87,10 @@ def number_in(kind, low, high, open_low=False, open_high=False):
     return parse
 
 
-def check_number(name, value, kind, low, high):
+def check_number(name, value, kind, low, high, open_low=False):
     """number_in for a Python keyword (the API's twin of a flag): an InputError that names the keyword."""
     try:
-        return number_in(kind, low, high)(str(value))
+        return number_in(kind, low, high, open_low)(str(value))
     except argparse.ArgumentTypeError as err:
         raise InputError(f"{name}={value!r}: {err}") from None
 

@@ -1,5 +1,6 @@
 """What a run shows its user: log.txt, metrics.csv and loss.png of a training run (rank 0 writes them, as
-DiT's logger), and the picture grids of train.py and sample.py (torchvision's make_grid).
+DiT's logger), a WARNING when the run looks collapsed (CollapseWatch), and the picture grids of train.py and
+sample.py (torchvision's make_grid).
 
 Left out: TensorBoard and Weights & Biases (a CSV reads into either).
 """
@@ -8,6 +9,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 
 import numpy as np
@@ -29,6 +31,11 @@ PREVIEW_MAX_PX = 1024  # tiling.py's previews: the longer side
 SPLIT_COLOURS = {"train": (0, 160, 0), "val_in": (0, 90, 255), "val_out": (255, 120, 0)}
 INK_COLOUR = (255, 0, 255)  # the preview tints dropped pen ink magenta
 PLOTTED = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "disc")  # loss.png's panels
+# The collapse watch: a symptom must last this many log intervals in a row (one bad interval is noise) ...
+COLLAPSE_INTERVALS = 3
+LOGIT_MARGIN = 0.01  # ... the discriminator's mean logits on real tiles and on reconstructions this close, or
+GRAD_FLOOR = 1e-4    # ... a network's gradient norm (before clipping at 1.0) below this
+WATCHED_GRADS = ("grad_sit", "grad_vae", "grad_disc")
 
 
 class Logger:
@@ -38,6 +45,7 @@ class Logger:
         self.rank, self.dir, self.rows = rank, run_dir, []
         self.world, self.log_every, self.images_per_step, self.device = world, log_every, images_per_step, device
         self.window, self.sums, self.t0 = 0, None, time.perf_counter()
+        self.watch = CollapseWatch()
         self.csv = os.path.join(run_dir, "metrics.csv")
         if rank == 0 and resume_step and os.path.exists(self.csv):  # keep the history up to the checkpoint
             with open(self.csv, newline="") as f:
@@ -59,7 +67,8 @@ class Logger:
 
     def step(self, step, terms, last=False):
         """One training step's loss terms: averaged over ranks and checked every step (so no checkpoint is
-        ever written after a non-finite loss, on any rank), written every log_every steps and at the last."""
+        ever written after a non-finite loss, on any rank), written every log_every steps and at the last, each
+        interval's averages watched for a collapse (a WARNING line; the run goes on)."""
         keys = [k for k in LOGGED_TERMS if k in terms]
         values = torch.stack([terms[k].detach().float() for k in keys])
         if self.world > 1:
@@ -74,9 +83,11 @@ class Logger:
         self.window += 1
         if step % self.log_every == 0 or last:
             elapsed = time.perf_counter() - self.t0
-            self.metrics({"step": step, **{k: s / self.window for k, s in zip(keys, self.sums)},
-                          "img_per_s": self.window * self.images_per_step / elapsed,
+            row = {"step": step, **{k: s / self.window for k, s in zip(keys, self.sums)}}
+            self.metrics({**row, "img_per_s": self.window * self.images_per_step / elapsed,
                           "sec_per_step": elapsed / self.window, "peak_mem_gb": peak_memory_gb(self.device)})
+            for line in self.watch.update(row):
+                self.info(line)
             self.window, self.sums, self.t0 = 0, None, time.perf_counter()
 
     def metrics(self, row):
@@ -86,6 +97,38 @@ class Logger:
         self.write_csv()
         self.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         plot_losses(self.rows, os.path.join(self.dir, "loss.png"))
+
+
+class CollapseWatch:
+    """A run can collapse without a NaN: REPA-E's users report its GAN loss and gradient norms falling to zero
+    around 90k steps. Two symptoms, each of which must last COLLAPSE_INTERVALS log intervals in a row: the
+    discriminator's mean logits on real tiles and on reconstructions within LOGIT_MARGIN of each other (it no
+    longer tells them apart), or a network's gradient norm below GRAD_FLOOR (it no longer learns). A symptom
+    is reported once per episode, which ends at the first interval without it."""
+
+    def __init__(self):
+        self.streak = Counter()  # symptom -> the intervals in a row it has lasted
+
+    def symptoms(self, row):
+        """One interval's averaged terms -> {symptom: what was seen}."""
+        found = {}
+        if "logits_real" in row and abs(row["logits_real"] - row["logits_fake"]) < LOGIT_MARGIN:
+            found["logits"] = (f"the discriminator's mean logits on real tiles ({row['logits_real']:.4g}) and on "
+                               f"reconstructions ({row['logits_fake']:.4g}) are within {LOGIT_MARGIN}")
+        for key in WATCHED_GRADS:
+            if key in row and row[key] < GRAD_FLOOR:
+                found[key] = f"{key} = {row[key]:.3g} is below {GRAD_FLOOR}"
+        return found
+
+    def update(self, row):
+        """One log interval's averaged terms (and its step) -> the lines to log: one WARNING, or none."""
+        found = self.symptoms(row)
+        self.streak = Counter({k: self.streak[k] + 1 for k in found})  # a symptom absent once starts over
+        new = [text for k, text in found.items() if self.streak[k] == COLLAPSE_INTERVALS]
+        if not new:
+            return []
+        return [f"WARNING: the run may have collapsed (step {row['step']}, {COLLAPSE_INTERVALS} log intervals in a "
+                f"row): {'; '.join(new)}. Training goes on: look at loss.png and the sample grids"]
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Weights in and out: every file read weights-only, the readers that rebuild the SiT and the VAE from a
 CytoSyn or a REPA-E checkpoint or an export for sampling (CytoSyn §3.1; REPA-E's checkpoint layout
-{"model", "ema", "vae", "args"}), exports, and the weights a new run starts from (train.py --init-from).
+{"model", "ema", "vae", "discriminator", "args", ...}), exports, and the weights a new run starts from
+(train.py --init-from), its discriminator included.
 
 Every file is read with torch.load(weights_only=True), so a crafted pickle cannot run code here; a file
 that needs more (older checkpoints of this repo, REPA-E's with an argparse.Namespace) is refused in one
@@ -30,6 +31,8 @@ from vae import build_vae, convert_diffusers_state_dict, vae_models
 
 EXPORT_FORMAT = "cytosyn-export"
 DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# A PatchGAN discriminator's tensors (vae_loss.NLayerDiscriminator; taming's, which REPA-E trains, has the same names).
+DISC_TENSOR = re.compile(r"^main\.\d+\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
 SIT_CONFIG_KEYS = ("input_size", "in_channels", "cond_dim", "encoder_depth", "z_dim", "projector_dim",
                    "depth", "hidden_size", "patch_size", "num_heads")
 
@@ -139,7 +142,7 @@ def read_weights(path):
     if isinstance(ckpt, dict) and all(k in ckpt for k in ("config", "sit", "sit_ema", "vae")):
         return "cytosyn", ckpt["config"], ckpt.get("step"), ckpt.get
     if isinstance(ckpt, dict) and all(k in ckpt for k in ("model", "vae")):
-        names = {"sit": "model", "sit_ema": "ema", "vae": "vae"}
+        names = {"sit": "model", "sit_ema": "ema", "vae": "vae", "disc": "discriminator"}
         return "repa-e", repae_config(ckpt, path), ckpt.get("steps"), lambda name: ckpt.get(names.get(name, ""))
     keys = list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
     raise InputError(f"{path} is not a CytoSyn checkpoint (keys config/sit/sit_ema/vae) nor a REPA-E one "
@@ -286,21 +289,35 @@ def diffusers_file(path):
     return next((f for f in files if os.path.isfile(f)), None)
 
 
+def discriminator_only(obj):
+    """A discriminator's state dict alone (every name main.N.*: REPA-E's <vae>-discriminator-ckpt.pt, as its
+    --disc-pretrained-ckpt loads it), or one nested under a single key ({"discriminator": ...}) -> it, else None."""
+    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict):
+        obj = next(iter(obj.values()))
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and DISC_TENSOR.match(k) for k in obj):
+        return obj
+    return None
+
+
 def init_sources(path):
-    """-> (layout, {"sit": state dict or None, "vae": ...}, notes): the EMA weights where there are some."""
+    """-> (layout, {"sit": state dict or None, "vae": ..., "disc": ...}, notes): the EMA weights where there are
+    some (a discriminator has none)."""
     if not os.path.exists(path):
         raise MissingInput(f"--init-from {path}: no such file or folder")
     file = diffusers_file(path)
     if file is not None:
         sd = load_safetensors(file) if file.endswith(".safetensors") else load_file(file)
-        return "diffusers VAE", {"sit": None, "vae": convert_diffusers_state_dict(sd)}, []
+        return "diffusers VAE", {"sit": None, "vae": convert_diffusers_state_dict(sd), "disc": None}, []
+    disc = discriminator_only(load_file(path)) if os.path.isfile(path) else None
+    if disc is not None:
+        return "a discriminator's state dict", {"sit": None, "vae": None, "disc": disc}, []
     layout, config, step, get = read_weights(path)
     sit, vae = (get(f"{net}_ema") or get(net) for net in ("sit", "vae"))
-    notes = []
+    notes = ["exports hold no discriminator"] if layout == "export" else []
     if sit is not None and "y_embedder.embedding_table.weight" in sit:  # REPA-E's ImageNet class table
         sit = {k: v for k, v in sit.items() if not k.startswith("y_embedder.")}
         notes.append("its class table y_embedder.* is dropped (CytoSyn conditions on H0-mini features)")
-    return f"{layout}, step {step}", {"sit": sit, "vae": vae}, notes
+    return f"{layout}, step {step}", {"sit": sit, "vae": vae, "disc": get("disc")}, notes
 
 
 def copy_matching(module, sd, what):
@@ -319,21 +336,35 @@ def copy_matching(module, sd, what):
     return [k for k in own if k not in sd]
 
 
-def init_from(path, nets):
-    """train.py --init-from: a new run's SiT and VAE (and their EMAs) start from the weights in path
-    (an export, a train.py or REPA-E checkpoint, a diffusers VAE) -> the lines that say what was loaded."""
-    layout, sources, notes = init_sources(path)
-    lines = [f"--init-from {path} ({layout})" + "".join(f"; {n}" for n in notes)]
-    for net in ("sit", "vae"):
-        module, ema = getattr(nets, net), getattr(nets, f"{net}_ema")
-        if sources[net] is None:
+def init_from(paths, nets):
+    """train.py --init-from: a new run's SiT and VAE (and their EMAs) and its discriminator start from the
+    weights in one path or several (an export, a train.py or REPA-E checkpoint, a diffusers VAE, a discriminator's
+    state dict); a network found in two of them is refused -> the lines that say what was loaded."""
+    paths = [str(paths)] if isinstance(paths, (str, os.PathLike)) else [str(p) for p in paths]
+    found, lines = {}, []
+    for path in paths:
+        layout, sources, notes = init_sources(path)
+        lines.append(f"--init-from {path} ({layout})" + "".join(f"; {n}" for n in notes))
+        for net, sd in sources.items():
+            if sd is not None and net in found:
+                raise InputError(f"--init-from: both {found[net][0]} and {path} hold {net.upper()} weights; pass "
+                                 f"each network's weights once")
+            if sd is not None:
+                found[net] = (path, sd)
+    for net in ("sit", "vae", "disc"):
+        module, (path, sd) = getattr(nets, net), found.get(net, (" or ".join(paths), None))
+        if module is None:  # --no-gan
+            lines += [f"DISC: the one in {path} is not loaded: this run has no discriminator (--no-gan)"] if sd else []
+            continue
+        if sd is None:
             lines.append(f"{net.upper()}: nothing in {path}; all left at initialisation")
             continue
-        left = copy_matching(module, sources[net], f"--init-from {path}: {net.upper()} weights")
-        ema.load_state_dict(module.state_dict())
+        left = copy_matching(module, sd, f"--init-from {path}: {net.upper()} weights")
+        if net != "disc":  # the discriminator has no EMA
+            getattr(nets, f"{net}_ema").load_state_dict(module.state_dict())
         groups = ", ".join(f"{g} ({n})" for g, n in Counter(k.split(".")[0] for k in left).items())  # y_embedder (5)
-        lines.append(f"{net.upper()}: {len(module.state_dict()) - len(left)} tensors loaded, {len(left)} left at "
-                     f"initialisation{': ' + groups if left else ''}")
+        lines.append(f"{net.upper()}: {len(module.state_dict()) - len(left)} tensors loaded from {path}, {len(left)} "
+                     f"left at initialisation{': ' + groups if left else ''}")
     return lines
 
 

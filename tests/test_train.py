@@ -419,6 +419,41 @@ def test_init_from_a_diffusers_vae_converts_it_and_leaves_the_sit(tmp_path):
     assert tensors_equal(snapshot(nets.sit), sit)
 
 
+def test_init_from_round_trips_the_discriminator(trained, tmp_path):
+    """train.py's `disc`, REPA-E's `discriminator` (its checkpoint, its -discriminator-ckpt.pt alone, or nested under
+    one key); an export holds none, and says so."""
+    ckpt = torch.load(trained, weights_only=True)
+    torch.save(ckpt["disc"], tmp_path / "disc.pt")
+    torch.save({"discriminator": ckpt["disc"]}, tmp_path / "nested.pt")
+    torch.save({"model": ckpt["sit"], "ema": ckpt["sit_ema"], "vae": ckpt["vae"], "discriminator": ckpt["disc"],
+                "args": {}, "steps": 2}, tmp_path / "repae.pt")
+    for source in (trained, tmp_path / "disc.pt", tmp_path / "nested.pt", tmp_path / "repae.pt"):
+        nets = fresh_nets(tmp_path)
+        assert not tensors_equal(nets.disc.state_dict(), ckpt["disc"])
+        lines = weights.init_from(str(source), nets)
+        assert tensors_equal(nets.disc.state_dict(), ckpt["disc"]), source
+        assert lines[-1].startswith(f"DISC: {len(ckpt['disc'])} tensors loaded from") and ", 0 left at" in lines[-1], lines
+    weights.export(str(trained), str(tmp_path / "export"))
+    nets = fresh_nets(tmp_path)
+    init = snapshot(nets.disc)
+    lines = weights.init_from([str(tmp_path / "export"), str(tmp_path / "disc.pt")], nets)  # one network each
+    assert "exports hold no discriminator" in lines[0] and "discriminator's state dict" in lines[1], lines
+    assert tensors_equal(nets.sit.state_dict(), ckpt["sit_ema"]) and tensors_equal(nets.disc.state_dict(), ckpt["disc"])
+    lines = weights.init_from(str(tmp_path / "export"), nets := fresh_nets(tmp_path))
+    assert lines[-1].startswith("DISC: nothing in") and tensors_equal(snapshot(nets.disc), init), lines
+    with pytest.raises(ValueError, match=r"both .*0000002.pt and .*disc.pt hold DISC weights"):
+        weights.init_from([str(trained), str(tmp_path / "disc.pt")], fresh_nets(tmp_path))
+    no_gan = train.build_models(tiny_args(tmp_path, "--no-gan"), torch.device("cpu"), 1, None)
+    assert "not loaded: this run has no discriminator" in weights.init_from(str(trained), no_gan)[-1]
+
+
+def test_init_from_a_discriminator_of_another_width_names_the_tensors(trained, tmp_path):
+    from vae_loss import NLayerDiscriminator
+    torch.save(NLayerDiscriminator(ndf=32).state_dict(), tmp_path / "narrow.pt")
+    with pytest.raises(ValueError, match=r"DISC weights does not fit .*main.0.weight \(32, 3, 4, 4\)"):
+        weights.init_from(str(tmp_path / "narrow.pt"), fresh_nets(tmp_path))
+
+
 def test_init_from_weights_of_another_size_names_the_tensors(trained, tmp_path):
     ckpt = torch.load(trained, weights_only=True)
     ckpt["sit_ema"]["pos_embed"] = torch.zeros(1, 4, 96)
