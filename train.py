@@ -263,9 +263,8 @@ def train(args):
     with processes(args.device) as (rank, world, device):
         # Setup processes and precision.
         local_batch = local_batch_size(args.global_batch_size, world)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = args.tf32  # TF32 matmuls/convs: REPA-E's default
-            torch.backends.cudnn.allow_tf32 = args.tf32
+        if device.type == "cuda":  # TF32 matmuls and convolutions: REPA-E's default
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
 
         # Setup the data first: a wrong --data fails before any model is built. A results folder among
         # the tiles would feed its sample grids back as training tiles: refused.
