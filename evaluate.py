@@ -225,9 +225,9 @@ def parse_ood(specs):
         if not sep or not path:
             raise InputError(f"--ood {spec!r}: give NAME=PATH (a name for the report, then a tiling output or a "
                              f"folder of tiles)")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in VAL_SETS or name in cohorts:
-            raise InputError(f"--ood {spec!r}: NAME must be letters, digits, '.', '_' or '-', not {' or '.join(VAL_SETS)}, "
-                             f"and each cohort needs its own")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in (*VAL_SETS, "guidance", *cohorts):
+            raise InputError(f"--ood {spec!r}: NAME must be letters, digits, '.', '_' or '-', not val_in, val_out or "
+                             f"guidance, and each cohort needs its own")
         cohorts[name] = Path(path)
     return cohorts
 
