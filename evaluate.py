@@ -1,12 +1,14 @@
-"""The paper's benchmark in one resumable command (CytoSyn §4.1-§4.3, §5; Table 2, Table 5, Figure 4).
+"""The paper's benchmark in one resumable command (CytoSyn §4.1-§4.3, §5; Tables 2-5, Figure 4).
 
-    python evaluate.py --ckpt CKPT --tiles TILING_OUT --out DIR
+    python evaluate.py --ckpt CKPT --tiles TILING_OUT --out DIR                          # Table 2
     torchrun --nproc_per_node=8 evaluate.py --ckpt CKPT --tiles TILING_OUT --out DIR     # sampling on 8 GPUs
     python evaluate.py ... --num-sampling-steps 20,50,100,250 --sampler ode,sde           # + Figure 4
+    python evaluate.py ... --ood sparc=SPARC_TILING_OUT --num-ood 50000                   # + Table 3
+    python evaluate.py --generated MODEL_TILES --pairs PAIRS.csv --tiles TILING_OUT --out DIR   # Table 4
+    python evaluate.py --compare DIR_A DIR_B ... --out DIR                                # runs side by side
 
-1. Guidance: --num-guidance training tiles of the tiling manifest (paper: 100 k), stratified by TSS,
-   linked as DIR/guidance/000000.png ...; their CLS features from the checkpoint's encoder
-   (H0-mini) in DIR/guidance/cls.npy.
+1. Guidance: --num-guidance training tiles of the manifest (paper: 100 k), stratified by TSS, linked as
+   DIR/guidance/000000.png ... (DIR/guidance.csv); their CLS features (the checkpoint's H0-mini) in cls.npy.
 2. One generated tile per guidance tile, by sample.py itself (`sample.main`): DIR/generated/SAMPLER-STEPS/
    000000_00.png ...; sample.py splits the work over torchrun ranks, skips finished images and refuses
    other settings in the same folder. Paper defaults: SDE, 250 steps, cfg 2.5 on t in [0, 0.75].
@@ -15,19 +17,39 @@
    the guidance tile that conditioned it (and a shuffled pairing, its chance level), the bootstrap of FD
    (50 draws of half the samples, Table 5), and the "guidance vs val" baseline row (Table 2).
 4. DIR/report.md laid out like Table 2 (val-in / val-out in each cell), DIR/report.json with every setting
-   next to every number; with several --num-sampling-steps / --sampler, DIR/fd_vs_steps.png and its table (Figure 4).
+   next to every number; several --num-sampling-steps / --sampler: DIR/fd_vs_steps.png (Figure 4).
+
+--ood NAME=PATH (repeatable; §4.2, Table 3): a tiling output (all its manifest rows) or a folder of tiles,
+split with --seed into a guidance half and a reference half: by slide where the manifest has slide_id (each
+slide, in a seeded order, goes whole to the half with fewer tiles: no slide is in both), else by tile; each
+half keeps at most --num-ood tiles (paper: 50k). DIR/ood/NAME/{guidance,reference,split.csv}; steps 2-3 on
+the guidance half, scored against the reference half (FLD's train: the guidance half), beside the baseline
+row guidance half vs reference half. report.md: Table 3 (the cohort beside val-out); report.json: the
+counts, the seed and the slides of each half.
+
+--generated DIR (no --ckpt; §4.3, Table 4): every tile of DIR scored as in step 3, nothing sampled. The
+guidance set (baseline row, FLD's train) is the tiling output's training rows that --pairs names, or without
+--pairs the --num-guidance rows of step 1 (same --seed, same rows). --pairs CSV (generated,guidance: paths
+relative to DIR and to TILING_OUT) gives the paired cosine; without it that row reads "no pairing". The
+§4.3 options (--crop, --jpeg-val / -guidance / -generated, --resize-kernel, --resize-to-input) apply to
+every set and are recorded beside each number; a 256 px model: --crop 224 centre-crops every set as the
+paper does, else each set is resized to the extractor's input on its own; report.md says which.
+
+--compare RUN_DIR ...: DIR/compare.md and .json, a row per run and label, a column per metric, extractor
+and val set that every run has, marked * (with a footnote) where its rows differ in a setting that changes
+the measurement (sampler, steps, cfg, guidance window, weights, preprocessing, extractor, sample counts).
 
 Features are cached in DIR/features (keyed by content, extractor, weights and preprocessing), so a rerun
 recomputes nothing that is finished. Left out: multi-GPU feature extraction (rank 0 scores; the other
-ranks only sample), KID and the other metrics metrics.py leaves out.
+ranks only sample), KID and the other metrics metrics.py leaves out, --ood with --generated.
 """
 import argparse
-import csv
 import functools
 import os
+import re
 import sys
 import time
-from datetime import date
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +57,22 @@ import torch
 
 import metrics as M
 import sample
-from support.cli import BATCH_SIZE, INF, InputError, MissingInput, add_sampling_args, check_guidance, comma_list, number_in, processes, run
-from support.data import read_manifest_rows
 from features import load_encoder
+from support.cli import (BATCH_SIZE, INF, InputError, MissingInput, add_sampling_args, check_guidance, comma_list,
+                         number_in, processes, run)
+from support.data import read_manifest_rows
 from support.extractors import EXTRACTORS, build_extractor, spec_record, weights_id
-from support.logs import plot_fd_vs_steps
-from support.outputs import check_output_folder, save_json, save_npy
+from support.outputs import check_output_folder, read_csv, save_csv, save_npy
+from support.reports import BASELINE, VAL_SETS, run_info, run_name, write_comparison, write_reports
 from tiling import TILE_MPP
 
 PAPER_EXTRACTORS = ["h-optimus-0", "virchow2", "uni2-h", "fid-inception"]  # Table 2's four, pytorch-fid's Inception
-VAL_SETS = ("val_in", "val_out")
-BASELINE = "guidance vs val"
+
+# A set of tiles to score: its reference sets {val name: folder}, its guidance folder and its generated
+# runs {row label: Generated}; name is None for --tiles' own guidance, else the --ood NAME.
+Cohort = namedtuple("Cohort", "name source guidance references runs")
+# A folder of generated tiles; names: the stem each tile pairs under (None: its own; paired False: no cosine).
+Generated = namedtuple("Generated", "folder settings names paired")
 
 
 # -------- Guidance and validation tiles from the tiling manifest -----------------------------------
@@ -58,7 +85,7 @@ def manifest_rows(tiles):
     if "split" not in rows[0]:
         raise InputError(f"{path} has no 'split' column; write it with tiling.py")
     for row in rows:
-        row["path"] = str(Path(tiles) / row[column])
+        row["file"], row["path"] = row[column], str(Path(tiles) / row[column])
     return rows
 
 
@@ -76,49 +103,92 @@ def stratified(rows, n, seed):
     return sorted(picked, key=lambda r: r["path"])
 
 
+def select_tiles(args):
+    """-> (the guidance rows, the --pairs pairing or None, {val set: rows}), checked; nothing written."""
+    rows = manifest_rows(args.tiles)
+    train = [r for r in rows if r["split"] == "train"]
+    for split in args.val_sets:
+        if not any(r["split"] == split for r in rows):
+            raise InputError(f"{args.tiles} has no {split} rows: tile with held-out slides (tiling.py --val-out "
+                             f"/ --val-in), or evaluate against the others with --val-sets")
+    vals = {split: [r for r in rows if r["split"] == split] for split in args.val_sets}
+    if args.pairs:
+        return *read_pairs(args, train), vals
+    if len(train) < args.num_guidance:
+        raise InputError(f"{args.tiles} has {len(train)} training tiles, fewer than --num-guidance "
+                         f"{args.num_guidance}: lower --num-guidance or tile more slides")
+    return stratified(train, args.num_guidance, args.seed), None, vals
+
+
+def read_pairs(args, train):
+    """--pairs CSV (generated,guidance) -> (the training rows it names, sorted by path; the stem each generated
+    tile of DIR pairs under: GUIDANCE-INDEX_KK, or unpaired-J). Refused before anything is written: a file
+    that is not there, a guidance tile that is not a training row, and a generated tile paired with two
+    guidance tiles (ambiguous); a repeated identical row is kept once, with a note."""
+    table = read_csv(args.pairs)
+    if not table or not {"generated", "guidance"} <= set(table[0]):
+        raise InputError(f"--pairs {args.pairs}: needs the columns generated,guidance and a row per generated tile")
+    generated = [os.path.relpath(p, args.generated) for p in M.list_images(args.generated)]
+    generated_set, train_by_file = set(generated), {os.path.normpath(r["file"]): r for r in train}
+    pairs, repeats = {}, 0
+    for i, row in enumerate(table, start=2):  # line numbers of the CSV, header = 1
+        gen, guide = os.path.normpath(row["generated"] or ""), os.path.normpath(row["guidance"] or "")
+        if gen not in generated_set:
+            raise MissingInput(f"--pairs {args.pairs} line {i}: generated tile {gen!r} is not in {args.generated}")
+        if guide not in train_by_file:
+            what = "is not a training row of" if (args.tiles / guide).is_file() else "is not in"
+            raise MissingInput(f"--pairs {args.pairs} line {i}: guidance tile {guide!r} {what} {args.tiles}/manifest.csv")
+        if pairs.get(gen, guide) != guide:
+            raise InputError(f"--pairs {args.pairs} line {i}: generated tile {gen!r} is paired with both "
+                             f"{pairs[gen]!r} and {guide!r}: ambiguous; keep one row per generated tile")
+        repeats += gen in pairs
+        pairs[gen] = guide
+    if repeats:
+        print(f"note: --pairs {args.pairs} repeats {repeats} identical row(s); each pair counts once", flush=True)
+    guidance = sorted({guide: train_by_file[guide] for guide in pairs.values()}.values(), key=lambda r: r["path"])
+    index, count, names = {os.path.normpath(r["file"]): i for i, r in enumerate(guidance)}, {}, []
+    for j, gen in enumerate(generated):  # paired_cosine pairs x_KK with x
+        guide = pairs.get(gen)
+        count[guide] = count.get(guide, -1) + 1
+        names.append(f"{index[guide]:06d}_{count[guide]:02d}" if guide else f"unpaired-{j:06d}")
+    return guidance, dict(pairs=str(args.pairs), n_pairs=len(pairs), repeated_rows=repeats, names=names)
+
+
 def link_folder(folder, named_paths):
     """folder/<name><ext> -> the tile, as symbolic links (no copy of 100k tiles); an existing folder must
-    hold the same links (a resumed run), else it is refused."""
+    hold the same links and no other tile (a resumed run), else it is refused."""
     folder.mkdir(parents=True, exist_ok=True)
+    wanted = set()
     for name, path in named_paths:
         link = folder / (name + Path(path).suffix)
         target = os.path.abspath(path)
+        wanted.add(link.name)
         if link.is_symlink() or link.exists():
             if os.path.realpath(link) != os.path.realpath(target):
                 raise InputError(f"{link} points to {os.path.realpath(link)}, not {target}: {folder} is from another "
                                  f"run; choose another --out")
         else:
             os.symlink(target, link)
+    extra = sorted(set(os.path.basename(p) for p in M.list_images(folder, recursive=False)) - wanted)
+    if extra:
+        raise InputError(f"{folder} holds {len(extra)} tile(s) of another run ({extra[0]} ...); choose another --out")
     return folder
 
 
-def prepare_tiles(args):
-    """DIR/guidance (000000.png ...), DIR/val_in, DIR/val_out and DIR/guidance.csv, from the manifest."""
-    rows = manifest_rows(args.tiles)
-    train = [r for r in rows if r["split"] == "train"]
-    if len(train) < args.num_guidance:
-        raise InputError(f"{args.tiles} has {len(train)} training tiles, fewer than --num-guidance "
-                         f"{args.num_guidance}: lower --num-guidance or tile more slides")
-    for split in args.val_sets:
-        if not any(r["split"] == split for r in rows):
-            raise InputError(f"{args.tiles} has no {split} rows: tile with held-out slides (tiling.py --val-out "
-                             f"/ --val-in), or evaluate against the others with --val-sets")
-    guidance = stratified(train, args.num_guidance, args.seed)
+def link_tiles(args, guidance, vals):
+    """DIR/guidance (000000.png ...), DIR/val_in, DIR/val_out and DIR/guidance.csv."""
     link_folder(args.out / "guidance", [(f"{i:06d}", r["path"]) for i, r in enumerate(guidance)])
-    for split in args.val_sets:
-        link_folder(args.out / split, [(Path(r["path"]).stem, r["path"]) for r in rows if r["split"] == split])
-    with open(args.out / "guidance.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["name", "tss", "file"])
-        writer.writerows([f"{i:06d}", r.get("tss", ""), r["file"]] for i, r in enumerate(guidance))
-    return [r["path"] for r in guidance]
+    for split, rows in vals.items():
+        link_folder(args.out / split, [(Path(r["path"]).stem, r["path"]) for r in rows])
+    save_csv([dict(name=f"{i:06d}", tss=r.get("tss", ""), file=r["file"]) for i, r in enumerate(guidance)],
+             args.out / "guidance.csv", ["name", "tss", "file"])
 
 
 @torch.no_grad()
-def guidance_features(args, paths, device):
-    """DIR/guidance/cls.npy: the CLS features of the guidance tiles from the checkpoint's encoder, as
+def guidance_features(args, paths, folder, device):
+    """folder/cls.npy: the CLS features of the guidance tiles from the checkpoint's encoder, as
     sample.py --cond computes them (centre crop to the model's tile size); kept once written."""
-    out = args.out / "guidance" / "cls.npy"
+    out = folder / "cls.npy"
     if out.exists():
         if len(np.load(out, mmap_mode="r")) != len(paths):
             raise InputError(f"{out} holds features of another guidance set (not {len(paths)} tiles): choose "
@@ -134,9 +204,8 @@ def guidance_features(args, paths, device):
     return out
 
 
-def generate_tiles(args, cls_path, sampler, steps):
+def generate_tiles(args, cls_path, folder, sampler, steps):
     """One generated tile per guidance feature, by sample.py (resumable, torchrun-aware)."""
-    folder = args.out / "generated" / f"{sampler}-{steps}"
     argv = ["--ckpt", str(args.ckpt), "--features", str(cls_path), "--n", "1", "--sampler", sampler,
             "--num-sampling-steps", str(steps), "--cfg-scale", str(args.cfg_scale), "--guidance-low",
             str(args.guidance_low), "--guidance-high", str(args.guidance_high), "--seed", str(args.seed),
@@ -145,6 +214,84 @@ def generate_tiles(args, cls_path, sampler, steps):
     print(f"\n$ python sample.py {' '.join(argv)}", flush=True)
     sample.main(argv)
     return folder
+
+
+# -------- Out-of-distribution cohorts (§4.2, Table 3) -------------------------------------------------
+def parse_ood(specs):
+    """--ood NAME=PATH ... -> {NAME: PATH}."""
+    cohorts = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise InputError(f"--ood {spec!r}: give NAME=PATH (a name for the report, then a tiling output or a "
+                             f"folder of tiles)")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in (*VAL_SETS, "guidance", *cohorts):
+            raise InputError(f"--ood {spec!r}: NAME must be letters, digits, '.', '_' or '-', not val_in, val_out or "
+                             f"guidance, and each cohort needs its own")
+        cohorts[name] = Path(path)
+    return cohorts
+
+
+def cohort_tiles(name, path):
+    """A cohort's tiles -> [{path, slide}]: a tiling output's rows (slide: their slide_id, if the manifest has
+    one), or every tile of a folder (slide None)."""
+    manifest = path / "manifest.csv" if path.is_dir() else path
+    if manifest.is_file() and manifest.suffix == ".csv":
+        column, rows = read_manifest_rows(manifest, split=None)
+        tiles = [dict(path=str(manifest.parent / r[column]), slide=r.get("slide_id")) for r in rows]
+    elif path.is_dir():
+        tiles = [dict(path=p, slide=None) for p in M.list_images(path)]
+    else:
+        raise MissingInput(f"--ood {name}={path}: neither a tiling output (manifest.csv) nor a folder of tiles")
+    return tiles  # a tile that is not there: refused by plan_ood's size check (its header)
+
+
+def split_cohort(tiles, seed, cap):
+    """A cohort -> (guidance half, reference half, "slide" or "tile"), seeded. By slide where every tile has
+    one: the slides, in a seeded order, each go whole to the half with fewer tiles so far, so no slide is in
+    both halves; else tile by tile. Each half then keeps `cap` tiles at most (seeded), sorted by path."""
+    rng = np.random.default_rng(seed)
+    by = "slide" if all(t["slide"] is not None for t in tiles) else "tile"
+    groups = {}
+    for t in tiles:
+        groups.setdefault(t["slide"] if by == "slide" else t["path"], []).append(t)
+    keys, halves = sorted(groups), ([], [])
+    for i in rng.permutation(len(keys)):
+        halves[len(halves[1]) < len(halves[0])].extend(groups[keys[i]])
+    kept = [[h[i] for i in sorted(rng.choice(len(h), min(cap, len(h)), replace=False))] for h in halves]
+    return *(sorted(h, key=lambda t: t["path"]) for h in kept), by
+
+
+def plan_ood(args):
+    """Every --ood cohort split and checked (count, one tile size, halves big enough); nothing written."""
+    plans = {}
+    for name, path in args.ood.items():
+        tiles = cohort_tiles(name, path)
+        if len(tiles) < 4:
+            raise InputError(f"--ood {name}={path} has {len(tiles)} tile(s); a guidance half and a reference half "
+                             f"need 4 at least")
+        M.check_one_size(f"--ood {name}={path}", [t["path"] for t in tiles],
+                         M.Preprocess(crop=args.crop, resize_to_input=args.resize_to_input))
+        guidance, reference, by = split_cohort(tiles, args.seed, args.num_ood)
+        if min(len(guidance), len(reference)) <= args.k:
+            raise InputError(f"--ood {name}={path}: split by {by}, a half has {min(len(guidance), len(reference))} "
+                             f"tiles; precision / recall (--k {args.k}) need more: add tiles or slides")
+        plans[name] = dict(path=str(path), split_by=by, seed=args.seed, num_ood=args.num_ood, n_tiles=len(tiles),
+                           n_guidance=len(guidance), n_reference=len(reference), list=f"ood/{name}/split.csv",
+                           slides={h: sorted({t["slide"] for t in half}) if by == "slide" else None
+                                   for h, half in (("guidance", guidance), ("reference", reference))},
+                           halves=dict(guidance=guidance, reference=reference))
+    return plans
+
+
+def write_ood(args, name, plan):
+    """DIR/ood/NAME/guidance, /reference (links 000000.png ...) and split.csv."""
+    folder = args.out / "ood" / name
+    for half, tiles in plan["halves"].items():
+        link_folder(folder / half, [(f"{i:06d}", t["path"]) for i, t in enumerate(tiles)])
+    save_csv([dict(half=half, name=f"{i:06d}", slide_id=t["slide"] or "", file=t["path"])
+              for half, tiles in plan["halves"].items() for i, t in enumerate(tiles)], folder / "split.csv",
+             ["half", "name", "slide_id", "file"])
 
 
 # -------- Scores -------------------------------------------------------------------------------------
@@ -175,8 +322,9 @@ def score_set(add, real, gen, train, args, device, with_fld=True):
         add("fld", out["fld"], **out)
 
 
-def score_extractor(name, args, folders, device):
-    """Every row of one extractor: each generated run and the guidance baseline, against each val set."""
+def score_extractor(name, args, cohorts, device):
+    """Every row of one extractor: in each cohort, the baseline (its guidance tiles) and each generated run
+    against each of its reference sets, and each run's paired cosine."""
     spec, pretrained = EXTRACTORS[name], not args.random_weights
     weights = weights_id(name, pretrained, args.seed)
     get = functools.cache(lambda: build_extractor(name, pretrained, device, args.seed))
@@ -184,105 +332,108 @@ def score_extractor(name, args, folders, device):
                               batch_size=args.batch_size, workers=args.num_workers, cache_dir=args.out / "features")
     preps = {s: M.Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel, args.resize_to_input)
              for s in ("val", "guidance", "generated")}
-    sets = {"guidance": feats(args.out / "guidance", prep=preps["guidance"])}
-    sets.update({v: feats(args.out / v, prep=preps["val"]) for v in args.val_sets})
-    resize = {k: M.resize_record(M.check_one_size(args.out / k, [Path(p) for p in M.list_images(args.out / k)],
-                                                  preps["val" if k in VAL_SETS else k]), spec,
-                                 preps["val" if k in VAL_SETS else k]) for k in sets}
-    base = dict(extractor_spec=spec_record(spec), weights=weights, device=str(device), seed=args.seed,
-                preprocess={k: {**vars(p), "kernel": p.kernel or spec.kernel} for k, p in preps.items()},
-                resize=resize, n_guidance=len(sets["guidance"][1]))
+
+    def measure(folder, kind):  # -> (stems, features, how they reached the extractor's input size)
+        size = M.check_one_size(folder, [Path(p) for p in M.list_images(folder)], preps[kind])
+        return *feats(folder, prep=preps[kind]), M.resize_record(size, spec, preps[kind])
+
     rows = []
+    for cohort in cohorts:
+        guide_stems, guide, guide_resize = measure(cohort.guidance, "guidance")
+        refs = {val: measure(folder, "val") for val, folder in cohort.references.items()}
+        base = dict(extractor_spec=spec_record(spec), weights=weights, device=str(device), seed=args.seed,
+                    preprocess={k: {**vars(p), "kernel": p.kernel or spec.kernel} for k, p in preps.items()},
+                    resize={"guidance": guide_resize, **{v: r[2] for v, r in refs.items()}},
+                    cohort=cohort.name or "tiles", reference=cohort.source, n_guidance=len(guide))
 
-    def adder(label, val, n_gen, **extra):
-        def add(metric, value, std=None, **settings):
-            rows.append(dict(row=label, extractor=name, val=val, metric=metric, value=value, std=std,
-                             settings={**base, **extra, "n_val": len(sets[val][1]) if val else None,
-                                       "n_generated": n_gen, **settings}))
-        return add
+        def adder(label, val, n_gen, **extra):
+            def add(metric, value, std=None, **settings):
+                rows.append(dict(row=label, extractor=name, val=val, metric=metric, value=value, std=std,
+                                 settings={**base, **extra, "n_val": len(refs[val][1]) if val in refs else None,
+                                           "n_generated": n_gen, **settings}))
+            return add
 
-    for val in args.val_sets:  # the baseline row: the guidance tiles themselves against the val sets
-        score_set(adder(BASELINE, val, len(sets["guidance"][1])), sets[val][1], sets["guidance"][1], None, args,
-                  device, with_fld=False)
-    for (sampler, steps), folder in folders.items():
-        gen_stems, gen = feats(folder, prep=preps["generated"])
-        run_settings = dict(sampler=sampler, num_sampling_steps=steps, cfg_scale=args.cfg_scale,
-                            sit_weights=args.sit_weights,
-                            vae_weights=args.vae_weights, guidance_interval=[args.guidance_low, args.guidance_high],
-                            resize_generated=M.resize_record(M.check_one_size(folder, [Path(p) for p in
-                                                             M.list_images(folder)], preps["generated"]), spec,
-                                                             preps["generated"]))
-        add = adder(run_name(sampler, steps), None, len(gen), **run_settings)
-        guide_stems, guide = sets["guidance"]
-        mean, std, n = M.paired_cosine(guide_stems, guide, gen_stems, gen)
-        add("cosine", mean, std, n_pairs=n)
-        mean, std, n = shuffled_cosine(guide_stems, guide, gen_stems, gen, args.seed)
-        add("cosine_shuffled", mean, std, n_pairs=n)
-        for val in args.val_sets:
-            score_set(adder(run_name(sampler, steps), val, len(gen), **run_settings), sets[val][1], gen, guide,
-                      args, device)
+        for val, (_, real, _) in refs.items():  # the baseline row: the guidance tiles themselves
+            score_set(adder(BASELINE, val, len(guide)), real, guide, None, args, device, with_fld=False)
+        for label, gen_run in cohort.runs.items():
+            gen_stems, gen, resize = measure(gen_run.folder, "generated")
+            settings = {**gen_run.settings, "resize_generated": resize}
+            if gen_run.paired:  # cosine rows: val is the cohort (None: --tiles' guidance)
+                add, gen_stems = adder(label, cohort.name, len(gen), **settings), gen_run.names or gen_stems
+                mean, std, n = M.paired_cosine(guide_stems, guide, gen_stems, gen)
+                add("cosine", mean, std, n_pairs=n)
+                mean, std, n = shuffled_cosine(guide_stems, guide, gen_stems, gen, args.seed)
+                add("cosine_shuffled", mean, std, n_pairs=n)
+            for val, (_, real, _) in refs.items():
+                score_set(adder(label, val, len(gen), **settings), real, gen, guide, args, device)
     return rows
 
 
-def run_name(sampler, steps):
-    return f"CytoSyn ({sampler}, {steps} steps)"
+def sampled_runs(args, cls_path, folder):
+    """{row label: Generated} of every --sampler x --num-sampling-steps, sampled into folder/SAMPLER-STEPS."""
+    return {run_name(s, n): Generated(generate_tiles(args, cls_path, folder / f"{s}-{n}", s, n), dict(
+        ckpt=str(args.ckpt), sampler=s, num_sampling_steps=n, cfg_scale=args.cfg_scale, sit_weights=args.sit_weights,
+        vae_weights=args.vae_weights, guidance_interval=[args.guidance_low, args.guidance_high]), None, True)
+        for s in args.sampler for n in args.num_sampling_steps}
 
 
-# -------- Reports ----------------------------------------------------------------------------------
-def cell(rows, label, extractor, metric, val_sets):
-    values = []
-    for val in val_sets:
-        hit = [r for r in rows if (r["row"], r["extractor"], r["metric"], r["val"]) == (label, extractor, metric, val)]
-        values.append("-" if not hit else f"{hit[0]['value']:.3f}" + (f" ± {hit[0]['std']:.3f}" if hit[0]["std"]
-                                                                     is not None and metric == "fd_bootstrap" else ""))
-    return " / ".join(values)
+def external_run(args, pairing):
+    """{row label: Generated} of --generated: another model's tiles, its sampling settings unknown here."""
+    unknown = dict.fromkeys(("sampler", "num_sampling_steps", "cfg_scale", "sit_weights", "vae_weights",
+                             "guidance_interval"))
+    settings = dict(generated=str(args.generated), pairs=pairing and pairing["pairs"], **unknown)
+    label = f"{Path(args.generated).resolve().name} (--generated)"
+    return {label: Generated(args.generated, settings, pairing and pairing["names"], pairing is not None)}
 
 
-def markdown_report(rows, args, extractors):
-    """Table 2's layout: a table per metric, a row per run, a column per extractor, val-in / val-out per cell."""
-    runs = [BASELINE] + [run_name(s, n) for s in args.sampler for n in args.num_sampling_steps]
-    lines = [f"# Benchmark of {args.ckpt}", "", f"{date.today()}; {args.num_guidance} guidance tiles from "
-             f"{args.tiles}; cells: {' / '.join(args.val_sets)}; weights: "
-             f"{'random (pipeline check only)' if args.random_weights else 'pretrained'}; SiT {args.sit_weights}, "
-             f"VAE {args.vae_weights}; every setting per number: report.json", ""]
-    for metric in ("fd", "fd_bootstrap", "fld", "precision", "recall"):
-        lines += [f"## {metric}", "", "| run | " + " | ".join(extractors) + " |",
-                  "|---|" + "---|" * len(extractors)]
-        lines += [f"| {label} | " + " | ".join(cell(rows, label, e, metric, args.val_sets) for e in extractors) + " |"
-                  for label in runs if any(r["row"] == label and r["metric"] == metric for r in rows)]
-        lines.append("")
-    lines += ["## cosine (generated vs its guidance tile; shuffled pairing)", "", "| run | " +
-              " | ".join(extractors) + " |", "|---|" + "---|" * len(extractors)]
-    for label in runs[1:]:
-        lines.append(f"| {label} | " + " | ".join(cell(rows, label, e, "cosine", [None]) + " (shuffled " +
-                                                cell(rows, label, e, "cosine_shuffled", [None]) + ")"
-                                                for e in extractors) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def fd_vs_steps(rows, args, extractor):
-    """Figure 4's numbers: {sampler: [(steps, FD)]} on the last val set, for one extractor."""
-    val = args.val_sets[-1]
-    return {s: [(n, next(r["value"] for r in rows if (r["row"], r["extractor"], r["metric"], r["val"]) ==
-                         (run_name(s, n), extractor, "fd", val))) for n in args.num_sampling_steps] for s in args.sampler}
+def set_sizes(args, guidance, vals):
+    """--generated: the tile size of each set (each must have one, or --crop / --resize-to-input)."""
+    sets = {"guidance": [r["path"] for r in guidance], **{v: [r["path"] for r in rows] for v, rows in vals.items()},
+            "generated": M.list_images(args.generated)}
+    if not sets["generated"]:
+        raise MissingInput(f"--generated {args.generated}: no tiles (PNG, JPEG or TIFF) inside")
+    prep = M.Preprocess(crop=args.crop, resize_to_input=args.resize_to_input)
+    sizes = {k: M.check_one_size(f"{k} tiles", files, prep) for k, files in sets.items()}
+    if len(set(sizes.values())) > 1 and args.crop is None:
+        print(f"WARNING: tiles of different sizes ({sizes}) and no --crop: each set is resized to the extractor's "
+              f"input on its own (the paper centre-crops 256 px tiles to 224: --crop 224)", file=sys.stderr)
+    return sizes
 
 
 def main(argv=None):
     args = parse_args(argv)
-    # One process group for the whole run (under torchrun): sample.py's runs join it rather than each
-    # starting and ending its own.
+    if args.compare:
+        write_comparison(args.compare, args.out)
+        return 0
+    # one process group for the whole run (torchrun): sample.py's runs join it, not each its own
     with processes(args.device) as (rank, world, device):
-        check_output_folder(str(args.out), {"--tiles": [str(args.tiles)]})
+        inputs = {"--tiles": [args.tiles], "--generated": [args.generated], "--pairs": [args.pairs],
+                  "--ood": list(args.ood.values())}
+        check_output_folder(str(args.out), {k: [str(p) for p in v if p] for k, v in inputs.items()})
+        guidance, pairing, vals = select_tiles(args)  # everything is checked before anything is written
+        ood = plan_ood(args)
+        info = run_info(args, guidance, pairing, ood, set_sizes(args, guidance, vals) if args.generated else None)
         args.out.mkdir(parents=True, exist_ok=True)
         if rank == 0:
-            cls_path = guidance_features(args, prepare_tiles(args), device)
-        else:  # rank 0 links the tiles and writes the guidance features; the other ranks wait for them
-            cls_path = wait_for(args.out / "guidance" / "cls.npy")
-        folders = {(s, n): generate_tiles(args, cls_path, s, n) for s in args.sampler for n in args.num_sampling_steps}
+            link_tiles(args, guidance, vals)
+            for name, plan in ood.items():
+                write_ood(args, name, plan)
+        cohorts = [Cohort(None, str(args.tiles), args.out / "guidance", {v: args.out / v for v in vals}, {})]
+        cohorts += [Cohort(name, plan["path"], args.out / "ood" / name / "guidance",
+                           {name: args.out / "ood" / name / "reference"}, {}) for name, plan in ood.items()]
+        if args.generated:
+            cohorts[0].runs.update(external_run(args, pairing))
+        else:
+            paths = [[r["path"] for r in guidance]] + [[t["path"] for t in p["halves"]["guidance"]] for p in ood.values()]
+            # rank 0 writes the guidance features; the other ranks wait for them
+            cls = [guidance_features(args, p, c.guidance, device) if rank == 0 else wait_for(c.guidance / "cls.npy")
+                   for c, p in zip(cohorts, paths)]
+            for c, cls_path in zip(cohorts, cls):
+                c.runs.update(sampled_runs(args, cls_path, c.guidance.parent / "generated"))
         if rank != 0:
             return 0
-        rows, skipped = M.score_extractors(args.extractors, lambda name: score_extractor(name, args, folders, device))
-    write_reports(rows, skipped, args, argv)
+        rows, skipped = M.score_extractors(args.extractors, lambda name: score_extractor(name, args, cohorts, device))
+    write_reports(rows, skipped, args, argv, info)
     return 1 if skipped and not rows else 0
 
 
@@ -292,40 +443,20 @@ def wait_for(path, poll=5.0):
     return path
 
 
-def write_reports(rows, skipped, args, argv):
-    scored = [e for e in args.extractors if any(r["extractor"] == e for r in rows)]
-    text = markdown_report(rows, args, scored)
-    figure = None
-    if scored and (len(args.num_sampling_steps) > 1 or len(args.sampler) > 1):
-        figure = fd_vs_steps(rows, args, scored[0])
-        title = f"FD ({scored[0]}, {args.val_sets[-1]})"
-        plot_fd_vs_steps(figure, args.out / "fd_vs_steps.png", title)
-        text += fd_vs_steps_table(figure, title)
-    for s in skipped:
-        text += f"\nskipped: {s['error']}\n"
-    (args.out / "report.md").write_text(text)
-    report = dict(date=str(date.today()), argv=sys.argv if argv is None else argv,
-                  settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                  results=rows, skipped=skipped, fd_vs_steps=figure, versions=M.versions())
-    save_json(report, args.out / "report.json")
-    print(text)
-
-
-def fd_vs_steps_table(curves, title):
-    """Figure 4's numbers as a markdown table: a row per step count, a column per sampler."""
-    steps = sorted({n for c in curves.values() for n, _ in c})
-    header = "| steps | " + " | ".join(sorted(curves)) + " |\n|---|" + "---|" * len(curves) + "\n"
-    table = "".join(f"| {n} | " + " | ".join(f"{dict(curves[s]).get(n, float('nan')):.3f}" for s in sorted(curves))
-                    + " |\n" for n in steps)
-    return f"\n## Figure 4: {title} against steps (fd_vs_steps.png)\n\n" + header + table
-
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint from train.py")
-    p.add_argument("--tiles", required=True, type=Path, help="tiling.py's output folder (manifest.csv inside)")
+    p.add_argument("--ckpt", help="checkpoint from train.py: sample its tiles and score them")
+    p.add_argument("--generated", type=Path, help="score the tiles of this folder (another model's), sampling nothing")
+    p.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR", help="one table of finished runs' reports")
+    p.add_argument("--tiles", type=Path, help="tiling.py's output folder (manifest.csv inside)")
     p.add_argument("--out", required=True, help="everything the benchmark writes; a rerun resumes")
     p.add_argument("--num-guidance", type=number_in(int, 2, INF), default=100_000, help="paper: 100k")
+    p.add_argument("--pairs", type=Path, help="with --generated: CSV generated,guidance (paths relative to "
+                                              "--generated and --tiles) for the paired cosine")
+    p.add_argument("--ood", action="append", metavar="NAME=PATH", help="an out-of-distribution cohort (tiling "
+                   "output or folder of tiles), split into guidance and reference halves; repeatable (Table 3)")
+    p.add_argument("--num-ood", type=number_in(int, 2, INF), default=50_000, help="tiles per --ood half, at most "
+                                                                                  "(paper: 50k)")
     p.add_argument("--val-sets", type=comma_list(VAL_SETS), default=list(VAL_SETS), help="comma-separated: "
                                                                                          "val_in, val_out")
     add_sampling_args(p, several=True)
@@ -346,6 +477,22 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     args.out = Path(args.out)
     check_guidance(args)
+    modes = [flag for flag in ("--ckpt", "--generated", "--compare") if getattr(args, flag[2:])]
+    if len(modes) != 1:
+        raise InputError((f"{' and '.join(modes)} together" if modes else "nothing to do") + ": pass one of --ckpt "
+                         "(sample tiles and score them), --generated (score another model's tiles) or --compare (one "
+                         "table of finished runs)")
+    if args.compare and (args.tiles or args.ood or args.pairs):
+        raise InputError("--compare reads finished runs' report.json; it takes no --tiles, --ood or --pairs")
+    if not args.compare and args.tiles is None:
+        raise InputError(f"{modes[0]} needs --tiles TILING_OUT (tiling.py's output: the guidance and val tiles)")
+    if args.pairs and not args.generated:
+        raise InputError("--pairs pairs the tiles of --generated with their guidance tiles; sampled runs pair by name")
+    if args.pairs and not args.pairs.is_file():
+        raise MissingInput(f"--pairs {args.pairs}: no such file (a CSV with the columns generated,guidance)")
+    if args.ood and not args.ckpt:
+        raise InputError("--ood samples from each cohort's guidance half: it needs --ckpt")
+    args.ood = parse_ood(args.ood)
     return args
 
 
