@@ -169,7 +169,7 @@ def documented_names(text):
     support/ is the module support.X)."""
     table = text.split("## The paper, file by file", 1)[1].split("\n## ", 1)[0]
     pairs = []
-    for path, names in re.findall(r"`([\w/]+)\.py`: ([^|]+)", table):
+    for path, names in re.findall(r"`([\w/]+)\.py`(?: \([^)]*\))?: ([^|;]+)", table):  # a cell may name two files
         pairs += [(path.replace("/", "."), n) for n in re.findall(r"`([\w.]+)`", names)]
     return pairs
 
