@@ -40,7 +40,7 @@ from support.data import read_manifest_rows
 from features import load_encoder
 from support.extractors import EXTRACTORS, build_extractor, spec_record, weights_id
 from support.logs import plot_fd_vs_steps
-from support.outputs import check_output_folder, save_json, save_npy
+from support.outputs import claim_output_folder, save_json, save_npy
 from tiling import TILE_MPP
 
 PAPER_EXTRACTORS = ["h-optimus-0", "virchow2", "uni2-h", "fid-inception"]  # Table 2's four, pytorch-fid's Inception
@@ -271,9 +271,8 @@ def main(argv=None):
     args = parse_args(argv)
     # One process group for the whole run (under torchrun): sample.py's runs join it rather than each
     # starting and ending its own.
-    with processes(args.device) as (rank, world, device):
-        check_output_folder(str(args.out), {"--tiles": [str(args.tiles)]})
-        args.out.mkdir(parents=True, exist_ok=True)
+    with processes(args.device, args.num_workers) as (rank, world, device):
+        claim_output_folder(str(args.out), {"--tiles": [str(args.tiles)]})  # rank 0 locks it for the run
         if rank == 0:
             cls_path = guidance_features(args, prepare_tiles(args), device)
         else:  # rank 0 links the tiles and writes the guidance features; the other ranks wait for them

@@ -34,14 +34,14 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from features import encoder_features, load_encoder
+from features import encoder_features, load_encoder, read_cls_names
 from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
 from support.cli import (BATCH_SIZE, SAMPLERS, SAMPLES_PER_COND, SAMPLING_RANGES, SEED, InputError, NonFinite, add_device_args, add_sampling_args,
                          autocast, check_guidance, check_number, number_in, processes,
                          resolve_precision, run)
 from support.data import list_tile_args, open_tile, read_tile_at_mpp, size_at_mpp
 from support.logs import save_rows
-from support.outputs import check_output_folder, record_settings, save_png
+from support.outputs import check_output_folder, claim_output_folder, record_settings, save_png
 from tiling import TILE_MPP
 from support.weights import load_models
 
@@ -233,7 +233,9 @@ def conditioning_source(args, pipe):
         except (ValueError, OSError) as err:  # a missing file, or not a .npy array
             raise InputError(f"--features {args.features}: cannot read it as a .npy array ({type(err).__name__}: "
                              f"{err})") from None
-        return ArraySource(arr, pipe.sit.cond_dim, f"--features {args.features}")
+        source = ArraySource(arr, pipe.sit.cond_dim, f"--features {args.features}")
+        read_cls_names(args.features, len(source.arr))  # features.py's names beside its cls.npy must fit it
+        return source
     if args.cond or args.interpolate:
         paths = list_tile_args(args.cond or args.interpolate, "--cond" if args.cond else "--interpolate")
         return TileSource(paths, pipe.tile_size, args.cond_mpp or TILE_MPP)
@@ -300,10 +302,7 @@ def main(argv=None):
         pipe = load_pipeline(args.ckpt, device, args.sit_weights, args.vae_weights, args.precision, args.compile)
         source = conditioning_source(args, pipe)
         jobs, grid_rows = plan_jobs(source, args.n, args.num_samples, bool(args.interpolate))
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as err:
-            raise InputError(f"cannot create the output folder --out {args.out} ({type(err).__name__}: {err})") from None
+        claim_output_folder(args.out)  # made, writable, and no other run's while this one writes (rank 0 locks it)
         record_settings(args.out, output_settings(args, pipe.step), rank)
         path = lambda job: os.path.join(args.out, job.name + ".png")  # noqa: E731
         todo = [j for j in jobs[rank::world] if not os.path.exists(path(j))]  # resume: skip finished files

@@ -82,7 +82,9 @@ def test_benchmark_end_to_end_every_row_extractor_and_setting(ckpt, tmp_path):
         assert s["resize"]["guidance"] == "64 px -> 224 px, PIL bicubic (antialiased when shrinking)"
         if r["row"] != E.BASELINE:
             assert (s["sit_weights"], s["vae_weights"], s["cfg_scale"]) == ("raw", "ema", 2.5)
-    assert len(os.listdir(out / "generated" / "sde-3")) == 8 + 1  # one tile per guidance tile + settings.json
+    # one tile per guidance tile + settings.json + the lock sample.py held while it wrote them
+    files = os.listdir(out / "generated" / "sde-3")
+    assert len(files) == 8 + 2 and {".lock", "settings.json"} <= set(files)
     assert json.loads((out / "generated" / "sde-3" / "settings.json").read_text())["sit_weights"] == "raw"
     assert set(report["fd_vs_steps"]) == {"ode", "sde"} and (out / "fd_vs_steps.png").exists()
     text = (out / "report.md").read_text()
