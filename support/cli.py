@@ -184,11 +184,11 @@ def autocast(device, precision):
 
 
 # -------- Processes -------------------------------------------------------------------------------------
-def available_cpus():
+def available_cpus(cpu_max="/sys/fs/cgroup/cpu.max"):
     """The CPUs this process may run on: its affinity mask, and the cgroup's CPU quota (a container's)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
+        with open(cpu_max) as f:
             quota, period = f.read().split()[:2]
         if quota != "max":
             cpus = min(cpus, max(1, int(quota) // int(period)))
