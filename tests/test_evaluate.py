@@ -134,6 +134,22 @@ def test_bad_input_is_one_line_and_keeps_finished_work(ckpt, tmp_path, one_line_
     assert err.value.code == 2
 
 
+def test_ambiguous_guidance_inputs_are_refused_in_one_line(ckpt, tmp_path, one_line_error):
+    """Guidance features that do not fit the guidance tiles, or a manifest with a tile twice, are refused before
+    any tile is generated."""
+    tiles = tiling_output(tmp_path / "t", {"train": 10, "val_in": 4, "val_out": 4})
+    out = tmp_path / "bench"
+    (out / "guidance").mkdir(parents=True)
+    np.save(out / "guidance" / "cls.npy", np.zeros((5, 48), np.float32))  # 5 rows for 8 guidance tiles
+    assert "holds features of another guidance set (not 8 tiles)" in one_line_error(
+        E.main, argv(ckpt, tiles, out, "--num-sampling-steps", "2"))
+    with open(tiles / "manifest.csv", "a") as f:
+        f.write("B-val_in,B,tiles/train_3.png,val_in\n")  # a training tile also listed as val_in
+    assert "lines 5 and 20 are the same tile (file tiles/train_3.png)" in one_line_error(
+        E.main, argv(ckpt, tiles, tmp_path / "bench2", "--num-sampling-steps", "2"))
+    assert not (out / "generated").exists() and not (tmp_path / "bench2" / "generated").exists()
+
+
 def test_guidance_is_stratified_by_tss():
     rows = [dict(tss="A", path=f"a{i}") for i in range(30)] + [dict(tss="B", path=f"b{i}") for i in range(10)]
     picked = E.stratified(rows, 8, seed=0)
