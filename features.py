@@ -10,7 +10,9 @@ token grid, are the REPA alignment target, resized so that they can be precomput
 
 Per tile, OUT/<stem>.npy holds the CLS token then the resized patch tokens, fp16 (1 + 196) x 768 x 2 bytes
 = 303 KB at 224 px, about 12 TB for the paper's 40 M tiles; OUT/cls.npy (N, 768) is the CLS array
-`sample.py --features` takes. The benchmark's other extractors live in support/extractors.py.
+`sample.py --features` takes, with OUT/cls_names.txt (one tile name per row, or the pair is refused). The
+benchmark's other extractors live in support/extractors.py. Hub weights get one attempt: offline
+(HF_HUB_OFFLINE=1, or the hub does not answer) they come from the local cache alone, or fail in one line.
 
 Left out: REPA's other alignment encoders (DINOv2, CLIP, MAE).
 """

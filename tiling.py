@@ -117,6 +117,7 @@ class Tissue:
     x: np.ndarray         # level-0 left edge of each candidate tile
     y: np.ndarray         # level-0 top edge
     fraction: np.ndarray  # tissue fraction of each candidate
+    dropped: int = 0      # --from-coords: patches whose tile has less tissue than --min-tissue
 
 
 def slide_masks(slide, geo, ink_filter):
@@ -144,7 +145,7 @@ def find_tissue(slide, geo, min_tissue, ink_filter=True):
 def tissue_at_coords(slide, geo, path, slide_id, min_tissue):
     """--from-coords: our tiles centred on the patches of DIR/<slide>.h5, in its order, those with tissue
     >= min_tissue (the grid's rule): a patch at the slide's edge gives a tile that is mostly padding, and
-    what lies outside the slide counts as no tissue. -> (Tissue, the number of patches dropped)."""
+    what lies outside the slide counts as no tissue."""
     coords, their_side = read_coords(path, slide, slide_id)
     tiles = centred_tiles(coords, their_side, geo.step)
     _, first = np.unique(tiles, axis=0, return_index=True)
@@ -155,7 +156,7 @@ def tissue_at_coords(slide, geo, path, slide_id, min_tissue):
                       for v, n in ((x, slide.dimensions[0]), (y, slide.dimensions[1]))], axis=0)
     fraction = inside * box_fractions(mask, x / scale, y / scale, (x + geo.step) / scale, (y + geo.step) / scale)
     keep = fraction >= min_tissue
-    return Tissue(mask, ink, scale, x[keep], y[keep], fraction[keep]), int((~keep).sum())
+    return Tissue(mask, ink, scale, x[keep], y[keep], fraction[keep], int((~keep).sum()))
 
 
 def write_tile_image(array, path, jpeg_quality):
@@ -247,13 +248,12 @@ def prepare(job):
     slide = open_slide(job["path"])
     mpp, source = resolve_mpp(slide, job["csv_mpp"], s["slide_mpp"])
     geo = slide_geometry(slide, mpp, s["mpp"], s["image_size"])
-    dropped = 0
     if s["from_coords"]:
-        tissue, dropped = tissue_at_coords(slide, geo, Path(s["from_coords"]) / f"{job['slide_id']}.h5",
-                                           job["slide_id"], s["min_tissue"])
+        tissue = tissue_at_coords(slide, geo, Path(s["from_coords"]) / f"{job['slide_id']}.h5", job["slide_id"],
+                                  s["min_tissue"])
     else:
         tissue = find_tissue(slide, geo, s["min_tissue"], s["ink_filter"])
-    return slide, geo, tissue, source, dropped
+    return slide, geo, tissue, source
 
 
 def describe(error):
@@ -266,10 +266,10 @@ def describe(error):
 
 def plan_slide(job):
     try:
-        slide, geo, tissue, source, dropped = prepare(job)
+        slide, geo, tissue, source = prepare(job)
         slide.close()
         return {**job, "n_candidates": len(tissue.x), "level": geo.level, "slide_mpp": geo.slide_mpp,
-                "mpp_source": source, "n_dropped": dropped, "error": None}
+                "mpp_source": source, "n_dropped": tissue.dropped, "error": None}
     except Exception as e:  # one bad slide must not stop the others
         return {**job, "error": describe(e)}
 
@@ -279,7 +279,7 @@ def tile_slide(job):
     out, slide_id, s = Path(job["out_dir"]), job["slide_id"], job["settings"]
     marker_path(out, slide_id).unlink(missing_ok=True)
     try:
-        slide, geo, tissue, _, _ = prepare(job)
+        slide, geo, tissue, _ = prepare(job)
         rng = np.random.default_rng([s["seed"], zlib.crc32(slide_id.encode())])
         chosen, splits = sample_tiles(tissue, job["n_tiles"], job["split"], s["val_in"], rng)
         rows = write_tiles(slide, geo, tissue, chosen, splits, job)
