@@ -39,9 +39,8 @@ paper does, else each set is resized to the extractor's input on its own; report
 and val set that every run has, marked * (with a footnote) where its rows differ in a setting that changes
 the measurement (sampler, steps, cfg, guidance window, weights, preprocessing, extractor, sample counts).
 
-Features are cached in DIR/features (keyed by content, extractor, weights and preprocessing), so a rerun
-recomputes nothing that is finished. Left out: multi-GPU feature extraction (rank 0 scores; the other
-ranks only sample), KID and the other metrics metrics.py leaves out, --ood with --generated.
+Features are cached in DIR/features (keyed by content, extractor, weights and preprocessing): a rerun
+recomputes nothing finished. Left out: multi-GPU feature extraction, KID, --ood with --generated.
 """
 import argparse
 import functools
@@ -62,7 +61,7 @@ from support.cli import (BATCH_SIZE, INF, InputError, MissingInput, add_sampling
                          number_in, processes, run)
 from support.data import read_manifest_rows
 from support.extractors import EXTRACTORS, build_extractor, spec_record, weights_id
-from support.outputs import check_output_folder, read_csv, save_csv, save_npy
+from support.outputs import check_output_folder, claim_output_folder, read_csv, save_csv, save_npy
 from support.reports import BASELINE, VAL_SETS, run_info, run_name, write_comparison, write_reports
 from tiling import TILE_MPP
 
@@ -406,14 +405,15 @@ def main(argv=None):
         write_comparison(args.compare, args.out)
         return 0
     # one process group for the whole run (torchrun): sample.py's runs join it, not each its own
-    with processes(args.device) as (rank, world, device):
+    with processes(args.device, args.num_workers) as (rank, world, device):
         inputs = {"--tiles": [args.tiles], "--generated": [args.generated], "--pairs": [args.pairs],
                   "--ood": list(args.ood.values())}
-        check_output_folder(str(args.out), {k: [str(p) for p in v if p] for k, v in inputs.items()})
+        inputs = {k: [str(p) for p in v if p] for k, v in inputs.items()}
+        check_output_folder(str(args.out), inputs)
         guidance, pairing, vals = select_tiles(args)  # everything is checked before anything is written
         ood = plan_ood(args)
         info = run_info(args, guidance, pairing, ood, set_sizes(args, guidance, vals) if args.generated else None)
-        args.out.mkdir(parents=True, exist_ok=True)
+        claim_output_folder(str(args.out), inputs)  # created, checked writable, locked for the run (rank 0)
         if rank == 0:
             link_tiles(args, guidance, vals)
             for name, plan in ood.items():

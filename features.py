@@ -10,25 +10,36 @@ token grid, are the REPA alignment target, resized so that they can be precomput
 
 Per tile, OUT/<stem>.npy holds the CLS token then the resized patch tokens, fp16 (1 + 196) x 768 x 2 bytes
 = 303 KB at 224 px, about 12 TB for the paper's 40 M tiles; OUT/cls.npy (N, 768) is the CLS array
-`sample.py --features` takes. The benchmark's other extractors live in support/extractors.py.
+`sample.py --features` takes, with OUT/cls_names.txt (one tile name per row, or the pair is refused). The
+benchmark's other extractors live in support/extractors.py. Hub weights get one attempt: offline
+(HF_HUB_OFFLINE=1, or the hub does not answer) they come from the local cache alone, or fail in one line.
 
 Left out: REPA's other alignment encoders (DINOv2, CLIP, MAE).
 """
 import argparse
+import functools
+import io
 import os
+import ssl
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
 from timm.layers import SwiGLUPacked
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sit import SiT_models, token_grid
 from support.cli import (BATCH_SIZE, IMAGE_SIZE, InputError, Unavailable, add_device_args, add_workers_arg, processes, run,
                          SEED)
-from support.data import find_tiles, shard_names, tile_batches, tile_stem
+from support.data import IMAGE_EXTENSIONS, SlideTiles, decode_tile, find_tiles, tile_stem
 from tiling import TILE_SIZE
 from vae import latent_size, vae_models
 
@@ -36,6 +47,7 @@ from vae import latent_size, vae_models
 H0_MINI_MEAN = (0.707223, 0.578729, 0.703617)
 H0_MINI_STD = (0.211883, 0.230117, 0.177517)
 ENCODER_SIZE = 224  # H0-mini sees 224 x 224 tiles (16 x 16 patches of 14 px)
+PROBE_TIMEOUT_S = 3  # the one reachability check of a model hub (reachable)
 GATED_H0 = "gated: accept its licence on https://huggingface.co/bioptimus/H0-mini, then `hf auth login`"
 _SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
 # The encoders that can condition and align a SiT (H0-mini's token layout): hub name, offline architecture,
@@ -69,15 +81,58 @@ def hub_failure(err):
     return text[:200]
 
 
+@functools.cache
+def reachable(url):
+    """One request to url's host, no retry, at most PROBE_TIMEOUT_S -> False when nothing answers (no route, no
+    name resolution, a firewall that drops packets). Any answer counts, an HTTP or TLS error included: then
+    the download itself says what is wrong. Asked once per URL and process."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        request = urllib.request.Request(f"{parts.scheme}://{parts.netloc}/", method="HEAD")
+        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError) as err:
+        return isinstance(getattr(err, "reason", err), ssl.SSLError)
+    return True
+
+
+def hub_online():
+    """False under HF_HUB_OFFLINE=1 or when the hub does not answer: then models load from the local cache
+    only, at once, instead of after huggingface_hub's five retries with backoff (about 23 s per model)."""
+    offline = hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return not offline and reachable(hf_constants.ENDPOINT)
+
+
+def hub_repo(hub):
+    """The hub repository of a timm name ("hf-hub:org/name", or timm's own tag, stored as timm/<name>)."""
+    if hub.startswith("hf-hub:"):
+        return hub[len("hf-hub:"):]
+    try:
+        return timm.models.get_pretrained_cfg(hub).hf_hub_id or hub
+    except (AttributeError, RuntimeError, ValueError):
+        return hub
+
+
 def create_timm_model(name, hub, arch, kwargs, pretrained, seed, access, hub_kwargs=None):
     """A frozen timm model in eval mode: from the hub exactly as its model card loads it, or the same
-    architecture with random weights drawn from `seed` (without moving the caller's random stream)."""
+    architecture with random weights drawn from `seed` (without moving the caller's random stream).
+    One attempt: offline (HF_HUB_OFFLINE=1, or the hub unreachable) the local hub cache alone is read,
+    and a model that is not in it fails at once, in one line that says how to fetch it."""
     if pretrained:
+        online, before = hub_online(), hf_constants.HF_HUB_OFFLINE
         try:
+            hf_constants.HF_HUB_OFFLINE = before or not online  # read at each request by huggingface_hub
             model = timm.create_model(hub, pretrained=True, **(kwargs if hub_kwargs is None else hub_kwargs))
         except Exception as err:  # gated repo, no token, no network: say which, and what to do
-            raise Unavailable(f"{name}: could not load {hub} ({hub_failure(err)}); {access}; or use random "
-                              f"weights to test the pipeline") from err
+            why = hub_failure(err)
+            if not online and why.startswith("network unreachable"):
+                why = f"offline (HF_HUB_OFFLINE=1, or the hub does not answer), not in the cache {hf_constants.HF_HUB_CACHE}"
+            raise Unavailable(f"{name}: could not load {hub} ({why}); {access}; to use it offline, run `hf download "
+                              f"{hub_repo(hub)}` on a machine with access and copy its HF_HOME "
+                              f"({hf_constants.HF_HOME}) here; or use random weights to test the pipeline") from err
+        finally:
+            hf_constants.HF_HUB_OFFLINE = before
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -131,6 +186,59 @@ def resize_tokens(tokens, token_grid):
 
 
 # -------- Precomputed tokens (CytoSyn §3.1) ---------------------------------------------------------
+def tile_batches(tiles, rank, world, done, size, resize, batch_size, num_workers):
+    """This rank's share (r, r + world, ...) of the tiles not in `done` (stems) -> (batches of (stems, uint8
+    (B, 3, S, S)), their count (None for shards), every tile's stem in order (None for shards))."""
+    if tiles.kind == "files":
+        names = [tile_stem(p) for p in tiles.items]
+        if len(set(names)) != len(names):
+            raise InputError("two tiles share a file name; features are stored by name: rename one")
+        todo = [p for p in tiles.items[rank::world] if tile_stem(p) not in done]
+        decode = functools.partial(decode_batch, size=size, resize=resize)
+        return DataLoader(todo, batch_size, num_workers=num_workers, collate_fn=decode), len(todo), names
+    if tiles.kind == "slides":
+        rows, slides_dir, resample = tiles.items
+        todo = [r for r in rows[rank::world] if r["name"] not in done]
+        dataset = SlideTiles(todo, slides_dir, resample, size, resize)
+        decode = functools.partial(decode_slide_batch, dataset=dataset)
+        loader = DataLoader(range(len(todo)), batch_size, num_workers=num_workers, collate_fn=decode)
+        return loader, len(todo), [r["name"] for r in rows]
+    shards = tiles.items[rank::world]
+    return (b for shard in shards for b in shard_batches(shard, size, resize, batch_size, done)), None, None
+
+
+def decode_batch(paths, size, resize):
+    return [tile_stem(p) for p in paths], torch.stack([decode_tile(p, p, size, resize) for p in paths])
+
+
+def decode_slide_batch(indices, dataset):
+    """(stems, uint8 (B, 3, S, S)) of a SlideTiles batch: the tiles read from their slides."""
+    return [dataset.paths[i] for i in indices], torch.stack([dataset[i][0] for i in indices])
+
+
+def shard_batches(path, size, resize, batch_size, done):
+    """(stems, uint8 batch) from one tar shard, in member order; tiles already written are skipped."""
+    stems, tiles = [], []
+    with tarfile.open(path, mode="r|*") as tar:
+        for member in tar:
+            stem, ext = os.path.splitext(os.path.basename(member.name))
+            if not member.isfile() or ext.lower() not in IMAGE_EXTENSIONS or stem in done:
+                continue
+            stems.append(stem)
+            tiles.append(decode_tile(io.BytesIO(tar.extractfile(member).read()), f"{path}:{member.name}", size, resize))
+            if len(tiles) == batch_size:
+                yield stems, torch.stack(tiles)
+                stems, tiles = [], []
+    if tiles:
+        yield stems, torch.stack(tiles)
+
+
+def shard_names(path):
+    """The tile stems of a tar shard, in member order (headers only)."""
+    with tarfile.open(path, mode="r|*") as tar:
+        return [tile_stem(m.name) for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)]
+
+
 def save_npy_atomic(path, array):
     """np.save to a temporary name, then a rename: a killed run never leaves a half-written file."""
     tmp = f"{path}.tmp.npy"
@@ -152,10 +260,29 @@ def write_cls_array(out, names):
     """OUT/cls.npy (N, D) float32 (the fp16 CLS tokens) and OUT/cls_names.txt, the tile stems in order."""
     cls = np.stack([np.load(os.path.join(out, n + ".npy"), mmap_mode="r")[0] for n in names]).astype(np.float32)
     save_npy_atomic(os.path.join(out, CLS_FILE), cls)
+    write_names(out, names)
+    return cls
+
+
+def write_names(out, names):
     with open(os.path.join(out, NAMES_FILE + ".tmp"), "w") as f:
         f.write("".join(n + "\n" for n in names))
     os.replace(os.path.join(out, NAMES_FILE + ".tmp"), os.path.join(out, NAMES_FILE))
-    return cls
+
+
+def read_cls_names(path, rows):
+    """The tile names of a CLS array `path` of `rows` rows: OUT/cls_names.txt beside OUT/cls.npy, as this
+    file writes them (None when there is none). Refused when it does not name exactly one tile per row:
+    which name goes with which features would be a guess (files of two runs, or a copy cut short)."""
+    names_path = os.path.join(os.path.dirname(os.path.abspath(path)), NAMES_FILE)
+    if os.path.basename(path) != CLS_FILE or not os.path.exists(names_path):
+        return None
+    with open(names_path) as f:
+        names = f.read().splitlines()
+    if len(names) != rows:
+        raise InputError(f"{names_path} names {len(names)} tiles but {path} holds {rows} rows of features: they are "
+                         f"not one pair (files of two runs, or a copy cut short); write both again with features.py")
+    return names
 
 
 def import_pooled(path, out, dim=768):
@@ -168,6 +295,9 @@ def import_pooled(path, out, dim=768):
                 raise InputError(f"{path} has no 'features' dataset (found {list(f)}); TRIDENT writes 'features'")
             feats = f["features"][:]
             names = [f"{x}_{y}" for x, y in f["coords"][:]] if "coords" in f else None
+        if names is not None and len(names) != len(feats):
+            raise InputError(f"{path} holds {len(feats)} features but {len(names)} coords: which patch is which "
+                             f"would be a guess; export the features and their coords together")
     else:
         feats, names = np.load(path), None
     if feats.ndim != 2 or feats.shape[1] not in (dim, 2 * dim):
@@ -177,8 +307,7 @@ def import_pooled(path, out, dim=768):
     cls = np.ascontiguousarray(feats[:, :dim], dtype=np.float32)
     os.makedirs(out, exist_ok=True)
     save_npy_atomic(os.path.join(out, CLS_FILE), cls)
-    with open(os.path.join(out, NAMES_FILE), "w") as f:
-        f.write("".join(n + "\n" for n in names))
+    write_names(out, names)
     took = ("the first 768 of 1536 dims (the CLS token; the rest is the mean of the patch tokens, which "
             "CytoSyn does not condition on)" if feats.shape[1] == 2 * dim else "all 768 dims (CLS)")
     print(f"{path}: took {took} of {len(cls)} tiles -> {out}/{CLS_FILE} (no patch tokens: sampling only, "
@@ -234,7 +363,7 @@ def main(argv=None):
     if os.path.isfile(args.data) and args.data.endswith((".npy", ".h5", ".hdf5")):
         import_pooled(args.data, args.out)
         return 0
-    with processes(args.device) as (rank, world, device):
+    with processes(args.device, args.num_workers) as (rank, world, device):
         write_features(args, rank, world, device)
     return 0
 

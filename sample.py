@@ -44,14 +44,14 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from features import encoder_features, load_encoder
+from features import encoder_features, load_encoder, read_cls_names
 from repa_loss import interpolate
 from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
 from support.cli import (BATCH_SIZE, SAMPLERS, SAMPLES_PER_COND, SAMPLING_RANGES, SEED, InputError, NonFinite, add_device_args, add_sampling_args,
                          autocast, check_guidance, check_number, number_in, processes,
                          resolve_precision, run)
 from support.data import list_tile_args
-from support.outputs import check_output_folder, record_settings, save_png
+from support.outputs import check_output_folder, claim_output_folder, record_settings, save_png
 from support.sampling import (ArraySource, MeanSource, TileSource, batch_conditioning, content_tiles, plan_jobs,
                               read_feature_array, read_png, restain_jobs, save_grid)
 from support.stain import score_restained
@@ -227,7 +227,9 @@ def conditioning_source(args, pipe):
     if args.restain:
         return TileSource([args.style], size, mpp), TileSource(list_tile_args(args.restain, "--restain"), size, mpp)
     if args.features:
-        return ArraySource(read_feature_array(args.features, "--features"), dim, f"--features {args.features}"), None
+        source = ArraySource(read_feature_array(args.features, "--features"), dim, f"--features {args.features}")
+        read_cls_names(args.features, len(source.arr))  # features.py's names beside its cls.npy must fit it
+        return source, None
     if args.cond_mean and args.cond_mean[0].endswith(".npy"):
         path = args.cond_mean[0]
         return MeanSource(ArraySource(read_feature_array(path, "--cond-mean"), dim, f"--cond-mean {path}")), None
@@ -266,10 +268,7 @@ def main(argv=None):
         pipe = load_pipeline(args.ckpt, device, args.sit_weights, args.vae_weights, args.precision, args.compile)
         source, content = conditioning_source(args, pipe)
         jobs, grid_rows = plan_jobs(source, args.n, args.num_samples, bool(args.interpolate), content)
-        try:
-            os.makedirs(args.out, exist_ok=True)
-        except OSError as err:
-            raise InputError(f"cannot create the output folder --out {args.out} ({type(err).__name__}: {err})") from None
+        claim_output_folder(args.out)  # made, writable, and no other run's while this one writes (rank 0 locks it)
         record_settings(args.out, output_settings(args, pipe.step), rank)
         path = lambda job: os.path.join(args.out, job.name + ".png")  # noqa: E731
         todo = [j for j in jobs[rank::world] if not os.path.exists(path(j))]  # resume: skip finished files

@@ -12,7 +12,8 @@ Per slide: MPP (support/slides.resolve_mpp) -> the coarsest pyramid level at or 
 tissue mask on a thumbnail, pen ink removed -> a grid of non-overlapping candidate tiles -> sampling and
 splits -> each tile read once and resampled with a named antialiased kernel -> tiles, a preview PNG,
 coords/<slide>.h5 (TRIDENT/CLAM layout), a CSV, and last a done-marker (so a killed run resumes).
---from-coords DIR skips the mask and the sampling: each patch of DIR/<slide>.h5 gives our tile centred on it.
+--from-coords DIR skips the grid and the sampling: each patch of DIR/<slide>.h5 gives our tile centred on it,
+kept when its tissue (outside the slide: none) is at least --min-tissue, as a grid tile's.
 
 Left out: the paper's tissue-detection model and artefact filters (folds, bubbles, blur; a saturation/Otsu
 threshold and a colour rule for pen stand in), the v2 curation to 108M tiles, stain normalisation (the paper
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from support.cli import IMAGE_SIZE, SEED, InputError, MissingInput, number_in, run
 from support.logs import save_tiling_preview
-from support.outputs import read_csv, save_csv, save_json
+from support.outputs import claim_output_folder, read_csv, save_csv, save_json
 from support.slides import (RESAMPLE, SlideError, centred_tiles, csv_mpp_for, list_slides, mpp_table, open_slide,
                             read_coords, read_tile_at, resolve_mpp, slide_geometry, thumbnail,
                             write_coords)
@@ -116,6 +117,7 @@ class Tissue:
     x: np.ndarray         # level-0 left edge of each candidate tile
     y: np.ndarray         # level-0 top edge
     fraction: np.ndarray  # tissue fraction of each candidate
+    dropped: int = 0      # --from-coords: patches whose tile has less tissue than --min-tissue
 
 
 def slide_masks(slide, geo, ink_filter):
@@ -140,17 +142,21 @@ def find_tissue(slide, geo, min_tissue, ink_filter=True):
     return Tissue(mask, ink, scale, x, y, fraction[keep])
 
 
-def tissue_at_coords(slide, geo, path, slide_id):
-    """--from-coords: our tiles centred on the patches of DIR/<slide>.h5, in its order, without
-    the mask's say (the mask only fills the manifest's tissue column and the preview)."""
+def tissue_at_coords(slide, geo, path, slide_id, min_tissue):
+    """--from-coords: our tiles centred on the patches of DIR/<slide>.h5, in its order, those with tissue
+    >= min_tissue (the grid's rule): a patch at the slide's edge gives a tile that is mostly padding, and
+    what lies outside the slide counts as no tissue."""
     coords, their_side = read_coords(path, slide, slide_id)
     tiles = centred_tiles(coords, their_side, geo.step)
     _, first = np.unique(tiles, axis=0, return_index=True)
     tiles = tiles[np.sort(first)]  # two patches closer than a pixel give one tile
     mask, ink, scale = slide_masks(slide, geo, ink_filter=False)
     x, y = tiles[:, 0], tiles[:, 1]
-    fraction = box_fractions(mask, x / scale, y / scale, (x + geo.step) / scale, (y + geo.step) / scale)
-    return Tissue(mask, ink, scale, x, y, fraction)
+    inside = np.prod([(np.clip(v + geo.step, 0, n) - np.clip(v, 0, n)) / geo.step
+                      for v, n in ((x, slide.dimensions[0]), (y, slide.dimensions[1]))], axis=0)
+    fraction = inside * box_fractions(mask, x / scale, y / scale, (x + geo.step) / scale, (y + geo.step) / scale)
+    keep = fraction >= min_tissue
+    return Tissue(mask, ink, scale, x[keep], y[keep], fraction[keep], int((~keep).sum()))
 
 
 def write_tile_image(array, path, jpeg_quality):
@@ -243,7 +249,8 @@ def prepare(job):
     mpp, source = resolve_mpp(slide, job["csv_mpp"], s["slide_mpp"])
     geo = slide_geometry(slide, mpp, s["mpp"], s["image_size"])
     if s["from_coords"]:
-        tissue = tissue_at_coords(slide, geo, Path(s["from_coords"]) / f"{job['slide_id']}.h5", job["slide_id"])
+        tissue = tissue_at_coords(slide, geo, Path(s["from_coords"]) / f"{job['slide_id']}.h5", job["slide_id"],
+                                  s["min_tissue"])
     else:
         tissue = find_tissue(slide, geo, s["min_tissue"], s["ink_filter"])
     return slide, geo, tissue, source
@@ -262,7 +269,7 @@ def plan_slide(job):
         slide, geo, tissue, source = prepare(job)
         slide.close()
         return {**job, "n_candidates": len(tissue.x), "level": geo.level, "slide_mpp": geo.slide_mpp,
-                "mpp_source": source, "error": None}
+                "mpp_source": source, "n_dropped": tissue.dropped, "error": None}
     except Exception as e:  # one bad slide must not stop the others
         return {**job, "error": describe(e)}
 
@@ -392,6 +399,8 @@ def summarise(plans, jobs, results, n_rows):
     messages += [f"failed {r['slide_id']}: {r['error']}" for r in results if r["error"]]
     messages += [f"no tiles from {job['slide_id']}: no tissue above --min-tissue (see previews/"
                  f"{job['slide_id']}.png)" for job in jobs if job["n_candidates"] == 0]
+    messages += [f"--from-coords: dropped {p['n_dropped']} patches of {p['slide_id']} with tissue below --min-tissue"
+                 f" (at the slide's edge, or over glass)" for p in plans if p.get("n_dropped")]
     for message in messages:
         tqdm.write(message, file=sys.stderr)
     print(f"{len(jobs) - len(results)} slides already done, {len(results)} tiled now, "
@@ -411,7 +420,7 @@ def tile_slides(args):
               "nothing to tile", file=sys.stderr)
         return 1
     mpps, settings = mpp_table(args.mpp_csv, paths), tiling_settings(args)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out)  # locked: two runs into one OUT would list each other's half-written tiles
     print(f"tiles of {args.image_size} px at {args.mpp} µm/px, resampled with Pillow "
           f"{RESAMPLE[args.resample].name} (antialiased) where the slide's MPP differs", file=sys.stderr)
     plans = plan_all(paths, settings, out, args.slide_processes, mpps)

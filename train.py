@@ -13,8 +13,9 @@ One step, in the paper's order (CytoSyn §3.3), on every rank with the same t an
      + 0.5 x REPA loss. The diffusion loss never reaches the VAE.
   5. EMA (0.9999) of the SiT, BatchNorm buffers included, and (CytoSyn's addition) of the VAE.
 
-Outputs in --out: checkpoints/NNNNNNN.pt, log.txt, metrics.csv, loss.png and samples/NNNNNNN.png
+Outputs in --out: checkpoints/NNNNNNN.pt (and its .sha256), log.txt, metrics.csv, loss.png and samples/NNNNNNN.png
 (conditioning tiles above EMA samples of their CLS features). A resumed run is bitwise identical on the CPU.
+The run locks --out (.lock): a second run into it is refused while the first runs.
 
 Left out: gradient accumulation, learning-rate schedules (REPA-E uses a constant 1e-4), data augmentation
 (neither paper states any), REPA-E's lognormal time sampling and LeCam regulariser.
@@ -38,7 +39,7 @@ from support.cli import (IMAGE_SIZE, MAX_STEPS, SEED, InputError, add_device_arg
                          number_in, processes, resolve_precision, run)
 from support.data import feature_dim, find_tiles, first_tiles, training_batches
 from support.logs import Logger, errors_to_log, save_training_grid
-from support.outputs import check_output_folder
+from support.outputs import claim_output_folder
 from tiling import TILE_SIZE
 from vae import build_vae, vae_models
 from vae_loss import LPIPS, NLayerDiscriminator, add_lpips_args, hinge_d_loss, hinge_g_loss
@@ -260,17 +261,15 @@ def local_batch_size(global_batch, world):
 
 def train(args):
     """Train CytoSyn; returns the models (tests and demo.py read them)."""
-    with processes(args.device) as (rank, world, device):
+    with processes(args.device, args.num_workers) as (rank, world, device):
         # Setup processes and precision.
         local_batch = local_batch_size(args.global_batch_size, world)
         if device.type == "cuda":  # TF32 matmuls and convolutions: REPA-E's default
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
 
-        # Setup the data first: a wrong --data fails before any model is built. A results folder among
-        # the tiles would feed its sample grids back as training tiles: refused.
-        check_output_folder(args.out, {"--data": [args.data], "--features": [args.features],
-                                       "--slides": [args.slides]})
-        os.makedirs(args.out, exist_ok=True)
+        # Setup the results folder, then the data: a wrong --data fails before any model is built. A results
+        # folder among the tiles (its grids would be read back as tiles) or in use by another run is refused.
+        claim_output_folder(args.out, {"--data": [args.data], "--features": [args.features], "--slides": [args.slides]})
         tiles = find_tiles(args.data, args.slides)
 
         # Setup models and optimizers (the same initialisation on every rank), from a checkpoint (--resume),

@@ -11,7 +11,9 @@ One file per saved step, `<run folder (train.py --out)>/checkpoints/NNNNNNN.pt`,
     opt_sit, opt_vae, opt_disc   the three AdamW states
     rng                    every rank's torch / numpy / python / CUDA RNG state, for a bitwise resume
 
-Files are read weights-only (support/weights.py): a crafted pickle cannot run code here.
+Beside each, NNNNNNN.pt.sha256 holds its sha256, checked whenever it is read (resume, sampling, export,
+--init-from): a corrupt file is refused, naming it. Files are read weights-only (support/weights.py): a
+crafted pickle cannot run code here.
 """
 import os
 import random
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from support.cli import InputError, MissingInput, OutputConflict
-from support.weights import check_finite_weights, init_from, load_file
+from support.weights import check_finite_weights, init_from, load_file, write_checksum
 
 CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")
 RESUME_KEYS = ("config", "step", "sit", "sit_ema", "vae", "vae_ema", "opt_sit", "opt_vae", "rng")
@@ -62,7 +64,8 @@ def latest_checkpoint(run_dir):
 
 
 def save_checkpoint(path, nets, opts, step, config, rngs):
-    """torch.save to a temporary file, synced, then an atomic rename: a kill never leaves a broken checkpoint."""
+    """torch.save to a temporary file, synced, then an atomic rename: a kill never leaves a broken checkpoint.
+    Its sha256 goes to PATH.sha256 before the rename, so every checkpoint has its sum, which readers check."""
     ckpt = {"config": config, "step": step,
             "sit": nets.sit.state_dict(), "sit_ema": nets.sit_ema.state_dict(),
             "vae": nets.vae.state_dict(), "vae_ema": nets.vae_ema.state_dict(),
@@ -75,6 +78,7 @@ def save_checkpoint(path, nets, opts, step, config, rngs):
         torch.save(ckpt, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename: a node crash cannot leave an empty latest checkpoint
+    write_checksum(tmp, path)
     os.replace(tmp, path)
 
 

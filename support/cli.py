@@ -4,7 +4,8 @@
     run(main)                    every script's __main__: an error becomes one line on stderr and exit status 1
     number_in(float, 0, 1)       an argparse type: a finite number in a range; the error gives the range
     add_sampling_args(p) ...     the flags several tools share, defined once so that a name means one thing
-    processes(device)            the torchrun processes (rank, world size, device); one process without it
+    processes(device, workers)   the torchrun processes (rank, world size, device); one process without it;
+                                 intra-op threads capped so that the processes' threads fit the CPUs
 
 Left out: configuration files (run settings live in argparse with the paper's defaults).
 """
@@ -183,10 +184,42 @@ def autocast(device, precision):
 
 
 # -------- Processes -------------------------------------------------------------------------------------
+def available_cpus(cpu_max="/sys/fs/cgroup/cpu.max"):
+    """The CPUs this process may run on: its affinity mask, and the cgroup's CPU quota (a container's)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def cap_threads(num_workers=0):
+    """Cap torch's intra-op threads so that one node's threads fit its CPUs -> the thread count.
+
+    torch starts one thread per core in every process, so the processes of one node (torchrun's local
+    ranks) and their data workers (one thread each: DataLoader sets it) ask for more threads than there
+    are cores, and oversubscribed threads spin and wait: a training step on a busy 2-core machine ran 9x
+    slower with torch's default threads than with one. Decided: each process takes its share of the CPUs
+    (affinity and cgroup quota) less its data workers, at least 1 and never more than torch's default.
+    OMP_NUM_THREADS, when set, is the user's choice and wins (torchrun sets it to 1 for several ranks)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    share = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = max(1, min(torch.get_num_threads(), share - num_workers))
+    torch.set_num_threads(threads)
+    return threads
+
+
 @contextmanager
-def processes(device="auto"):
+def processes(device="auto", num_workers=0):
     """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; one process without it. Yields (rank, world, device):
-    with --device auto or cuda, each rank's own GPU (LOCAL_RANK); cpu runs gloo."""
+    with --device auto or cuda, each rank's own GPU (LOCAL_RANK); cpu runs gloo. Each process's intra-op
+    threads are capped first (cap_threads: its share of the CPUs, less its `num_workers` data workers)."""
+    cap_threads(num_workers)
     use_cuda = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
     distributed = "RANK" in os.environ
     owns_group = distributed and not dist.is_initialized()

@@ -18,8 +18,6 @@ import json
 import os
 import random
 import tarfile
-
-import functools
 from collections import namedtuple
 
 import numpy as np
@@ -55,11 +53,36 @@ def read_manifest_rows(path, split="train"):
     if column is None:
         raise InputError(f"{path}: a tile manifest needs a 'file' column (tiling.py writes one); "
                          f"found columns {columns}")
+    rows = unique_tile_rows(rows, column, path)  # all splits: a tile in train and in val_in is ambiguous too
     if split and "split" in columns:
         rows = [r for r in rows if r["split"] == split]
         if not rows:
             raise InputError(f"{path} has no row with split == {split!r}")
     return column, rows
+
+
+def unique_tile_rows(rows, column, path):
+    """Each tile once. Two rows of one file, or of the same pixels of one slide (slide, x, y, and the level,
+    scale and size where given), are ambiguous (which split? trained twice as often?) and refused in one
+    line, before anything is written; identical rows are read once, with a note."""
+    slide = next((c for c in ("slide_file", "slide_id") if c in rows[0]), None)
+    place = [slide, "x", "y", *(c for c in ("level", "scale", "size") if c in rows[0])]
+    place = place if slide and {"x", "y"} <= set(rows[0]) else []
+    seen, kept = {}, []
+    for n, row in enumerate(rows, start=2):  # line numbers of the CSV (its header is line 1)
+        keys = [(f"file {row[column]}",)]
+        if place:  # described for the message, keyed by every column of the place
+            keys.append((f"{row[slide]} at x={row['x']}, y={row['y']}", *(row[c] for c in place)))
+        first = next(((key, seen[key]) for key in keys if key in seen), None)
+        if first is None:
+            seen.update(dict.fromkeys(keys, (n, row)))
+            kept.append(row)
+        elif first[1][1] != row:
+            raise InputError(f"{path}: lines {first[1][0]} and {n} are the same tile ({first[0][0]}) with different "
+                             f"values: keep one row per tile")
+    if len(kept) < len(rows):
+        print(f"note: {path}: {len(rows) - len(kept)} repeated rows, identical to others, read once", flush=True)
+    return kept
 
 
 class Tiles(namedtuple("Tiles", "kind items")):
@@ -444,59 +467,5 @@ def read_tile_at_mpp(path, size, mpp, target_mpp):
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, size, size)
 
 
-# -------- Tiles in batches for an encoder (features.py): a rank's share, in file order ------------------
 def tile_stem(name):
     return os.path.splitext(os.path.basename(name))[0]
-
-
-def tile_batches(tiles, rank, world, done, size, resize, batch_size, num_workers):
-    """This rank's share (r, r + world, ...) of the tiles not in `done` (stems) -> (batches of (stems, uint8
-    (B, 3, S, S)), their count (None for shards), every tile's stem in order (None for shards))."""
-    if tiles.kind == "files":
-        names = [tile_stem(p) for p in tiles.items]
-        if len(set(names)) != len(names):
-            raise InputError("two tiles share a file name; features are stored by name: rename one")
-        todo = [p for p in tiles.items[rank::world] if tile_stem(p) not in done]
-        decode = functools.partial(decode_batch, size=size, resize=resize)
-        return DataLoader(todo, batch_size, num_workers=num_workers, collate_fn=decode), len(todo), names
-    if tiles.kind == "slides":
-        rows, slides_dir, resample = tiles.items
-        todo = [r for r in rows[rank::world] if r["name"] not in done]
-        dataset = SlideTiles(todo, slides_dir, resample, size, resize)
-        decode = functools.partial(decode_slide_batch, dataset=dataset)
-        loader = DataLoader(range(len(todo)), batch_size, num_workers=num_workers, collate_fn=decode)
-        return loader, len(todo), [r["name"] for r in rows]
-    shards = tiles.items[rank::world]
-    return (b for shard in shards for b in shard_batches(shard, size, resize, batch_size, done)), None, None
-
-
-def decode_batch(paths, size, resize):
-    return [tile_stem(p) for p in paths], torch.stack([decode_tile(p, p, size, resize) for p in paths])
-
-
-def decode_slide_batch(indices, dataset):
-    """(stems, uint8 (B, 3, S, S)) of a SlideTiles batch: the tiles read from their slides."""
-    return [dataset.paths[i] for i in indices], torch.stack([dataset[i][0] for i in indices])
-
-
-def shard_batches(path, size, resize, batch_size, done):
-    """(stems, uint8 batch) from one tar shard, in member order; tiles already written are skipped."""
-    stems, tiles = [], []
-    with tarfile.open(path, mode="r|*") as tar:
-        for member in tar:
-            stem, ext = os.path.splitext(os.path.basename(member.name))
-            if not member.isfile() or ext.lower() not in IMAGE_EXTENSIONS or stem in done:
-                continue
-            stems.append(stem)
-            tiles.append(decode_tile(io.BytesIO(tar.extractfile(member).read()), f"{path}:{member.name}", size, resize))
-            if len(tiles) == batch_size:
-                yield stems, torch.stack(tiles)
-                stems, tiles = [], []
-    if tiles:
-        yield stems, torch.stack(tiles)
-
-
-def shard_names(path):
-    """The tile stems of a tar shard, in member order (headers only)."""
-    with tarfile.open(path, mode="r|*") as tar:
-        return [tile_stem(m.name) for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)]

@@ -9,6 +9,7 @@ Left out: CONCH-v1 (needs the `conch` package) and Phikon-v2 (a `transformers` m
 registered but report that they are unavailable.
 """
 import contextlib
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -16,7 +17,8 @@ import torchvision
 from pytorch_fid import inception as fid_module
 from timm.layers import SwiGLUPacked
 
-from features import ENCODERS, H0_MINI_MEAN, H0_MINI_STD, create_timm_model, encoder_features, hub_failure, load_encoder
+from features import (ENCODERS, H0_MINI_MEAN, H0_MINI_STD, create_timm_model, encoder_features, hub_failure, load_encoder,
+                      reachable)
 from support.cli import InputError, Unavailable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -132,6 +134,12 @@ def fid_inception(pretrained=True, seed=0):
     (torchvision's Inception v3 with 1008 classes and pytorch-fid's FID blocks, as pytorch-fid's
     fid_inception_v3 does) with seeded random weights, without fetching the FID weights."""
     if pretrained:
+        url = fid_module.FID_WEIGHTS_URL
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")  # where torch.hub keeps what it downloads
+        if not os.path.exists(os.path.join(folder, os.path.basename(url))) and not reachable(url):
+            raise Unavailable(f"fid-inception: pytorch-fid's FID weights are not in {folder} and {url} does not answer "
+                              f"(offline?): download it on a machine with access into that folder (TORCH_HOME); or "
+                              f"use --random-weights to test the pipeline")
         try:
             model = fid_module.InceptionV3([3], resize_input=True, normalize_input=True)
         except Exception as err:

@@ -21,6 +21,7 @@ from torchvision.utils import make_grid, save_image
 
 from support.checkpoints import latest_checkpoint
 from support.cli import CytoSynError, NonFinite, error_line
+from support.outputs import claimed
 from support.perf import peak_memory_gb
 from support.slides import thumbnail
 
@@ -134,11 +135,12 @@ class CollapseWatch:
 @contextmanager
 def errors_to_log(run_dir):
     """A CytoSynError that stops a run (bad input, a non-finite loss) is also written at the end of
-    run_dir/log.txt, beside the run's history (rank 0), then goes on to the user."""
+    run_dir/log.txt, beside the run's history (rank 0), then goes on to the user; not when the run never
+    claimed the folder (another run's, or not writable): that log is not this run's."""
     try:
         yield
     except CytoSynError as err:
-        if os.environ.get("RANK", "0") == "0" and os.path.isdir(run_dir):
+        if os.environ.get("RANK", "0") == "0" and claimed(run_dir):
             append_line(run_dir, f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {os.path.basename(sys.argv[0])}: error: "
                                  f"{error_line(err)}")
         raise

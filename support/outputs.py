@@ -4,17 +4,25 @@ inputs, and a folder's settings recorded so that a rerun with other settings is 
     atomic(path)                    write to a temporary name, then rename: a kill never leaves half a file
     save_png / save_json / save_csv / save_npy   the kinds of file the tools write, through atomic()
     check_output_folder(out, ...)   refuse an output folder that is, or is inside, an input folder
+    claim_output_folder(out, ...)   that check, then the folder made, checked writable and locked for the run
     record_settings(out, settings)  OUT/settings.json: the settings that decide the folder's contents
 """
 import csv
+import fcntl
 import json
 import os
+import socket
+import tempfile
+import time
 from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
 
-from support.cli import InputError
+from support.cli import InputError, OutputConflict
+
+LOCK_FILE = ".lock"  # OUT/.lock: flock'ed by the run writing OUT; it says which process that is
+_CLAIMED = {}  # real path of each folder this process holds -> its open lock file (held until the process ends)
 
 
 @contextmanager
@@ -83,6 +91,47 @@ def check_output_folder(out, inputs, flag="--out"):
             if not os.path.isdir(path) and inside(path, out):
                 raise InputError(f"{flag} {out} holds the input file {path} ({name}): outputs would mix with the "
                                  f"inputs; choose an output folder that does not contain it")
+
+
+def claim_output_folder(out, inputs=None, flag="--out"):
+    """A run's output folder, claimed before anything is written to it: kept out of the inputs
+    (check_output_folder), created, checked writable (an unwritable folder is found now, not at the first
+    checkpoint), and locked: an exclusive flock on OUT/.lock, held until this process ends, so that a second
+    run into the same folder is refused in one line instead of mixing its files with the first's. The kernel
+    drops the lock when its process dies, however it dies: a stale .lock never blocks. Under torchrun rank 0
+    alone takes the lock (the other ranks write into rank 0's run); a process may claim a folder it holds
+    again (tests, demo.py and evaluate.py run several tools in one process)."""
+    check_output_folder(out, inputs or {}, flag)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):  # the run's first write, made now
+            pass
+        if os.environ.get("RANK", "0") != "0" or os.path.realpath(out) in _CLAIMED:
+            return
+        lock = open(os.path.join(out, LOCK_FILE), "a+")
+    except OSError as err:
+        raise InputError(f"cannot create the output folder {flag} {out}, or write in it ({err.strerror or err}): "
+                         f"choose another {flag}, or make it writable") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise OutputConflict(f"{flag} {out} is in use by another run ({holder}): two runs in one folder would mix "
+                             f"their files; wait for it to end, or choose another {flag}") from None
+    except OSError as err:  # a filesystem without locks (some network mounts): run, but say so
+        print(f"note: {flag} {out}: no lock ({err.strerror}); nothing stops a second run into it", flush=True)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    _CLAIMED[os.path.realpath(out)] = lock
+
+
+def claimed(out):
+    """True when this process holds the lock on `out` (claim_output_folder)."""
+    return os.path.realpath(out) in _CLAIMED
 
 
 def record_settings(out, settings, rank=0):

@@ -144,13 +144,21 @@ def read_mpp_csv(path):
         raise InputError(f"--mpp-csv {path}: cannot read it ({e.strerror})")
     if not rows or not {"slide", "mpp"} <= set(rows[0]):
         raise InputError(f"--mpp-csv {path}: needs a header with columns slide,mpp and one row per slide")
-    table = {}
+    table, lines, repeated = {}, {}, []
     for n, row in enumerate(rows, start=2):
-        mpp = _number(row["mpp"])
+        mpp, name = _number(row["mpp"]), (row["slide"] or "").strip()
         if not mpp or not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
             raise InputError(f"--mpp-csv {path} line {n}: mpp {row['mpp']!r} is not a number in "
                              f"[{PLAUSIBLE_MPP[0]}, {PLAUSIBLE_MPP[1]}] µm per pixel")
-        table[row["slide"].strip()] = mpp
+        if name in table and table[name] != mpp:  # which one is right? The slide's scale depends on it
+            raise InputError(f"--mpp-csv {path}: slide {name!r} has two values, {table[name]} (line {lines[name]}) "
+                             f"and {mpp} (line {n}): keep one row per slide")
+        if name in table:
+            repeated.append(name)
+        table[name], lines[name] = mpp, lines.get(name, n)
+    if repeated:
+        print(f"note: --mpp-csv {path}: {len(repeated)} repeated rows with the same value, read once: "
+              f"{', '.join(sorted(set(repeated)))}", file=sys.stderr)
     return table
 
 
@@ -201,6 +209,10 @@ def mpp_table(path, slides):
     if not path:
         return {}
     table = read_mpp_csv(path)
+    for p in slides:  # a row by file name and another by stem, disagreeing: the same slide twice
+        if table.get(p.name, table.get(p.stem)) != table.get(p.stem, table.get(p.name)):
+            raise InputError(f"--mpp-csv {path}: slide {p.name} has two values, {table[p.name]} (as {p.name}) and "
+                             f"{table[p.stem]} (as {p.stem}): keep one row per slide")
     names = {p.name for p in slides} | {p.stem for p in slides}
     unknown = sorted(name for name in table if name not in names)
     if unknown:

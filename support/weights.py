@@ -6,7 +6,9 @@ CytoSyn or a REPA-E checkpoint or an export for sampling (CytoSyn §3.1; REPA-E'
 Every file is read with torch.load(weights_only=True), so a crafted pickle cannot run code here; a file
 that needs more (older checkpoints of this repo, REPA-E's with an argparse.Namespace) is refused in one
 line, and one you trust is converted once, explicitly. An export holds what sampling needs: safetensors
-and a config.json with each file's sha256, which loading verifies. Non-finite weights are refused.
+and a config.json with each file's sha256, which loading verifies; a .pt file is checked against its
+CKPT.pt.sha256 (train.py writes one with each checkpoint) before it is read, so that `export` never stamps
+fresh sums on corrupt weights. Non-finite weights are refused.
 
     python -m support.weights convert IN.pt OUT.pt     # unpickles IN fully: only files you trust
     python -m support.weights export CKPT OUT_DIR [--sit ema,raw] [--vae ema,raw]
@@ -33,6 +35,8 @@ EXPORT_FORMAT = "cytosyn-export"
 DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # A PatchGAN discriminator's tensors (vae_loss.NLayerDiscriminator; taming's, which REPA-E trains, has the same names).
 DISC_TENSOR = re.compile(r"^main\.\d+\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+CHECKSUM_SUFFIX = ".sha256"  # CKPT.pt.sha256: train.py writes it with each checkpoint, every reader checks it
+UNCHECKED = set()  # files read without a checksum, each noted once
 SIT_CONFIG_KEYS = ("input_size", "in_channels", "cond_dim", "encoder_depth", "z_dim", "projector_dim",
                    "depth", "hidden_size", "patch_size", "num_heads")
 
@@ -41,9 +45,12 @@ class UnsafeCheckpoint(InputError):
     """A file torch.load(weights_only=True) refuses: it holds pickled Python objects, which could run code."""
 
 
-def load_file(path):
+def load_file(path, checked=True):
     """A torch.save'd file on the CPU, weights only (tensors and plain values: unpickling runs no code),
-    memory-mapped (tensors are read as they are copied into the models, not all at once per rank)."""
+    memory-mapped (tensors are read as they are copied into the models, not all at once per rank); first
+    checked against its PATH.sha256 when it has one (checked=False: a file this process just wrote)."""
+    if checked:
+        verify_checksum(path)
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path} is not a readable PyTorch checkpoint (not a complete zip archive written by "
                          f"torch.save: truncated, or another kind of file)")
@@ -88,6 +95,33 @@ def load_state_dict_checked(module, state_dict, what):
 def sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksum(file, path):
+    """PATH.sha256 (sha256sum's format: `sha256sum -c` checks it too) with the sha256 of `file`'s bytes
+    (`file`: PATH itself, or the temporary file about to be renamed to PATH)."""
+    tmp = f"{path}{CHECKSUM_SUFFIX}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{sha256(file)}  {os.path.basename(path)}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path + CHECKSUM_SUFFIX)
+
+
+def verify_checksum(path):
+    """Refuse a file whose bytes differ from its PATH.sha256 (a flipped bit, a copy cut short), naming
+    it; a file without one (written before checksums, or elsewhere) is read with a note, once."""
+    if not os.path.isfile(path + CHECKSUM_SUFFIX):
+        if os.path.isfile(path) and path not in UNCHECKED:
+            UNCHECKED.add(path)
+            print(f"note: {path} has no {os.path.basename(path)}{CHECKSUM_SUFFIX} beside it (written before "
+                  f"checksums, or not by train.py): its bytes are not verified", flush=True)
+        return
+    with open(path + CHECKSUM_SUFFIX) as f:
+        expected = (f.read().split() or [""])[0]
+    if sha256(path) != expected:
+        raise InputError(f"{path} does not match its checksum {path}{CHECKSUM_SUFFIX}: the file is corrupt (a "
+                         f"flipped bit, a copy cut short) and is not used; take an earlier checkpoint, or copy it again")
 
 
 def read_export(folder):
@@ -272,11 +306,12 @@ def convert(src, dst):
     tmp = dst + ".tmp"
     torch.save(plain(obj), tmp)
     try:
-        load_file(tmp)
+        load_file(tmp, checked=False)
     except ValueError:
         os.remove(tmp)
         raise InputError(f"{src} holds objects that are neither tensors, numpy arrays nor plain values: not "
                          f"converted") from None
+    write_checksum(tmp, dst)
     os.replace(tmp, dst)
 
 

@@ -1,4 +1,9 @@
-"""support/checkpoints.py and support/weights.py: reading checkpoints back, refusing what is not one."""
+"""support/checkpoints.py and support/weights.py: reading checkpoints back, refusing what is not one, and the
+sha256 written with each."""
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 import pytest
@@ -33,3 +38,20 @@ def test_a_file_with_numpy_arrays_is_refused_as_unsafe(tmp_path):
     torch.save({"rng": np.random.get_state()}, tmp_path / "old.pt")
     with pytest.raises(weights.UnsafeCheckpoint, match=r"could run code.*support.weights convert .*old.pt SAFE.pt"):
         weights.load_file(str(tmp_path / "old.pt"))
+
+
+def test_a_checkpoint_is_written_with_its_sha256_and_an_older_one_loads_with_a_note(tmp_path, capsys):
+    nets = SimpleNamespace(**{name: torch.nn.Linear(3, 2) for name in ("sit", "sit_ema", "vae", "vae_ema")}, disc=None)
+    opts = {net: torch.optim.SGD(getattr(nets, net).parameters(), lr=0.1) for net in ("sit", "vae")}
+    path = checkpoints.checkpoint_path(str(tmp_path), 7)
+    checkpoints.save_checkpoint(path, nets, opts, 7, {"model": "SiT-T/2"}, [checkpoints.rng_state(torch.device("cpu"))])
+    # sha256sum's format: `sha256sum -c 0000007.pt.sha256` in the folder checks it too
+    assert Path(path + ".sha256").read_text() == f"{hashlib.sha256(Path(path).read_bytes()).hexdigest()}  0000007.pt\n"
+    assert sorted(p.name for p in Path(path).parent.iterdir()) == ["0000007.pt", "0000007.pt.sha256"]  # no .tmp left
+    capsys.readouterr()
+    assert checkpoints.read_for_resume(path)["step"] == 7 and "note" not in capsys.readouterr().out
+    Path(path + ".sha256").unlink()  # as a checkpoint written before checksums
+    assert checkpoints.read_for_resume(path)["step"] == 7 and checkpoints.read_for_resume(path)["step"] == 7
+    notes = capsys.readouterr().out.strip().splitlines()
+    assert notes == [f"note: {path} has no 0000007.pt.sha256 beside it (written before checksums, or not by train.py): "
+                     f"its bytes are not verified"]  # said once

@@ -1,8 +1,14 @@
 """support/cli.py and the command lines: every numeric setting is range-checked at the boundary, outputs stay
-out of inputs, and a DataLoader worker's error reaches the user as its own last line."""
+out of inputs and one run writes a folder at a time, a DataLoader worker's error reaches the user as its own
+last line, and threads fit the CPUs."""
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 import bench
 from support import cli, outputs
@@ -89,3 +95,75 @@ def test_train_refuses_a_results_folder_among_its_tiles(tmp_path):
     with pytest.raises(ValueError, match=r"--out .*inside the input folder .*tiles \(--data\)"):
         train.main(["--data", str(tmp_path / "tiles"), "--out", str(tmp_path / "tiles" / "run"), "--encoder", "tiny"])
     assert not (tmp_path / "tiles" / "run").exists()  # refused before anything is written
+
+
+HOLDER = """
+import sys, time
+from support.outputs import claim_output_folder
+claim_output_folder(sys.argv[1])
+print("claimed", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_a_dead_runs_lock_never_blocks(tmp_path):
+    """One run per output folder: another process that holds OUT makes a claim fail in one line, naming
+    it; once that process is killed (no chance to clean up), its .lock blocks nothing."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(cli.OutputConflict, match=rf"--out {out} is in use by another run \(pid {holder.pid} "):
+            outputs.claim_output_folder(str(out))
+        assert not outputs.claimed(str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".lock").exists()  # left behind by the killed run: stale
+    outputs.claim_output_folder(str(out))
+    assert outputs.claimed(str(out)) and f"pid {os.getpid()} " in (out / ".lock").read_text()
+    outputs.claim_output_folder(str(out))  # a process may claim what it holds (tests, demo.py, evaluate.py)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, unwritable even for root")
+def test_an_unwritable_results_folder_is_found_before_anything_runs(tmp_path, one_line_error):
+    """Found at the start, before the data is even read, not at the first checkpoint after the steps are spent."""
+    line = one_line_error(train.main, ["--data", str(tmp_path / "no-tiles"), "--out", "/proc/self", "--encoder", "tiny"])
+    assert "cannot create the output folder --out /proc/self, or write in it" in line
+    assert "cannot create the output folder --out /proc/self/x" in one_line_error(
+        tiling.main, ["--slides", str(Path(__file__).parent / "data"), "--out", "/proc/self/x"])
+
+
+def test_intra_op_threads_fit_the_cpus(monkeypatch, tmp_path):
+    """Data workers (one thread each) and torchrun's local ranks share the CPUs with the intra-op threads."""
+    mine = cli.available_cpus()
+    assert 1 <= mine <= (os.cpu_count() or 1)
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a container's quota: 1.5 CPUs -> 1
+    assert cli.available_cpus(str(tmp_path / "cpu.max")) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cli.available_cpus(str(tmp_path / "cpu.max")) == mine
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cli, "available_cpus", lambda: 8)
+    try:
+        for threads, workers, local_world, expected in [(8, 0, 1, 8), (8, 4, 1, 4), (8, 4, 2, 1), (8, 2, 2, 2),
+                                                        (3, 0, 1, 3), (8, 16, 1, 1)]:
+            torch.set_num_threads(threads)
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+            assert cli.cap_threads(workers) == expected == torch.get_num_threads(), (threads, workers, local_world)
+        torch.set_num_threads(8)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        with cli.processes("cpu", num_workers=3) as (rank, world, device):  # every tool's processes are capped
+            assert (rank, world, torch.get_num_threads()) == (0, 1, 5)
+        monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the user's choice wins
+        torch.set_num_threads(6)
+        assert cli.cap_threads(4) == 6 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    workers = []  # train.py's --num-workers reaches the cap
+    monkeypatch.setattr(cli, "cap_threads", workers.append)
+    with pytest.raises(cli.MissingInput):
+        train.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--num-workers", "3", "--device", "cpu"])
+    assert workers == [3]

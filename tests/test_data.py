@@ -57,6 +57,34 @@ def test_manifest_keeps_train_rows_only(tmp_path):
     assert kind == "files" and files == [str(tmp_path / "tiles" / "a.png"), str(tmp_path / "tiles" / "d.png")]
 
 
+def test_a_manifest_with_a_tile_twice_is_refused_before_anything_is_written(tmp_path, capsys, one_line_error):
+    """The same file twice (in train and in val_in: which split?), or the same pixels of a slide under two
+    names, is refused in one line naming both rows; identical rows are read once, with a note."""
+    import features
+    head = "slide_id,slide_file,x,y,level,scale,size,file,split\n"
+    a, b = "s,s.svs,0,0,0,1.0,224,tiles/s/s_0_0.png,", "s,s.svs,224,0,0,1.0,224,tiles/s/s_224_0.png,"
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(head + a + "train\n" + b + "train\n" + a + "val_in\n")
+    with pytest.raises(data.InputError, match=r"lines 2 and 4 are the same tile \(file tiles/s/s_0_0.png\)"):
+        data.read_manifest_rows(manifest, split=None)
+    with pytest.raises(data.InputError, match="lines 2 and 4"):  # the train rows alone would not show it
+        data.read_manifest_rows(manifest, split="train")
+    manifest.write_text(head + a + "train\n" + "s,s.svs,0,0,0,1.0,224,tiles/s/copy.png,train\n")
+    with pytest.raises(data.InputError, match=r"lines 2 and 3 are the same tile \(s.svs at x=0, y=0\)"):
+        data.read_manifest_rows(manifest)
+    manifest.write_text(head + a + "train\n" + "s,s.svs,0,0,0,2.0,224,tiles/s/coarser.png,train\n")
+    assert len(data.read_manifest_rows(manifest)[1]) == 2  # the same corner at another scale: another tile
+    manifest.write_text(head + a + "train\n" + b + "train\n" + a + "train\n")
+    capsys.readouterr()
+    assert [r["file"] for r in data.read_manifest_rows(manifest)[1]] == ["tiles/s/s_0_0.png", "tiles/s/s_224_0.png"]
+    assert "1 repeated rows, identical to others, read once" in capsys.readouterr().out
+    manifest.write_text("file,split\nt/a.png,train\nt/a.png,val_out\n")  # no slide columns: files alone
+    argv = ["--data", str(manifest), "--out", str(tmp_path / "tokens"), "--encoder", "tiny", "--random-encoder",
+            "--device", "cpu", "--num-workers", "0"]
+    assert "lines 2 and 3 are the same tile (file t/a.png)" in one_line_error(features.main, argv)
+    assert not (tmp_path / "tokens").exists()
+
+
 def test_tar_shards_split_between_ranks_without_overlap(tmp_path):
     colours = {}
     for s in range(4):

@@ -84,7 +84,9 @@ def test_benchmark_end_to_end_every_row_extractor_and_setting(ckpt, tmp_path):
         assert s["resize"]["guidance"] == "64 px -> 224 px, PIL bicubic (antialiased when shrinking)"
         if r["row"] != E.BASELINE:
             assert (s["sit_weights"], s["vae_weights"], s["cfg_scale"]) == ("raw", "ema", 2.5)
-    assert len(os.listdir(out / "generated" / "sde-3")) == 8 + 1  # one tile per guidance tile + settings.json
+    # one tile per guidance tile + settings.json + the lock sample.py held while it wrote them
+    files = os.listdir(out / "generated" / "sde-3")
+    assert len(files) == 8 + 2 and {".lock", "settings.json"} <= set(files)
     assert json.loads((out / "generated" / "sde-3" / "settings.json").read_text())["sit_weights"] == "raw"
     assert set(report["fd_vs_steps"]) == {"ode", "sde"} and (out / "fd_vs_steps.png").exists()
     text = (out / "report.md").read_text()
@@ -132,6 +134,22 @@ def test_bad_input_is_one_line_and_keeps_finished_work(ckpt, tmp_path, one_line_
     with pytest.raises(SystemExit) as err:
         E.parse_args(argv(ckpt, few, tmp_path / "out_c", "--extractors", "nope"))
     assert err.value.code == 2
+
+
+def test_ambiguous_guidance_inputs_are_refused_in_one_line(ckpt, tmp_path, one_line_error):
+    """Guidance features that do not fit the guidance tiles, or a manifest with a tile twice, are refused before
+    any tile is generated."""
+    tiles = tiling_output(tmp_path / "t", {"train": 10, "val_in": 4, "val_out": 4})
+    out = tmp_path / "bench"
+    (out / "guidance").mkdir(parents=True)
+    np.save(out / "guidance" / "cls.npy", np.zeros((5, 48), np.float32))  # 5 rows for 8 guidance tiles
+    assert "holds features of another guidance set (not 8 tiles)" in one_line_error(
+        E.main, argv(ckpt, tiles, out, "--num-sampling-steps", "2"))
+    with open(tiles / "manifest.csv", "a") as f:
+        f.write("B-val_in,B,tiles/train_3.png,val_in\n")  # a training tile also listed as val_in
+    assert "lines 5 and 20 are the same tile (file tiles/train_3.png)" in one_line_error(
+        E.main, argv(ckpt, tiles, tmp_path / "bench2", "--num-sampling-steps", "2"))
+    assert not (out / "generated").exists() and not (tmp_path / "bench2" / "generated").exists()
 
 
 def test_guidance_is_stratified_by_tss():

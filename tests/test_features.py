@@ -1,10 +1,14 @@
-"""features.py's precomputed tokens are what train.py would compute on the fly (CytoSyn §3.1)."""
+"""features.py's precomputed tokens are what train.py would compute on the fly (CytoSyn §3.1); hub models
+fail at once offline; a names file must fit its array."""
+import json
 import os
 import re
 import tarfile
+import time
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -118,3 +122,86 @@ def test_tokens_from_the_slides_equal_tokens_from_the_pngs(tmp_path):
     assert len(names) == 4 and (tmp_path / "slides" / F.NAMES_FILE).read_text().split() == names
     for name in names:
         assert np.array_equal(np.load(tmp_path / "png" / f"{name}.npy"), np.load(tmp_path / "slides" / f"{name}.npy"))
+
+
+# ---------------------------------------------------------------------------------- offline: one attempt, one line
+def test_an_uncached_hub_model_fails_at_once_in_one_line(tmp_path, monkeypatch, caplog, capsys):
+    """No network, nothing in the cache: one attempt, one line per model that says how to fetch it -- not
+    huggingface_hub's five retries with backoff (about 23 s and a dozen lines per model)."""
+    import metrics as M
+    monkeypatch.setattr(F.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    start = time.perf_counter()
+    rows, skipped = M.score_extractors(["absent-a", "absent-b"], lambda name: [F.create_timm_model(
+        name, f"hf-hub:cytosyn-test/{name}", "vit_small_patch16_224", {}, True, 0, "public weights")])
+    assert time.perf_counter() - start < 5, "a hub model that cannot load must fail at once"
+    assert rows == [] and [s["extractor"] for s in skipped] == ["absent-a", "absent-b"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("skipped: absent-") for line in lines), lines
+    assert "`hf download cytosyn-test/absent-a`" in lines[0] and "HF_HOME" in lines[0]
+    assert not [r for r in caplog.records if "Retry" in r.getMessage()]
+
+
+def tiny_hub_cache(cache, repo, kwargs):
+    """A local Hugging Face cache holding one timm model (config.json + model.safetensors), as `hf download`
+    leaves it -> the model's state dict."""
+    from safetensors.torch import save_file
+    model = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, **kwargs)
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40) / "config.json").write_text(json.dumps(
+        {"architecture": "vit_base_patch14_reg4_dinov2", "num_classes": 0, "model_args": kwargs, "pretrained_cfg": {}}))
+    save_file(model.state_dict(), folder / "snapshots" / ("0" * 40) / "model.safetensors")
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("how", ["hub unreachable", "HF_HUB_OFFLINE=1"])
+def test_a_cached_hub_model_loads_offline_at_once(tmp_path, monkeypatch, how):
+    kwargs = dict(img_size=224, num_classes=0, embed_dim=48, depth=2, num_heads=3)
+    saved = tiny_hub_cache(tmp_path, "cytosyn-test/tiny", kwargs)
+    monkeypatch.setattr(F.hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    if how == "hub unreachable":
+        monkeypatch.setattr(F, "reachable", lambda url: False)
+    else:  # honoured as set, without asking the network
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(F, "reachable", lambda url: pytest.fail("HF_HUB_OFFLINE=1 must not reach the network"))
+    start = time.perf_counter()
+    model = F.create_timm_model("tiny-hub", "hf-hub:cytosyn-test/tiny", None, kwargs, True, 0, "public weights")
+    assert time.perf_counter() - start < 5
+    assert model.state_dict().keys() == saved.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert F.hf_constants.HF_HUB_OFFLINE is False  # offline for that load only
+    with pytest.raises(F.Unavailable, match="offline .* not in the cache"):  # what the cache lacks still fails at once
+        F.create_timm_model("absent", "hf-hub:cytosyn-test/absent", None, kwargs, True, 0, "public weights")
+
+
+def test_fid_inception_offline_says_where_to_put_its_weights(tmp_path, monkeypatch):
+    from support import extractors
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(extractors, "reachable", lambda url: False)
+    start = time.perf_counter()
+    with pytest.raises(F.Unavailable, match=f"not in {tmp_path}/checkpoints and https://github.com/.* does not answer"):
+        extractors.build_extractor("fid-inception")
+    assert time.perf_counter() - start < 5
+
+
+# ---------------------------------------------------------------------------------- names beside an array
+def test_a_names_file_of_another_length_is_refused_before_anything_is_written(ckpt, tmp_path, one_line_error):
+    import sample
+    folder = tmp_path / "feats"
+    folder.mkdir()
+    np.save(folder / F.CLS_FILE, np.random.default_rng(0).standard_normal((3, 48)).astype(np.float32))
+    (folder / F.NAMES_FILE).write_text("a\nb\n")  # 2 names, 3 rows: which is which?
+    argv = ["--ckpt", ckpt, "--features", str(folder / F.CLS_FILE), "--n", "1", "--num-sampling-steps", "2",
+            "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert "cls_names.txt names 2 tiles but" in one_line_error(sample.main, argv)
+    assert not (tmp_path / "out").exists()
+    (folder / F.NAMES_FILE).write_text("a\nb\nc\n")
+    assert F.read_cls_names(str(folder / F.CLS_FILE), 3) == ["a", "b", "c"]
+    assert F.read_cls_names(str(folder / "other.npy"), 3) is None  # the names belong to cls.npy alone
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "trident.h5", "w") as f:
+        f["features"], f["coords"] = np.zeros((6, 1536), np.float32), np.arange(10).reshape(5, 2)
+    line = one_line_error(F.main, ["--data", str(tmp_path / "trident.h5"), "--out", str(tmp_path / "out2")])
+    assert "holds 6 features but 5 coords" in line and not (tmp_path / "out2").exists()

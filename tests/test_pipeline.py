@@ -8,6 +8,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -84,6 +85,7 @@ def test_a_trusted_pickle_converts_and_then_loads(crafted, ckpt, tmp_path):
     with pytest.raises(weights.UnsafeCheckpoint, match=r"numpy.*could run code"):
         checkpoints.read_for_resume(str(tmp_path / "old.pt"))
     weights.main(["convert", str(tmp_path / "old.pt"), str(tmp_path / "new.pt")])
+    assert (tmp_path / "new.pt.sha256").read_text().split()[0] == weights.sha256(tmp_path / "new.pt")  # summed too
     new = checkpoints.read_for_resume(str(tmp_path / "new.pt"))
     checkpoints.set_rng_state(new["rng"][0], torch.device("cpu"))
     assert np.array_equal(np.random.random(3), expected)
@@ -134,6 +136,47 @@ def test_a_flipped_byte_is_refused_naming_the_file(exported, tmp_path):
     with pytest.raises(ValueError, match=r"sit_ema.safetensors is missing or does not match the sha256"):
         run("--ckpt", bad, "--num-samples", 1, "--out", tmp_path / "out", *FAST)
     assert not (tmp_path / "out").exists()
+
+
+def flip_a_bit(path):
+    """Flip the lowest bit of one float32 of the largest record of a torch.save zip: the file stays valid and
+    loads, with one weight changed, as a bit flipped on a disk or in a copy leaves it."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    header = record.header_offset  # the local header: 30 bytes, the name, the extra field, then the data
+    start = header + 30 + int.from_bytes(data[header + 26:header + 28], "little") + \
+        int.from_bytes(data[header + 28:header + 30], "little")
+    data[start + record.file_size // 8 * 4] ^= 1
+    path.write_bytes(data)
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused_by_every_reader(ckpt, tmp_path, one_line_error):
+    """Resume, sampling, export and --init-from check a checkpoint against its .sha256 before they read it:
+    a flipped bit no longer samples silently, nor gets fresh sums stamped on it by export."""
+    good = tmp_path / "run" / "checkpoints" / "0000100.pt"
+    good.parent.mkdir(parents=True)
+    good.write_bytes(pathlib.Path(ckpt).read_bytes())
+    weights.write_checksum(str(good), str(good))
+    assert weights.load_models(str(good)).step == 100  # its sum fits
+    flip_a_bit(good)
+    before, after = torch.load(ckpt, weights_only=True), torch.load(good, weights_only=True)
+    changed = [(net, k) for net in ("sit", "sit_ema", "vae", "vae_ema") for k in before[net]
+               if not torch.equal(before[net][k], after[net][k])]
+    assert len(changed) == 1  # a valid file with one weight changed: without its sum, nothing would notice
+    corrupt = f"{good} does not match its checksum {good}.sha256"
+    calls = [lambda: weights.load_models(str(good)),
+             lambda: train.train(tiny_args(tmp_path / "a", "--resume", str(good))),      # --resume FILE
+             lambda: train.train(tiny_args(tmp_path / "run", "--resume")),               # the latest in --out
+             lambda: train.train(tiny_args(tmp_path / "b", "--init-from", str(good)))]   # --init-from FILE
+    for call in calls:
+        with pytest.raises(weights.InputError) as err:
+            call()
+        assert corrupt in str(err.value)
+    assert corrupt in one_line_error(sample.main, ["--ckpt", str(good), "--num-samples", "1", "--out",
+                                                   str(tmp_path / "samples"), "--device", "cpu", *FAST])
+    assert corrupt in one_line_error(weights.main, ["export", str(good), str(tmp_path / "export")])
+    assert not (tmp_path / "samples").exists() and not (tmp_path / "export").exists()
 
 
 def test_non_finite_weights_are_refused_naming_the_tensor(ckpt, exported, tmp_path):

@@ -99,6 +99,27 @@ def test_mpp_csv_errors_name_the_line(tmp_path):
         slides.read_mpp_csv(bad)
 
 
+def test_one_slide_with_two_mpps_is_refused_before_anything_is_written(tmp_path, capsys, one_line_error):
+    """Which scale is right is a guess (12 tiles instead of 46): refused in one line naming both rows; the same
+    value twice is read once, with a note."""
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide,mpp\na.svs,0.25\nb.svs,0.5\n a.svs ,0.5\n")
+    with pytest.raises(slides.InputError, match=r"slide 'a.svs' has two values, 0.25 \(line 2\) and 0.5 \(line 4\)"):
+        slides.read_mpp_csv(table)
+    table.write_text("slide,mpp\na.svs,0.25\nb.svs,0.5\na.svs,0.25\n")
+    assert slides.read_mpp_csv(table) == {"a.svs": 0.25, "b.svs": 0.5}
+    assert "1 repeated rows with the same value, read once: a.svs" in capsys.readouterr().err
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    os.symlink(CMU, folder / "a.svs")
+    table.write_text("slide,mpp\na.svs,0.25\na,0.5\n")  # by file name and by stem: the same slide
+    line = one_line_error(tiling.main, ["--slides", str(folder), "--out", str(tmp_path / "out"), "--mpp-csv", str(table)])
+    assert "slide a.svs has two values, 0.25 (as a.svs) and 0.5 (as a)" in line
+    assert not (tmp_path / "out").exists()
+    table.write_text("slide,mpp\na.svs,0.25\na,0.25\n")
+    assert slides.mpp_table(table, [folder / "a.svs"]) == {"a.svs": 0.25, "a": 0.25}
+
+
 def test_a_truncated_image_is_called_corrupt_not_sent_for_its_mpp(tmp_path):
     """Pillow opens a truncated PNG's header; without the probe it would ask for --slide-mpp."""
     path = tmp_path / "cut.png"
@@ -258,3 +279,24 @@ def test_from_coords_centres_our_tile_on_their_patch_and_skips_bad_files(tmp_pat
         x, y = int(r["x"]) // 2, int(r["y"]) // 2
         tile = np.asarray(Image.open(tmp_path / "out" / r["file"]))
         assert np.abs(tile - half[y:y + 224, x:x + 224]).max() <= 1
+
+
+def test_from_coords_keeps_the_tissue_rule_at_the_slides_edge(tmp_path, capsys):
+    """A TRIDENT patch at the slide's last pixel, or half off the slide, would give a tile of padding: tiles
+    keep --min-tissue as grid tiles do, and what lies outside the slide counts as no tissue."""
+    image = synthetic_slide.synthetic_tissue(2048)
+    image[1024:, 1024:] = synthetic_slide.he_texture(1024, 1024)  # tissue up to the bottom-right edges
+    folder, coords = tmp_path / "slides", tmp_path / "patches"
+    folder.mkdir()
+    coords.mkdir()
+    synthetic_slide.write_pyramid_tiff(folder / "p.tiff", image, 0.25, downsamples=(1, 4))
+    # our 448 px tiles start 32 px into their 512 px patches: inside, half off the slide (316 / 448 of each
+    # side inside: 0.4975 of the tile at most, all of it tissue), at the last pixel (nothing inside)
+    trident_file(coords / "p.h5", [[1200, 1200], [1700, 1700], [2047, 2047]], "p")
+    assert tiling.main(["--slides", str(folder), "--out", str(tmp_path / "out"), "--from-coords", str(coords)]) == 0
+    rows = read_manifest(tmp_path / "out")
+    assert [(int(r["x"]), int(r["y"])) for r in rows] == [(1232, 1232)] and float(rows[0]["tissue"]) >= 0.5
+    assert "--from-coords: dropped 2 patches of p with tissue below --min-tissue" in capsys.readouterr().err
+    assert tiling.main(["--slides", str(folder), "--out", str(tmp_path / "all"), "--from-coords", str(coords),
+                        "--min-tissue", "0"]) == 0  # --min-tissue 0 keeps every patch, padding and all
+    assert [float(r["tissue"]) for r in read_manifest(tmp_path / "all")][1:] == [pytest.approx(0.4, abs=0.1), 0.0]

@@ -10,6 +10,9 @@ import csv
 import io
 import math
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ import synthetic_slide
 import tiling
 from support import logs
 
+REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "cmu_small_region.svs"
 
@@ -356,6 +360,31 @@ def test_resume_skips_done_slides_and_redoes_the_rest(tmp_path, capsys, small_sl
     assert all((out / f).stat().st_mtime_ns == t for f, t in stamps.items() if "/a/" in f)
     assert run(folder, out, "--max-tiles-per-slide", 3, "--seed", 1) == 0  # new settings: redo all
     assert "0 slides already done, 2 tiled now" in capsys.readouterr().out
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path, monkeypatch, small_slide):
+    """Two runs into one OUT once left manifest rows for tiles the other run had deleted. While a run tiles
+    (here: in the middle of its second slide), the same command in another process is refused in one line,
+    and the first run's manifest lists exactly the tiles on disk."""
+    folder, out = slide_folder(tmp_path, ["a.tiff", "b.tiff"], small_slide), tmp_path / "out"
+    args = ["--slides", str(folder), "--out", str(out), "--max-tiles-per-slide", "3"]
+    second, real_write = [], tiling.write_tiles
+
+    def write_tiles_racing(slide, geo, tissue, chosen, splits, job):
+        if job["slide_id"] == "b":  # the second run starts while b is being tiled
+            second.append(subprocess.run([sys.executable, str(REPO / "tiling.py"), *args], capture_output=True,
+                                         text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}))
+        return real_write(slide, geo, tissue, chosen, splits, job)
+
+    monkeypatch.setattr(tiling, "write_tiles", write_tiles_racing)
+    assert tiling.main(args) == 0
+    assert second[0].returncode == 1 and second[0].stderr.strip().splitlines() == [
+        f"tiling.py: error: --out {out} is in use by another run (pid {os.getpid()} on {socket.gethostname()}, "
+        f"since {(out / '.lock').read_text().split('since ')[1].strip()}): two runs in one folder would mix their "
+        f"files; wait for it to end, or choose another --out"]
+    rows = read_manifest(out)
+    on_disk = {str(p.relative_to(out)) for p in (out / "tiles").rglob("*.png")}
+    assert len(rows) == 6 and {r["file"] for r in rows} == on_disk
 
 
 def test_bad_input_is_reported_per_slide(tmp_path, capsys):

@@ -267,7 +267,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, m
     monkeypatch.setattr(train, "diffusion_loss", poisoned)
     with pytest.raises(FloatingPointError, match=r"step 3: diffusion=nan.*0000002\.pt"):
         train.train(tiny_args(tmp_path, "--max-steps", "5", "--ckpt-every", "2"))
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000002.pt"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000002.pt", "0000002.pt.sha256"]  # and its sum
     ckpt = torch.load(tmp_path / "checkpoints" / "0000002.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["sit"].values())
 
