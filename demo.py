@@ -102,6 +102,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(DEMO_THREADS)  # the tools then keep the thread count (support.cli.cap_threads)
     torch.set_num_threads(DEMO_THREADS)
     manifest, shown = tile(args.out)
 
