@@ -287,7 +287,8 @@ def test_the_resize_kernel_crop_and_jpeg_reach_the_pixels_the_extractor_sees(tmp
         M.extract_features(tmp_path, "tiny", prep, lambda: Recorder(), weights="test")
         return seen[-1]
     image = Image.fromarray(pixels)
-    for kernel, pil in (("nearest", Image.Resampling.NEAREST), ("box", Image.Resampling.BOX), (None, Image.Resampling.BICUBIC)):
+    kernels = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX, None: Image.Resampling.BICUBIC}
+    for kernel, pil in kernels.items():  # None: the extractor's own (tiny: bicubic)
         assert np.array_equal(sees(M.Preprocess(kernel=kernel)), np.asarray(image.resize((224, 224), pil))), kernel
     assert np.array_equal(sees(M.Preprocess(crop=224)), pixels[16:240, 16:240])
     buffer = io.BytesIO()
@@ -393,7 +394,8 @@ def test_tiles_of_another_size_are_resized_to_224_bicubic_antialiased_before_nor
     encoder = FakeEncoder(known_tokens()[0])
     features.encoder_features(encoder, image, token_grid=16)
     resized = F.interpolate(image.float() / 255, size=(224, 224), mode="bicubic", antialias=True, align_corners=False)
-    expected = (resized - torch.tensor(MODEL_CARD_MEAN).view(1, 3, 1, 1)) / torch.tensor(MODEL_CARD_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(MODEL_CARD_MEAN).view(1, 3, 1, 1), torch.tensor(MODEL_CARD_STD).view(1, 3, 1, 1)
+    expected = (resized - mean) / std
     assert encoder.seen.shape == (1, 3, 224, 224) and torch.allclose(encoder.seen, expected, atol=1e-5)
 
 
@@ -458,7 +460,7 @@ def test_features_writes_the_token_grid_train_builds_for_every_preset(monkeypatc
 
 def restated_constants(source, allowed=()):
     """(line, text) of every place a source restates the tile size 224 or the MPP 0.5: a 224 anywhere,
-    or a 0.5 as an argparse default, a parameter default, a .get() fallback or a *SIZE* / *MPP* constant."""
+    or a 0.5 as an argparse default, a parameter default, a .get() or `or` fallback, a *SIZE* / *MPP* constant."""
     tree, lines, found = ast.parse(source), source.splitlines(), []
 
     def flag(node):
@@ -477,6 +479,8 @@ def restated_constants(source, allowed=()):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" \
                 and len(node.args) == 2:
             defaults.append(node.args[1])
+        if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or):  # `args.mpp or 0.5`
+            defaults.append(node.values[-1])
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and ("MPP" in t.id or "SIZE" in t.id)
                                                 for t in node.targets):
             defaults.append(node.value)
@@ -508,9 +512,10 @@ def test_the_tile_size_and_mpp_are_read_from_tiling_py_everywhere_else():
 
 def test_the_constant_checker_finds_restatements():
     planted = ('p.add_argument("--image-size", type=int, default=224)\n'
-               'def tile(path, mpp=0.5):\n    return config.get("mpp", 0.5)\nSLIDE_MPP = 0.5\nx = 0.5 * y\n')
-    assert sorted(line for line, _ in restated_constants(planted)) == [1, 2, 3, 4]
-    assert restated_constants(planted, ["--image-size", "def tile", "config.get", "SLIDE_MPP"]) == []
+               'def tile(path, mpp=0.5):\n    return config.get("mpp", 0.5)\nSLIDE_MPP = 0.5\nx = 0.5 * y\n'
+               'mpp = args.mpp or 0.5\n')
+    assert sorted(line for line, _ in restated_constants(planted)) == [1, 2, 3, 4, 6]
+    assert restated_constants(planted, ["--image-size", "def tile", "config.get", "SLIDE_MPP", "args.mpp"]) == []
 
 
 def test_a_config_without_its_tile_size_is_refused_not_given_a_default(ckpt, tmp_path):

@@ -103,8 +103,8 @@ def test_two_tiles_with_identical_features_give_different_samples(ckpt, tmp_path
     (tmp_path / "in").mkdir()
     np.save(tmp_path / "in" / "same.npy", np.ones((2, 48), np.float32))  # two tiles, one feature vector
     sample.main(["--ckpt", ckpt, "--features", str(tmp_path / "in" / "same.npy"), "--n", "2", "--num-sampling-steps",
-                 "2", "--device", "cpu", "--out", str(tmp_path / "out")])
-    images = pngs(tmp_path / "out")  # tile0 x 2 samples, tile1 x 2 samples
+                 "2", "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "out")])
+    images = pngs(tmp_path / "out")  # tile0 x 2 samples, tile1 x 2 samples, in two batches
     assert len(images) == 4
     for i in range(4):
         for j in range(i):

@@ -33,6 +33,14 @@ def test_pale_tissue_above_the_floor_is_kept_and_glass_below_it_is_not():
     assert mask[4:36, 4:18].all() and mask.sum() == 32 * 14
 
 
+def test_a_blank_slide_stays_background_whatever_otsu_finds():
+    """Only glass, white and faintly tinted: Otsu still splits it in two (near 0.02), the floor keeps both out."""
+    rgb = np.full((40, 40, 3), 255, np.uint8)
+    rgb[4:36, 4:36] = (240, 230, 236)  # saturation 0.042
+    assert tiling.otsu_threshold(np.where(rgb[..., 0] == 255, 0.0, 0.042)) < tiling.MIN_SATURATION
+    assert not tiling.tissue_mask(rgb, MIN_OBJECT).any()
+
+
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory):
     """6 x 4 tiles of 224 px at 0.5 µm/px: white glass, H&E from x = 1.5 to 5 tiles, y = 1 to 3 tiles."""
