@@ -1,6 +1,6 @@
 """Plant one-line bugs one at a time and report which ones the tests let through (issue 26).
 
-    python tools/mutate.py                       # the default list below; about 10 minutes on 2 cores
+    python tools/mutate.py                       # the default list below; about 6 minutes on 2 cores
     python tools/mutate.py --only 1,5,12         # some of them (numbers as the report prints them)
     python tools/mutate.py --list mutations.json # [{"file", "old", "new", "tests": [...], "kind"}, ...]
 
