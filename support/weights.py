@@ -206,7 +206,11 @@ def build_from(config, get, path, sit_ema, vae_ema):
                          f"y_embedder.mlp.*); CytoSyn needs one trained on H0-mini CLS features")
     vae = build_vae(config["vae"])
     sit_kwargs = {k: config[k] for k in SIT_CONFIG_KEYS if k in config}
-    sit_kwargs.setdefault("input_size", config.get("image_size", 224) // vae.factor)
+    if "input_size" not in sit_kwargs:  # the latent side: from the tile size the model was trained at
+        if "image_size" not in config:
+            raise InputError(f"{path}: its config gives neither input_size nor image_size, so the SiT's latent "
+                             f"size is unknown; add the image_size it was trained at")
+        sit_kwargs["input_size"] = config["image_size"] // vae.factor
     sit = build_sit(config["model"], **sit_kwargs)
     load_state_dict_checked(sit, sit_sd, f"{path}: SiT weights ({config['model']})")
     load_state_dict_checked(vae, pick(get, "vae", vae_ema, path), f"{path}: VAE weights ({config['vae']})")

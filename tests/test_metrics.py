@@ -5,10 +5,13 @@ Gaussians whose FD is known exactly, and for its invariants (self = 0, symmetry,
 recall run on point sets whose answer is fixed by construction, including a point exactly on a radius
 (`<=` counts it). FLD must punish a generator that copies its training set. Every registered extractor
 is built with random weights and must return its documented width; the ViT-g/H/L ones are built on the
-`meta` device, where the forward pass computes shapes only.
+`meta` device, where the forward pass computes shapes only. What a user publishes is pinned on cases
+worked out by hand: the bootstrap's FD values are those of subsets of the generated set, the shuffled
+cosine is that of a derangement, and each row of the command line's report equals its definition.
 """
 import json
 import re
+from itertools import combinations
 
 import numpy as np
 import pytest
@@ -397,3 +400,87 @@ def test_extractors_receive_the_decoded_tile_in_0_1(tmp_path):
     M.extract_features(tmp_path, "tiny", M.Preprocess(), lambda: Recorder(), weights="test")
     expected = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
     assert torch.equal(seen[0], expected)
+
+
+# ---------------------------------------------------------------------------------- pinned by hand (issue 26)
+def test_bootstrap_fd_values_are_the_fds_of_generated_subsets_known_by_hand():
+    """1-D: FD(N(m1, s1^2), N(m2, s2^2)) = (m1 - m2)^2 + (s1 - s2)^2. Real [0, 2]: mean 1, variance 2.
+    Generated [0, 1, 4], subsets of 2: {0, 1} -> (1 - 0.5)^2 + (sqrt 2 - sqrt 0.5)^2 = 0.75;
+    {0, 4} -> (1 - 2)^2 + (sqrt 2 - sqrt 8)^2 = 3; {1, 4} -> (1 - 2.5)^2 + (sqrt 2 - sqrt 4.5)^2 = 2.75."""
+    real, generated = np.array([[0.0], [2.0]]), np.array([[0.0], [1.0], [4.0]])
+    mean, std, values = M.bootstrap_fd(M.feature_stats(real), generated, draws=30, size=2, seed=0)
+    by_hand = np.array([0.75, 3.0, 2.75])
+    nearest = by_hand[np.abs(np.array(values)[:, None] - by_hand).argmin(1)]
+    np.testing.assert_allclose(values, nearest, rtol=1e-9)  # each draw is a subset of the generated set
+    assert set(nearest) == set(by_hand)  # 30 seeded draws meet all three subsets
+    assert mean == pytest.approx(np.mean(values), rel=1e-12) and std == pytest.approx(np.std(values, ddof=1))
+    assert M.bootstrap_fd(M.feature_stats(real), generated, draws=30, size=2, seed=0)[2] == values  # seeded
+    assert M.bootstrap_fd(M.feature_stats(real), generated, draws=30, size=2, seed=1)[2] != values
+
+
+def test_bootstrap_subsets_are_drawn_without_replacement_from_the_generated_set():
+    """Every value is the FD of the full real set against one 3-subset of 6 generated points (all 20
+    enumerated by hand with np.cov); draws with replacement or from the real set would give other values."""
+    rng = np.random.default_rng(13)
+    real, generated = rng.standard_normal((40, 2)) * [1.0, 3.0], rng.standard_normal((6, 2)) + [2.0, 0.0]
+    subsets = {s: reference_fd(real, generated[list(s)]) for s in combinations(range(6), 3)}
+    mean, std, values = M.bootstrap_fd(M.feature_stats(real), generated, draws=60, size=3, seed=4)
+    hits = [min(subsets, key=lambda s: abs(subsets[s] - v)) for v in values]
+    np.testing.assert_allclose(values, [subsets[s] for s in hits], rtol=1e-8)
+    assert len(set(hits)) >= 15  # uniform draws over the 20 subsets, not one subset again and again
+    assert (mean, std) == (pytest.approx(np.mean([subsets[s] for s in hits]), rel=1e-9),
+                           pytest.approx(np.std([subsets[s] for s in hits], ddof=1), rel=1e-9))
+
+
+def test_shuffled_cosine_is_the_cosine_of_a_derangement_known_by_hand():
+    import evaluate
+    real = np.array([[1.0, 0.0], [0.0, 1.0]])
+    gen = np.array([[1.0, 0.0], [1.0, 1.0]])
+    paired = M.paired_cosine(["a", "b"], real, ["a_00", "b_00"], gen)
+    assert paired == (pytest.approx((1 + 2 ** -0.5) / 2), pytest.approx((1 - 2 ** -0.5) / 2), 2)
+    for seed in range(4):  # two tiles: the one derangement swaps them, whatever the seed
+        shuffled = evaluate.shuffled_cosine(["a", "b"], real, ["a_00", "b_00"], gen, seed)
+        assert shuffled == (pytest.approx(2 ** -0.5 / 2), pytest.approx(2 ** -0.5 / 2), 2)  # cos 0 and cos 45°
+    real3 = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    gen3 = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0], [4.0, 0.0, 1.0]])  # each near its own tile, unequally
+    cos = lambda i, j: real3[i] @ gen3[j] / np.linalg.norm(gen3[j])  # noqa: E731 (real rows are unit)
+    cycles = {round(np.mean([cos(1, 0), cos(2, 1), cos(0, 2)]), 12),  # real i paired with generated j
+              round(np.mean([cos(2, 0), cos(0, 1), cos(1, 2)]), 12)}
+    seen = set()
+    for seed in range(8):  # three tiles: one of the two 3-cycles, never a tile against its own sample
+        mean, _, n = evaluate.shuffled_cosine(["x", "y", "z"], real3, ["x_00", "y_00", "z_00"], gen3, seed)
+        assert n == 3 and round(mean, 12) in cycles
+        seen.add(round(mean, 12))
+    assert seen == cycles  # drawn at random by the seed, not one fixed shift (neighbours are alike in a slide)
+    assert M.paired_cosine(["x", "y", "z"], real3, ["x_00", "y_00", "z_00"], gen3)[0] == \
+        pytest.approx(np.mean([cos(0, 0), cos(1, 1), cos(2, 2)]))
+
+
+@pytest.mark.filterwarnings("ignore:FD from")
+def test_command_line_rows_hold_precision_recall_fd_bootstrap_and_cosine_by_hand(tmp_path, monkeypatch):
+    """The generated set copies (almost) 6 tiles of mode A of a two-mode real set: precision 1, recall
+    below one half. Each report row must equal its definition computed here on the same features."""
+    rng = np.random.default_rng(14)
+    real = np.concatenate([rng.standard_normal((20, 2)), 50 + rng.standard_normal((20, 2))])
+    gen = real[:6] + 0.01 * rng.standard_normal((6, 2))
+    names = {"real": [f"t{i:02d}" for i in range(40)], "fake": [f"t{i:02d}_00" for i in range(6)]}
+    feats = {"real": real, "fake": gen}
+    for folder, stems in names.items():
+        write_tiles(tmp_path / folder, stems, size=8)
+    monkeypatch.setattr(M, "extract_features", lambda folder, **kw: (names[folder.name], feats[folder.name]))
+    M.main(["--real", str(tmp_path / "real"), "--generated", str(tmp_path / "fake"), "--extractors", "tiny",
+            "--random-weights", "--metrics", "fd,pr,bootstrap,cosine", "--bootstrap-draws", "20", "--device", "cpu",
+            "--num-workers", "0", "--no-cache", "--out", str(tmp_path / "r")])
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "r" / "metrics.json").read_text())["results"]}
+    assert rows["precision"]["value"] == 1.0 and rows["recall"]["value"] <= 0.5  # not swapped
+    assert (rows["precision"]["value"], rows["recall"]["value"]) == M.precision_recall(real, gen, 3)
+    assert rows["fd"]["value"] == pytest.approx(reference_fd(real, gen), rel=1e-8)
+    boot = rows["fd_bootstrap"]
+    subsets = [reference_fd(real, gen[list(s)]) for s in combinations(range(6), 3)]
+    assert boot["settings"]["size"] == 3 and len(boot["settings"]["values"]) == 20
+    assert all(min(abs(v - s) / s for s in subsets) < 1e-8 for v in boot["settings"]["values"])  # generated subsets
+    assert (boot["value"], boot["std"]) == (pytest.approx(np.mean(boot["settings"]["values"])),
+                                            pytest.approx(np.std(boot["settings"]["values"], ddof=1)))
+    cos = (real[:6] * gen).sum(1) / np.linalg.norm(real[:6], axis=1) / np.linalg.norm(gen, axis=1)
+    assert (rows["cosine"]["value"], rows["cosine"]["std"]) == (pytest.approx(cos.mean()), pytest.approx(cos.std()))
+    assert rows["cosine"]["settings"]["n_pairs"] == 6
