@@ -164,7 +164,7 @@ class Pipeline:
 
     def __call__(self, h0_mini_embeds=None, num_images_per_prompt=1, num_inference_steps=250, guidance_scale=2.5,
                  guidance_low=0.0, guidance_high=0.75, seed=0, batch_size=32, sampler="sde", restain_from=None,
-                 strength=0.5):
+                 strength=STRENGTH):
         """The released pipeline's call: h0_mini_embeds (N, 768) or None -> {"images": N x num_images_per_prompt
         PIL images}, embed by embed; the jobs, seeds and functions of `sample.py --features`. With restain_from
         (M content tiles at 0.5 µm/px: PIL images or uint8 (H, W, 3) arrays), the M x num_images_per_prompt

@@ -172,7 +172,7 @@ def test_evaluate_passes_each_sampling_flag_to_sample_py(tmp_path, monkeypatch, 
             "--guidance-high", "0.75", "--seed", "0", "--sit-weights", "ema", "--vae-weights", "ema",
             "--sample-batch-size", "32", "--precision", "auto"]
     for argv in (base, with_flag(base, flag)):
-        evaluate.generate_tiles(evaluate.parse_args(argv), tmp_path / "cls.npy", "ode", 4)
+        evaluate.generate_tiles(evaluate.parse_args(argv), tmp_path / "cls.npy", tmp_path / "generated", "ode", 4)
     assert (seen[0]["sampler"], seen[0]["num_sampling_steps"], seen[0]["n"]) == ("ode", 4, 1)
     key, value = EVALUATE_FLAGS[flag]
     assert {k for k in seen[0] if seen[0][k] != seen[1][k]} == {key} and seen[1][key] == value
@@ -264,8 +264,11 @@ def test_evaluate_preprocessing_flags_reach_each_set(tmp_path, monkeypatch, flag
         calls, _ = feature_recorder(monkeypatch, evaluate, stop_at="ode-4")
         args = evaluate.parse_args(["--ckpt", "c", "--tiles", "t", "--out", str(tmp_path), "--extractors", "tiny",
                                     "--random-weights", "--bootstrap-draws", "0", "--k", "2", *argv])
+        run = evaluate.Generated(generated, {}, None, True)
+        cohort = evaluate.Cohort(None, "t", tmp_path / "guidance", {v: tmp_path / v for v in ("val_in", "val_out")},
+                                 {"ode-4": run})
         with pytest.raises(Stop):
-            evaluate.score_extractor("tiny", args, {("ode", 4): generated}, torch.device("cpu"))
+            evaluate.score_extractor("tiny", args, [cohort], torch.device("cpu"))
         preps.append({folder: vars(prep) for folder, _, prep in calls})
     assert set(preps[0]) == {"guidance", "val_in", "val_out", "ode-4"}
     for folder in preps[0]:
@@ -308,10 +311,11 @@ def test_evaluate_val_sets_selects_the_splits_linked_and_guidance_comes_from_tra
         writer.writerows(rows)
     args = evaluate.parse_args(["--ckpt", "c", "--tiles", str(tiles), "--out", str(tmp_path / "o"), "--num-guidance",
                                 "3", "--val-sets", "val_out"])
-    guidance = evaluate.prepare_tiles(args)
+    guidance, _, vals = evaluate.select_tiles(args)
+    evaluate.link_tiles(args, guidance, vals)
     assert sorted(p.stem for p in (tmp_path / "o" / "val_out").iterdir()) == [f"val_out{i}" for i in range(4)]
     assert not (tmp_path / "o" / "val_in").exists()
-    assert len(guidance) == 3 and all(Path(p).stem.startswith("train") for p in guidance)
+    assert len(guidance) == 3 and all(Path(r["path"]).stem.startswith("train") for r in guidance)
 
 
 def test_the_encoder_flag_and_seed_reach_the_encoder_train_and_features_load(tmp_path, monkeypatch):
@@ -497,6 +501,7 @@ ALLOWED = {
     "features.py": ["ENCODER_SIZE = 224", "img_size=224"],  # H0-mini's own input size (ViT/14, 16 x 16 patches)
     "support/extractors.py": ["img_size=224", "input_size: int = 224", "patch14_224", "patch16_224"],  # extractors'
     "train.py": ["--proj-coeff"],  # REPA's loss weight
+    "sample.py": ["STRENGTH = 5, 0.5"],  # restaining's default strength, a time on the interpolant
 }
 
 

@@ -89,7 +89,7 @@ def test_evaluate_runs_give_every_guidance_tile_its_own_stream(tmp_path, monkeyp
     seen = []
     monkeypatch.setattr(sample, "main", lambda argv: seen.append(sample.parse_args(argv)))
     args = evaluate.parse_args(["--ckpt", "c.pt", "--tiles", "t", "--out", str(tmp_path), "--seed", "3"])
-    evaluate.generate_tiles(args, tmp_path / "cls.npy", "sde", 250)
+    evaluate.generate_tiles(args, tmp_path / "cls.npy", tmp_path / "generated", "sde", 250)
     run = seen[0]
     jobs, _ = sample.plan_jobs(Names(100), run.n, run.num_samples)
     assert run.n == 1 and run.seed == 3 and len(set(seeds(jobs, run.seed))) == 100
