@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules: a tiny random train.py-format checkpoint."""
+"""Fixtures shared by the test modules: a tiny random train.py-format checkpoint, and the one-line error check.
+pytest runs the tests in one process per core (pytest-xdist, pytest.ini): each keeps torch to one thread."""
 import copy
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 from features import load_encoder
 from sit import build_sit
 from vae import build_vae
+
+torch.set_num_threads(1)  # one process per core already (pytest -n auto): more threads would only contend
 
 
 def perturbed(module, seed, std=0.05):

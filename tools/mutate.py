@@ -172,7 +172,8 @@ def copy_repo(dest):
 
 def pytest(copy, tests, timeout, first_failure=True):
     """Run the tests in the copy -> (status, seconds, last line): status 0 all passed."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if first_failure else []), *tests]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",  # one process: a few files
+           *(["-x"] if first_failure else []), *tests]
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=timeout,
