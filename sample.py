@@ -47,16 +47,16 @@ from tqdm import tqdm
 from features import encoder_features, load_encoder, read_cls_names
 from repa_loss import interpolate
 from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
-from support.cli import (BATCH_SIZE, SAMPLERS, SAMPLES_PER_COND, SAMPLING_RANGES, SEED, InputError, NonFinite, add_device_args, add_sampling_args,
-                         autocast, check_guidance, check_number, number_in, processes,
-                         resolve_precision, run)
+from support.cli import (BATCH_SIZE, SAMPLERS, SAMPLES_PER_COND, SAMPLING_RANGES, SEED, InputError, NonFinite,
+                         add_device_args, add_sampling_args, autocast, check_guidance, check_number, number_in,
+                         processes, resolve_precision, run)
 from support.data import list_tile_args
 from support.outputs import check_output_folder, claim_output_folder, record_settings, save_png
 from support.sampling import (ArraySource, MeanSource, TileSource, batch_conditioning, content_tiles, plan_jobs,
                               read_feature_array, read_png, restain_jobs, save_grid)
 from support.stain import score_restained
-from tiling import TILE_MPP
 from support.weights import load_models
+from tiling import TILE_MPP
 
 SAMPLES_PER_TILE, STRENGTH = 5, 0.5              # --n's and --strength's defaults
 # The released pipeline's keyword for a setting where it differs (as LazySlide calls it).
@@ -109,33 +109,26 @@ class Pipeline:
         return self.vae.factor * self.sit.input_size
 
     @torch.no_grad()
-    def generate(self, cond, noise_ids, settings):
-        """(B, D) CLS features (None: unconditional) -> uint8 images (B, H, W, 3); image i's noise (its start
-        and its Brownian increments) comes from its own generator, seeded by (settings.seed, noise_ids[i])."""
+    def generate(self, cond, noise_ids, settings, content=None, strength=1.0):
+        """(B, D) CLS features (None: unconditional) -> uint8 images (B, H, W, 3). Image i's noise (its start and
+        its Brownian increments) comes from its own generator, seeded by (settings.seed, noise_ids[i]).
+        Restaining (SDEdit): with `content`, uint8 tiles (B, 3, H, W), the start is not noise at t = 1 but the
+        content's latent noised to t = strength on the interpolant, x_S = (1 - S) x + S eps."""
         gens = [torch.Generator(self.device).manual_seed(noise_seed(settings.seed, i)) for i in noise_ids]
         shape = (len(noise_ids), self.sit.in_channels, self.sit.input_size, self.sit.input_size)
-        noise = standard_normal(shape, gens, self.device)  # the first draw of every image's stream
-        return self.decode(self.integrate(noise, 1.0, cond, gens, settings), noise_ids)
-
-    @torch.no_grad()
-    def restain(self, content, cond, strength, noise_ids, settings):
-        """SDEdit: uint8 content tiles (B, 3, H, W) noised to t = strength, then integrated back to 0 guided by
-        cond (the style's CLS, (B, D)) -> uint8 images (B, H, W, 3). Image i's eps and Brownian increments come
-        from its own generator, as in generate()."""
-        gens = [torch.Generator(self.device).manual_seed(noise_seed(settings.seed, i)) for i in noise_ids]
-        x = self.encode(content)                                 # (B, 4, h, w): the content's normalised latent
-        eps = standard_normal(x.shape, gens, self.device)        # the first draw of every image's stream
-        t = torch.full((len(x),), float(strength), dtype=torch.float64, device=self.device)
-        return self.decode(self.integrate(interpolate(x, eps, t), strength, cond, gens, settings), noise_ids)
-
-    def integrate(self, x, t_start, cond, gens, settings):
-        """x at t_start (pure noise at 1) -> x at 0, float64, with the settings' sampler and guidance."""
+        x = standard_normal(shape, gens, self.device)  # the first draw of every image's stream: eps
+        if content is not None:
+            t = torch.full((len(x),), float(strength), dtype=torch.float64, device=self.device)
+            x = interpolate(self.encode(content), x, t)  # (B, 4, h, w) at t = strength
         guidance = dict(cond=cond, num_steps=settings.num_sampling_steps, cfg_scale=settings.cfg_scale,
-                        guidance_low=settings.guidance_low, guidance_high=settings.guidance_high, t_start=t_start)
+                        guidance_low=settings.guidance_low, guidance_high=settings.guidance_high,
+                        t_start=strength if content is not None else 1.0)
         with autocast(self.device, self.precision):  # the network in bf16 if asked; the sampler state float64
             if settings.sampler == "sde":
-                return euler_maruyama_sampler(self.velocity, x, generator=gens, **guidance)
-            return euler_sampler(self.velocity, x, heun=settings.sampler == "heun", **guidance)
+                x = euler_maruyama_sampler(self.velocity, x, generator=gens, **guidance)
+            else:
+                x = euler_sampler(self.velocity, x, heun=settings.sampler == "heun", **guidance)
+        return self.decode(x, noise_ids)
 
     def encode(self, tiles):
         """uint8 tiles (B, 3, H, W) -> float64 latents (B, 4, h, w) in the SiT's space: the VAE posterior's mean,
@@ -190,8 +183,8 @@ class Pipeline:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             cond, ids = batch_conditioning(source, batch, self), [j.noise_id for j in batch]
-            out = (self.generate(cond, ids, settings) if content is None else
-                   self.restain(content[[i // n for i in ids]], cond, strength, ids, settings))
+            out = self.generate(cond, ids, settings, None if content is None else content[[i // n for i in ids]],
+                                strength)
             images += [Image.fromarray(im) for im in out]
         return {"images": images}
 
@@ -283,8 +276,8 @@ def main(argv=None):
                 batch = todo[start:start + args.batch_size]
                 cond, ids = batch_conditioning(source, batch, pipe), [j.noise_id for j in batch]
                 try:
-                    images = (pipe.generate(cond, ids, settings) if content is None else
-                              pipe.restain(torch.stack([content.tile(i) for i in ids]), cond, args.strength, ids, settings))
+                    tiles = None if content is None else torch.stack([content.tile(i) for i in ids])
+                    images = pipe.generate(cond, ids, settings, tiles, args.strength)
                 except NonFinite as err:
                     raise NonFinite(f"{err} (images {', '.join(j.name for j in batch)}; --cfg-scale {args.cfg_scale}, "
                                     f"--ckpt {args.ckpt})") from None

@@ -11,7 +11,8 @@ OD = -log10((I + 1) / 256) of each RGB channel (Beer-Lambert: stain absorbs, so 
 keeps black finite), its mean and standard deviation (population, ddof 0) over the tile: six numbers, compared
 by Euclidean distance.
 
-Left out: multi-scale SSIM; stain-vector estimates (Macenko, Vahadane), which need a tissue mask and an H&E basis.
+stain_balance (demo.py picks its pinkest and most purple tiles with it) deconvolves the OD onto Ruifrok and
+Johnston's fixed H and E vectors. Left out: multi-scale SSIM; stain-vector estimates per slide (Macenko, Vahadane).
 """
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from support.outputs import save_json
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004, §III-C
 SSIM_K1, SSIM_K2, GREY_RANGE = 0.01, 0.03, 255.0
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
+_H, _E = torch.tensor([0.65, 0.70, 0.29], dtype=torch.float64), torch.tensor([0.07, 0.99, 0.11], dtype=torch.float64)
+HE_STAINS = torch.stack([v / v.norm() for v in (_H, _E, torch.linalg.cross(_H, _E))])  # Ruifrok and Johnston's OD rows
+WHITE = 210  # a grey level above this is glass, not stain
 
 
 def as_rgb(image):
@@ -67,10 +71,23 @@ def ssim(a, b):
     return index.mean().item()
 
 
+def optical_density(image):
+    """RGB uint8 -> (H W, 3) float64: OD = -log10((I + 1) / 256) of every pixel and channel."""
+    return -torch.log10((as_rgb(image) + 1) / 256).flatten(0, 1)
+
+
 def optical_density_stats(image):
-    """RGB uint8 -> (6,) float64: the mean, then the standard deviation, of OD = -log10((I + 1) / 256) per channel."""
-    od = -torch.log10((as_rgb(image) + 1) / 256).flatten(0, 1)  # (H W, 3)
+    """RGB uint8 -> (6,) float64: the mean, then the standard deviation, of each channel's optical density."""
+    od = optical_density(image)  # (H W, 3)
     return torch.cat([od.mean(0), od.std(0, correction=0)])
+
+
+def stain_balance(image):
+    """(mean haematoxylin minus mean eosin, share of white pixels) of an H&E tile: colour deconvolution of the
+    optical density onto the H and E stain vectors (Ruifrok and Johnston 2001); > 0: more purple than pink."""
+    concentrations = optical_density(image) @ torch.linalg.inv(HE_STAINS)  # (H W, 3): H, E, residual
+    white = (as_rgb(image).mean(-1) > WHITE).double().mean().item()
+    return (concentrations[:, 0].mean() - concentrations[:, 1].mean()).item(), white
 
 
 def restain_scores(result, content, style):

@@ -59,7 +59,7 @@ class Stop(Exception):
 def test_sample_weight_flags_reach_their_own_network(ckpt, tmp_path, monkeypatch, flags, sit_key, vae_key):
     seen = {}
 
-    def record(pipe, cond, noise_ids, settings):
+    def record(pipe, cond, noise_ids, settings, *restain):
         seen.update(sit=pipe.sit.state_dict(), vae=pipe.vae.state_dict())
         raise Stop
     monkeypatch.setattr(sample.Pipeline, "generate", record)

@@ -204,3 +204,17 @@ def test_restain_scores_of_the_content_and_of_the_style_themselves():
     swapped = stain.restain_scores(style, content, style)  # the style tile itself: all moved
     assert swapped["content_kept"] < 0 < swapped["stain_moved"]
     assert swapped["stain_moved"] == pytest.approx(-kept["stain_moved"])
+
+
+def test_stain_balance_tells_eosin_from_haematoxylin():
+    """Ruifrok and Johnston's deconvolution: a pure eosin-like pink leans to E, a haematoxylin-like purple to H,
+    and the white share counts glass."""
+    from support.stain import HE_STAINS, optical_density, stain_balance
+    pink, purple = np.full((8, 8, 3), (230, 160, 200), np.uint8), np.full((8, 8, 3), (100, 50, 150), np.uint8)
+    assert stain_balance(pink)[0] < 0 < stain_balance(purple)[0]
+    half_white = np.concatenate([purple[:4], np.full((4, 8, 3), 250, np.uint8)])
+    assert stain_balance(half_white)[1] == 0.5 and stain_balance(purple)[1] == 0.0
+    od_h = HE_STAINS[0] * 0.5  # an image whose optical density is exactly 0.5 x the H vector
+    rgb = np.round(256 * 10 ** (-od_h.numpy()) - 1).astype(np.uint8)[None, None].repeat(4, 0).repeat(4, 1)
+    h_minus_e = stain_balance(rgb)[0]
+    assert abs(h_minus_e - 0.5) < 0.02 and torch.allclose(optical_density(rgb)[0], od_h, atol=0.01)

@@ -82,11 +82,11 @@ def test_interrupted_run_resumes_without_redoing_finished_images(ckpt, tmp_path,
     run(*args, "--out", tmp_path / "ref")
     real_generate, calls = sample.Pipeline.generate, []
 
-    def generate_then_die(pipe, cond, noise_ids, settings):
+    def generate_then_die(pipe, cond, noise_ids, settings, *restain):
         if calls:
             raise KeyboardInterrupt  # killed during the second batch
         calls.append(len(noise_ids))
-        return real_generate(pipe, cond, noise_ids, settings)
+        return real_generate(pipe, cond, noise_ids, settings, *restain)
     monkeypatch.setattr(sample.Pipeline, "generate", generate_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(*args, "--out", tmp_path / "run")
@@ -96,9 +96,9 @@ def test_interrupted_run_resumes_without_redoing_finished_images(ckpt, tmp_path,
 
     generated = []
 
-    def counting_generate(pipe, cond, noise_ids, settings):
+    def counting_generate(pipe, cond, noise_ids, settings, *restain):
         generated.extend(noise_ids)
-        return real_generate(pipe, cond, noise_ids, settings)
+        return real_generate(pipe, cond, noise_ids, settings, *restain)
     monkeypatch.setattr(sample.Pipeline, "generate", counting_generate)
     run(*args, "--out", tmp_path / "run")
     assert generated == [2, 3, 4]  # the images of 000002.png ... 000004.png

@@ -42,21 +42,33 @@ def manifest(tmp_path_factory):
     return out / "manifest.csv"
 
 
-def demo_argv(manifest, out, *extra):
+def demo_argv(manifest, out, *extra, gan=False):
+    """demo.py's training settings (with gan=True, its GAN turned back on, so that every entry is there)."""
+    settings = {k: v for k, v in demo.TRAIN.items() if not (gan and k == "no_gan")}
     return ["--data", str(manifest), "--out", str(out), "--max-steps", str(STEPS), "--ckpt-every", "2",
             "--sample-every", "2", "--num-sampling-steps", "2", "--grid-tiles", "2", "--no-lpips",
-            *demo.flags(demo.TRAIN), *extra]
+            *demo.flags(settings), *extra]
+
+
+def straight_run(manifest, out, gan):
+    """A straight run: its folder, and its networks and optimizers as they are after the last step."""
+    held, build = {}, train.build_optimizers
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "build_optimizers", lambda args, nets: held.setdefault("opts", build(args, nets)))
+        held["nets"] = train.train(train.parse_args(demo_argv(manifest, out, gan=gan)))
+    return out, held["nets"], held["opts"]
 
 
 @pytest.fixture(scope="module")
 def straight(manifest, tmp_path_factory):
-    """The straight run: its networks and optimizers as they are after the last step, and its folder."""
-    out, held = tmp_path_factory.mktemp("straight"), {}
-    build = train.build_optimizers
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "build_optimizers", lambda args, nets: held.setdefault("opts", build(args, nets)))
-        held["nets"] = train.train(train.parse_args(demo_argv(manifest, out)))
-    return out, held["nets"], held["opts"]
+    """demo.py's settings exactly (no GAN)."""
+    return straight_run(manifest, tmp_path_factory.mktemp("straight"), gan=False)
+
+
+@pytest.fixture(scope="module")
+def straight_gan(manifest, tmp_path_factory):
+    """demo.py's settings with the GAN on: a checkpoint with every entry, the discriminator's included."""
+    return straight_run(manifest, tmp_path_factory.mktemp("straight_gan"), gan=True)
 
 
 def test_the_manifest_has_train_and_val_in_rows(manifest):
@@ -65,8 +77,8 @@ def test_the_manifest_has_train_and_val_in_rows(manifest):
     assert splits.count("train") >= 8 and splits.count("val_in") >= 1  # one global batch of 8, and a val set
 
 
-def test_each_checkpoint_entry_is_the_tensor_it_names(straight):
-    out, nets, opts = straight
+def test_each_checkpoint_entry_is_the_tensor_it_names(straight_gan):
+    out, nets, opts = straight_gan
     ckpt = torch.load(checkpoints.checkpoint_path(out, STEPS), weights_only=True)
     assert not same(nets.sit.state_dict(), nets.sit_ema.state_dict())  # EMA and raw differ: the test can tell
     assert not same(nets.vae.state_dict(), nets.vae_ema.state_dict())
@@ -79,10 +91,10 @@ def test_each_checkpoint_entry_is_the_tensor_it_names(straight):
         {k: demo.TRAIN[k] for k in ("model", "vae", "encoder", "image_size")}
 
 
-def test_a_checkpoint_loads_each_entry_into_the_network_it_names(straight, tmp_path):
-    out, trained, _ = straight
+def test_a_checkpoint_loads_each_entry_into_the_network_it_names(straight_gan, tmp_path):
+    out, trained, _ = straight_gan
     ckpt = torch.load(checkpoints.checkpoint_path(out, STEPS), weights_only=True)
-    args = train.parse_args(demo_argv(SLIDES, tmp_path))
+    args = train.parse_args(demo_argv(SLIDES, tmp_path, gan=True))
     nets = train.build_models(args, torch.device("cpu"), 1)
     opts = train.build_optimizers(args, nets)
     checkpoints.load_checkpoint(ckpt, nets, opts)
@@ -92,8 +104,8 @@ def test_a_checkpoint_loads_each_entry_into_the_network_it_names(straight, tmp_p
         assert same(opts[key].state_dict(), ckpt[f"opt_{key}"]), key
 
 
-def test_each_export_file_is_the_checkpoint_tensor_it_names(straight, tmp_path):
-    out, _, _ = straight
+def test_each_export_file_is_the_checkpoint_tensor_it_names(straight_gan, tmp_path):
+    out, _, _ = straight_gan
     path = checkpoints.checkpoint_path(out, STEPS)
     ckpt = torch.load(path, weights_only=True)
     weights.main(["export", path, str(tmp_path / "export"), "--sit", "ema,raw", "--vae", "ema,raw"])
@@ -123,5 +135,6 @@ def test_a_run_interrupted_after_a_checkpoint_resumes_to_the_straight_runs_weigh
     train.train(train.parse_args(demo_argv(manifest, tmp_path, "--resume")))  # as demo.py continues a run
     a = torch.load(checkpoints.checkpoint_path(out, STEPS), weights_only=True)
     b = torch.load(checkpoints.checkpoint_path(tmp_path, STEPS), weights_only=True)
-    for key in ("sit", "sit_ema", "vae", "vae_ema", "disc", "opt_sit", "opt_vae", "opt_disc", "rng"):
+    assert a["disc"] is None and b["disc"] is None  # demo.py trains without the GAN
+    for key in ("sit", "sit_ema", "vae", "vae_ema", "opt_sit", "opt_vae", "rng"):
         assert same(a[key], b[key]), key

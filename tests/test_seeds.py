@@ -68,7 +68,7 @@ def test_a_resumed_run_samples_the_remaining_images_with_their_own_ids(ckpt, tmp
     Image.new("RGB", (224, 224)).save(out / "000001.png")  # finished before the run was killed
     generated = []
 
-    def record(pipe, cond, noise_ids, settings):
+    def record(pipe, cond, noise_ids, settings, *restain):
         generated.extend(noise_ids)
         return np.zeros((len(noise_ids), 224, 224, 3), np.uint8)
     monkeypatch.setattr(sample.Pipeline, "generate", record)
