@@ -36,7 +36,7 @@ import tiling
 import train
 from support.checkpoints import CHECKPOINT, latest_checkpoint
 from support.cli import MAX_STEPS, SAMPLES_PER_COND, SAMPLING_RANGES, InputError, number_in, run
-from support.outputs import read_csv
+from support.outputs import atomic, read_csv
 from support.stain import stain_balance
 
 SLIDES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data")
@@ -128,9 +128,9 @@ def untrained_checkpoint(train_argv, trained, out):
         nets = train.build_models(train.parse_args(train_argv), torch.device("cpu"), 1)
         config = torch.load(trained, map_location="cpu", weights_only=True)["config"]
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"config": config, "step": 0, "sit": nets.sit.state_dict(), "sit_ema": nets.sit_ema.state_dict(),
-                    "vae": nets.vae.state_dict(), "vae_ema": nets.vae_ema.state_dict()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic(path) as tmp:
+            torch.save({"config": config, "step": 0, "sit": nets.sit.state_dict(), "sit_ema": nets.sit_ema.state_dict(),
+                        "vae": nets.vae.state_dict(), "vae_ema": nets.vae_ema.state_dict()}, tmp)
     return path
 
 

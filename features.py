@@ -37,9 +37,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sit import SiT_models, token_grid
-from support.cli import (BATCH_SIZE, IMAGE_SIZE, InputError, Unavailable, add_device_args, add_workers_arg, processes, run,
-                         SEED)
+from support.cli import (BATCH_SIZE, IMAGE_SIZE, SEED, InputError, Unavailable, add_device_args, add_workers_arg,
+                         processes, run)
 from support.data import IMAGE_EXTENSIONS, SlideTiles, decode_tile, find_tiles, tile_stem
+from support.outputs import atomic, save_npy
 from tiling import TILE_SIZE
 from vae import latent_size, vae_models
 
@@ -239,35 +240,28 @@ def shard_names(path):
         return [tile_stem(m.name) for m in tar if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)]
 
 
-def save_npy_atomic(path, array):
-    """np.save to a temporary name, then a rename: a killed run never leaves a half-written file."""
-    tmp = f"{path}.tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
 def write_tokens(encoder, batches, out, grid, device, bar):
     """Per tile OUT/<stem>.npy: fp16 (1 + grid^2, D), the CLS token then the resized patch tokens."""
     for stems, tiles in batches:
         cls, patches = encoder_features(encoder, tiles.to(device), grid)    # (B, D), (B, T, D)
         tokens = torch.cat([cls[:, None], patches], 1).half().cpu().numpy()  # (B, 1 + T, D)
         for stem, array in zip(stems, tokens):
-            save_npy_atomic(os.path.join(out, stem + ".npy"), array)
+            save_npy(array, os.path.join(out, stem + ".npy"))
         bar.update(len(stems))
 
 
 def write_cls_array(out, names):
     """OUT/cls.npy (N, D) float32 (the fp16 CLS tokens) and OUT/cls_names.txt, the tile stems in order."""
     cls = np.stack([np.load(os.path.join(out, n + ".npy"), mmap_mode="r")[0] for n in names]).astype(np.float32)
-    save_npy_atomic(os.path.join(out, CLS_FILE), cls)
+    save_npy(cls, os.path.join(out, CLS_FILE))
     write_names(out, names)
     return cls
 
 
 def write_names(out, names):
-    with open(os.path.join(out, NAMES_FILE + ".tmp"), "w") as f:
+    """OUT/cls_names.txt: the tile stems of cls.npy's rows, one per line."""
+    with atomic(os.path.join(out, NAMES_FILE)) as tmp, open(tmp, "w") as f:
         f.write("".join(n + "\n" for n in names))
-    os.replace(os.path.join(out, NAMES_FILE + ".tmp"), os.path.join(out, NAMES_FILE))
 
 
 def read_cls_names(path, rows):
@@ -306,7 +300,7 @@ def import_pooled(path, out, dim=768):
     names = names or [f"{i:06d}" for i in range(len(feats))]
     cls = np.ascontiguousarray(feats[:, :dim], dtype=np.float32)
     os.makedirs(out, exist_ok=True)
-    save_npy_atomic(os.path.join(out, CLS_FILE), cls)
+    save_npy(cls, os.path.join(out, CLS_FILE))
     write_names(out, names)
     took = ("the first 768 of 1536 dims (the CLS token; the rest is the mean of the patch tokens, which "
             "CytoSyn does not condition on)" if feats.shape[1] == 2 * dim else "all 768 dims (CLS)")

@@ -22,6 +22,7 @@ from torchvision.utils import make_grid, save_image
 from support.checkpoints import latest_checkpoint
 from support.cli import CytoSynError, NonFinite, error_line
 from support.outputs import claimed
+from support.outputs import atomic
 from support.perf import peak_memory_gb
 from support.slides import thumbnail
 
@@ -183,9 +184,8 @@ def save_rows(rows, path, padding=0):
     blank = torch.full_like(rows[0][0], 255)
     cells = [tile for row in rows for tile in list(row) + [blank] * (width - len(row))]
     grid = make_grid(torch.stack(cells).float() / 255, nrow=width, padding=padding, pad_value=1.0)
-    tmp = path + ".tmp.png"
-    save_image(grid, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        save_image(grid, tmp)
 
 
 def plot_fd_vs_steps(curves, path, title):

@@ -27,15 +27,15 @@ _CLAIMED = {}  # real path of each folder this process holds -> its open lock fi
 
 @contextmanager
 def atomic(path):
-    """`with atomic(path) as tmp:` write tmp; on success it replaces path in one rename (a reader sees the old
-    file or the new one, never half of one), flushed to disk first; on an error tmp is removed."""
+    """`with atomic(path) as tmp:` write tmp; on success it replaces path in one rename (a reader, or a resumed
+    run, sees the old file or the new one, never half of one); on an error tmp is removed. No fsync: these are
+    tiles, features and reports written by the thousand; checkpoints, the one thing a node crash must not
+    empty, are synced by their own writer (support/checkpoints.py)."""
     path = str(path)
     base, ext = os.path.splitext(path)
     tmp = f"{base}.tmp{ext}"  # keeps the extension: writers that choose their format by it still can
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
