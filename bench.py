@@ -45,12 +45,22 @@ from features import ENCODERS
 from metrics import fd, feature_stats
 from sample import Pipeline, SamplingSettings
 from sit import SiT_models, build_sit
-from support.cli import (BATCH_SIZE, IMAGE_SIZE, SEED, Unavailable, add_device_args, add_sampling_args, autocast, number_in,
-                         resolve_precision, run)
-from support.perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
+from support.cli import (
+    BATCH_SIZE,
+    IMAGE_SIZE,
+    SEED,
+    Unavailable,
+    add_device_args,
+    add_sampling_args,
+    autocast,
+    number_in,
+    resolve_precision,
+    run,
+)
 from support.outputs import read_csv
-from support.slides import RESAMPLE, SlideError, SlideTileReader, open_slide, read_tile_at, sort_folder
-from tiling import TILE_SIZE
+from support.perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
+from support.slides import SlideError, SlideTileReader, open_slide, read_tile_at, sort_folder
+from support.tiles import RESIZE_KERNELS, TILE_SIZE
 from vae import build_vae, vae_models
 
 
@@ -79,7 +89,8 @@ def add_train_args(p):
     p.add_argument("--image-size", type=IMAGE_SIZE, default=TILE_SIZE)
     p.add_argument("--batch-size", type=BATCH_SIZE, default=32, help="tiles per step (one process)")
     p.add_argument("--timed-steps", type=number_in(int, 1, 10 ** 5), default=10, help="steps timed")
-    p.add_argument("--warmup", type=number_in(int, 0, 10 ** 5), default=3, help="untimed steps first (compiling happens here)")
+    p.add_argument("--warmup", type=number_in(int, 0, 10 ** 5), default=3,
+                   help="untimed steps first (compiling happens here)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-lpips", action="store_true")
     p.add_argument("--no-gan", action="store_true")
@@ -112,11 +123,12 @@ def timed_step(nets, opts, images, feats, args, phase):
 def bench_train(args):
     """Images/s, time per phase, FLOPs per phase, MFU and peak memory of train.train_step."""
     device = pick_device(args.device)
-    targs = train.parse_args(["--data", "unused", "--model", args.model, "--vae", args.vae, "--encoder", args.encoder,
+    targs = train.parse_args(["--tiles", "unused", "--model", args.model, "--vae", args.vae, "--encoder", args.encoder,
                               "--image-size", str(args.image_size), "--global-batch-size", str(args.batch_size),
-                              "--lpips-random", "--precision", args.precision, *(["--compile"] if args.compile else []),
+                              "--random-weights", "--precision", args.precision,
+                              *(["--compile"] if args.compile else []),
                               *(["--no-lpips"] if args.no_lpips else []), *(["--no-gan"] if args.no_gan else [])])
-    nets = train.wrap_models(train.build_models(targs, device, 1, pretrained=False), targs, distributed=False)
+    nets = train.wrap_models(train.build_models(targs, device, 1), targs, distributed=False)
     opts = train.build_optimizers(targs, nets)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8,
@@ -211,7 +223,8 @@ def bench_sample(args):
 # -------- fd: our FD against the scipy.linalg.sqrtm formula of pytorch-fid / clean-fid ----------------
 def add_fd_args(p):
     p.add_argument("--num-vectors", type=number_in(int, 2, 10 ** 7), default=100_000, help="feature vectors per set")
-    p.add_argument("--dims", type=number_in(int, 1, 10 ** 5), default=1536, help="feature dimension (H-optimus-0, UNI2-h)")
+    p.add_argument("--dims", type=number_in(int, 1, 10 ** 5), default=1536,
+                   help="feature dimension (H-optimus-0, UNI2-h)")
     p.add_argument("--seed", type=SEED, default=0)
 
 
@@ -286,7 +299,7 @@ def benchmark_reading(path, tiling_args, rounds):
     job = {"slide_id": path.stem, "path": str(path), "csv_mpp": None,
            "settings": tiling.tiling_settings(tiling_args)}
     _, geo, tissue, _ = tiling.prepare(job)
-    corners, resample, c = list(zip(tissue.x, tissue.y)), RESAMPLE[tiling_args.resample], tiling_args.context
+    corners, resample, c = list(zip(tissue.x, tissue.y)), RESIZE_KERNELS[tiling_args.resize_kernel], tiling_args.context
 
     def reader(read):
         def read_all():
@@ -304,7 +317,7 @@ def benchmark_reading(path, tiling_args, rounds):
 
 def benchmark_run(folder, out, args):
     """Tiles/s of a whole single-process tiling run; returns its manifest rows."""
-    tiling_args = tiling.parse_args(["--slides", str(folder), "--out", str(out), "--resample", args.resample])
+    tiling_args = tiling.parse_args(["--slides", str(folder), "--out", str(out), "--resize-kernel", args.resize_kernel])
     start = time.perf_counter()
     tiling.tile_slides(tiling_args)
     rows = read_csv(out / "manifest.csv")
@@ -318,7 +331,7 @@ def benchmark_training_reads(folder, out, rows, args):
     rows = [rows[k] for k in np.random.default_rng(0).permutation(len(rows))]
 
     def from_slides():
-        reader = SlideTileReader(folder, args.resample)
+        reader = SlideTileReader(folder, args.resize_kernel)
         tiles = [reader.read(row) for row in rows]
         reader.close()
         return tiles
@@ -342,7 +355,7 @@ def add_tiling_args(parser):
     parser.add_argument("--work-dir", default=None,
                         help="scratch folder for the pyramid (~10 MB) and the tiles, kept afterwards; "
                              "unset: a temporary folder, removed")
-    parser.add_argument("--resample", choices=list(RESAMPLE), default="lanczos")
+    parser.add_argument("--resize-kernel", choices=list(RESIZE_KERNELS), default="lanczos")
     parser.add_argument("--pyramid-px", type=number_in(int, 1024, 65536), default=8192,
                         help="side of the synthetic pyramid's level 0, in pixels")
     parser.add_argument("--rounds", type=number_in(int, 1, 100), default=3,
@@ -362,7 +375,8 @@ def bench_tiling(args):
     side = args.pyramid_px
     print(f"writing a {side} x {side} px pyramid at 0.25 µm/px (40x), levels 1 and 4, JPEG q80")
     write_pyramid_tiff(synthetic / "pyramid.tiff", synthetic_tissue(side), 0.25, (1, 4), jpeg_quality=80)
-    tiling_args = tiling.parse_args(["--slides", args.slides, "--out", str(work), "--resample", args.resample])
+    tiling_args = tiling.parse_args(["--slides", args.slides, "--out", str(work),
+                                     "--resize-kernel", args.resize_kernel])
     result = {}
     for k, folder in enumerate([Path(args.slides), synthetic]):
         for path in sort_folder(folder)[0]:

@@ -1,6 +1,6 @@
 """The README's first run as one command: tile the bundled CC0 slide, train, sample, benchmark.
 
-    python demo.py                       # about 9 minutes on a 2-core CPU; results/demo/
+    python demo.py                       # results/demo/ (the README says how long it takes)
     python demo.py --max-steps 20        # a quick check that everything runs
 
 The four tools in the order a user runs them (tiling.py, train.py, sample.py, evaluate.py), each called
@@ -70,7 +70,8 @@ def tile(out):
         say("tiling.py", argv)
         if tiling.main(argv):
             raise InputError("tiling the bundled slide failed (see above)")
-    val = [os.path.join(tiles, r["file"]) for r in read_csv(os.path.join(tiles, "manifest.csv")) if r["split"] == "val_in"]
+    val = [os.path.join(tiles, r["file"]) for r in read_csv(os.path.join(tiles, "manifest.csv"))
+           if r["split"] == "val_in"]
     stains = {path: stain_balance(np.asarray(Image.open(path).convert("RGB"))) for path in val}
     by_stain = sorted((p for p in val if stains[p][1] < 0.1), key=lambda p: stains[p][0])  # tissue edge to edge
     shown = os.path.join(out, "shown")
@@ -98,7 +99,7 @@ def main(argv=None):
 
     run_dir = os.path.join(args.out, "run")
     every = max(args.max_steps // 5, 1)
-    train_argv = ["--data", manifest, "--out", run_dir, "--max-steps", str(args.max_steps),
+    train_argv = ["--tiles", manifest, "--out", run_dir, "--max-steps", str(args.max_steps),
                   "--ckpt-every", str(every), "--sample-every", str(every), "--no-lpips", *flags(TRAIN)]
     if latest_checkpoint(run_dir):
         train_argv.append("--resume")  # a finished or interrupted demo continues, it is not redone
@@ -155,13 +156,15 @@ def benchmark(checkpoints, tiles, args):
         rows = json.load(open(os.path.join(out, "report.json")))["results"]
         value = lambda metric: next(r["value"] for r in rows if r["metric"] == metric and  # noqa: E731
                                     r["row"] != evaluate.BASELINE)
-        steps.append(step), fd.append(value("fd")), cosine.append(value("cosine")), shuffled.append(value("cosine_shuffled"))
+        steps.append(step), fd.append(value("fd"))
+        cosine.append(value("cosine")), shuffled.append(value("cosine_shuffled"))
     print("\nstep      FD(val-in)   cosine(own)  cosine(shuffled)")
     for row in zip(steps, fd, cosine, shuffled):
         print(f"{row[0]:<9} {row[1]:<12.4g} {row[2]:<12.5f} {row[3]:.5f}")
     fd_falls, cosine_beats = fd[-1] < fd[0], cosine[-1] > shuffled[-1]
     verdict = (f"FD {'fell' if fd_falls else 'did NOT fall'} ({fd[0]:.4g} -> {fd[-1]:.4g}); the paired cosine "
-               f"{'beats' if cosine_beats else 'does NOT beat'} the shuffled one ({cosine[-1]:.5f} vs {shuffled[-1]:.5f})")
+               f"{'beats' if cosine_beats else 'does NOT beat'} the shuffled one "
+               f"({cosine[-1]:.5f} vs {shuffled[-1]:.5f})")
     print(verdict)
     with open(os.path.join(args.out, "learning.json"), "w") as f:
         json.dump(dict(steps=steps, fd=fd, cosine=cosine, cosine_shuffled=shuffled, fd_falls=fd_falls,

@@ -56,14 +56,26 @@ import torch
 
 import metrics as M
 import sample
+from extractors import EXTRACTORS, build_extractor, spec_record, weights_id
 from features import load_encoder
-from support.cli import (BATCH_SIZE, INF, InputError, MissingInput, add_sampling_args, check_guidance, comma_list,
-                         number_in, processes, run)
-from support.data import read_manifest_rows
-from support.extractors import EXTRACTORS, build_extractor, spec_record, weights_id
+from fld import FLD_EPOCHS, fld
+from support.cli import (
+    BATCH_SIZE,
+    INF,
+    InputError,
+    MissingInput,
+    add_sampling_args,
+    check_guidance,
+    comma_list,
+    number_in,
+    processes,
+    run,
+)
+from support.data import list_images, read_manifest_rows
 from support.outputs import check_output_folder, claim_output_folder, read_csv, save_csv, save_npy
 from support.reports import BASELINE, VAL_SETS, run_info, run_name, write_comparison, write_reports
-from tiling import TILE_MPP
+from support.tile_features import Preprocess, check_one_size, extract_features, resize_record, score_extractors
+from support.tiles import TILE_MPP
 
 PAPER_EXTRACTORS = ["h-optimus-0", "virchow2", "uni2-h", "fid-inception"]  # Table 2's four, pytorch-fid's Inception
 
@@ -127,7 +139,7 @@ def read_pairs(args, train):
     table = read_csv(args.pairs)
     if not table or not {"generated", "guidance"} <= set(table[0]):
         raise InputError(f"--pairs {args.pairs}: needs the columns generated,guidance and a row per generated tile")
-    generated = [os.path.relpath(p, args.generated) for p in M.list_images(args.generated)]
+    generated = [os.path.relpath(p, args.generated) for p in list_images(args.generated)]
     generated_set, train_by_file = set(generated), {os.path.normpath(r["file"]): r for r in train}
     pairs, repeats = {}, 0
     for i, row in enumerate(table, start=2):  # line numbers of the CSV, header = 1
@@ -136,7 +148,8 @@ def read_pairs(args, train):
             raise MissingInput(f"--pairs {args.pairs} line {i}: generated tile {gen!r} is not in {args.generated}")
         if guide not in train_by_file:
             what = "is not a training row of" if (args.tiles / guide).is_file() else "is not in"
-            raise MissingInput(f"--pairs {args.pairs} line {i}: guidance tile {guide!r} {what} {args.tiles}/manifest.csv")
+            raise MissingInput(f"--pairs {args.pairs} line {i}: guidance tile {guide!r} {what} "
+                               f"{args.tiles}/manifest.csv")
         if pairs.get(gen, guide) != guide:
             raise InputError(f"--pairs {args.pairs} line {i}: generated tile {gen!r} is paired with both "
                              f"{pairs[gen]!r} and {guide!r}: ambiguous; keep one row per generated tile")
@@ -168,7 +181,7 @@ def link_folder(folder, named_paths):
                                  f"run; choose another --out")
         else:
             os.symlink(target, link)
-    extra = sorted(set(os.path.basename(p) for p in M.list_images(folder, recursive=False)) - wanted)
+    extra = sorted(set(os.path.basename(p) for p in list_images(folder, recursive=False)) - wanted)
     if extra:
         raise InputError(f"{folder} holds {len(extra)} tile(s) of another run ({extra[0]} ...); choose another --out")
     return folder
@@ -194,7 +207,7 @@ def guidance_features(args, paths, folder, device):
                              f"another --out")
         return out
     pipe = sample.load_pipeline(args.ckpt, device)
-    if args.random_encoder:  # an untrained H0-mini (pipeline checks); the "tiny" one is random anyway
+    if args.random_weights:  # an untrained H0-mini (pipeline checks); the "tiny" one is random anyway
         pipe.encoder = load_encoder(pipe.encoder_name, pretrained=False, seed=pipe.encoder_seed).to(device)
     source = sample.TileSource(paths, pipe.tile_size, TILE_MPP)
     feats = [source.features(list(range(i, min(i + args.batch_size, len(paths)))), pipe).cpu().numpy()
@@ -239,7 +252,7 @@ def cohort_tiles(name, path):
         column, rows = read_manifest_rows(manifest, split=None)
         tiles = [dict(path=str(manifest.parent / r[column]), slide=r.get("slide_id")) for r in rows]
     elif path.is_dir():
-        tiles = [dict(path=p, slide=None) for p in M.list_images(path)]
+        tiles = [dict(path=p, slide=None) for p in list_images(path)]
     else:
         raise MissingInput(f"--ood {name}={path}: neither a tiling output (manifest.csv) nor a folder of tiles")
     return tiles  # a tile that is not there: refused by plan_ood's size check (its header)
@@ -269,8 +282,8 @@ def plan_ood(args):
         if len(tiles) < 4:
             raise InputError(f"--ood {name}={path} has {len(tiles)} tile(s); a guidance half and a reference half "
                              f"need 4 at least")
-        M.check_one_size(f"--ood {name}={path}", [t["path"] for t in tiles],
-                         M.Preprocess(crop=args.crop, resize_to_input=args.resize_to_input))
+        check_one_size(f"--ood {name}={path}", [t["path"] for t in tiles],
+                         Preprocess(crop=args.crop, resize_to_input=args.resize_to_input))
         guidance, reference, by = split_cohort(tiles, args.seed, args.num_ood)
         if min(len(guidance), len(reference)) <= args.k:
             raise InputError(f"--ood {name}={path}: split by {by}, a half has {min(len(guidance), len(reference))} "
@@ -310,14 +323,14 @@ def score_set(add, real, gen, train, args, device, with_fld=True):
     stats = M.feature_stats(real)
     add("fd", M.fd(stats, M.feature_stats(gen)))
     if len(gen) >= 4 and args.bootstrap_draws:
-        size = args.bootstrap_size or len(gen) // 2
+        size = args.bootstrap_num_generated or len(gen) // 2
         mean, std, _ = M.bootstrap_fd(stats, gen, args.bootstrap_draws, size, args.seed)
         add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=size)
     precision, recall = M.precision_recall(real, gen, args.k, device)
     add("precision", precision, k=args.k)
     add("recall", recall, k=args.k)
     if with_fld:
-        out = M.fld(train, real, gen, args.fld_gen_size, M.FLD_EPOCHS, args.seed, device)
+        out = fld(train, real, gen, args.fld_num_generated, FLD_EPOCHS, args.seed, device)
         add("fld", out["fld"], **out)
 
 
@@ -327,14 +340,15 @@ def score_extractor(name, args, cohorts, device):
     spec, pretrained = EXTRACTORS[name], not args.random_weights
     weights = weights_id(name, pretrained, args.seed)
     get = functools.cache(lambda: build_extractor(name, pretrained, device, args.seed))
-    feats = functools.partial(M.extract_features, name=name, get_extractor=get, weights=weights, device=device,
+    feats = functools.partial(extract_features, spec=spec, get_extractor=get, device=device,
+                              identity=dict(extractor=name, spec=spec_record(spec), weights=weights),
                               batch_size=args.batch_size, workers=args.num_workers, cache_dir=args.out / "features")
-    preps = {s: M.Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel, args.resize_to_input)
+    preps = {s: Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel, args.resize_to_input)
              for s in ("val", "guidance", "generated")}
 
     def measure(folder, kind):  # -> (stems, features, how they reached the extractor's input size)
-        size = M.check_one_size(folder, [Path(p) for p in M.list_images(folder)], preps[kind])
-        return *feats(folder, prep=preps[kind]), M.resize_record(size, spec, preps[kind])
+        size = check_one_size(folder, [Path(p) for p in list_images(folder)], preps[kind])
+        return *feats(folder, prep=preps[kind]), resize_record(size, spec, preps[kind])
 
     rows = []
     for cohort in cohorts:
@@ -388,11 +402,11 @@ def external_run(args, pairing):
 def set_sizes(args, guidance, vals):
     """--generated: the tile size of each set (each must have one, or --crop / --resize-to-input)."""
     sets = {"guidance": [r["path"] for r in guidance], **{v: [r["path"] for r in rows] for v, rows in vals.items()},
-            "generated": M.list_images(args.generated)}
+            "generated": list_images(args.generated)}
     if not sets["generated"]:
         raise MissingInput(f"--generated {args.generated}: no tiles (PNG, JPEG or TIFF) inside")
-    prep = M.Preprocess(crop=args.crop, resize_to_input=args.resize_to_input)
-    sizes = {k: M.check_one_size(f"{k} tiles", files, prep) for k, files in sets.items()}
+    prep = Preprocess(crop=args.crop, resize_to_input=args.resize_to_input)
+    sizes = {k: check_one_size(f"{k} tiles", files, prep) for k, files in sets.items()}
     if len(set(sizes.values())) > 1 and args.crop is None:
         print(f"WARNING: tiles of different sizes ({sizes}) and no --crop: each set is resized to the extractor's "
               f"input on its own (the paper centre-crops 256 px tiles to 224: --crop 224)", file=sys.stderr)
@@ -424,7 +438,8 @@ def main(argv=None):
         if args.generated:
             cohorts[0].runs.update(external_run(args, pairing))
         else:
-            paths = [[r["path"] for r in guidance]] + [[t["path"] for t in p["halves"]["guidance"]] for p in ood.values()]
+            paths = [[r["path"] for r in guidance]] + [[t["path"] for t in p["halves"]["guidance"]]
+                                                       for p in ood.values()]
             # rank 0 writes the guidance features; the other ranks wait for them
             cls = [guidance_features(args, p, c.guidance, device) if rank == 0 else wait_for(c.guidance / "cls.npy")
                    for c, p in zip(cohorts, paths)]
@@ -432,7 +447,7 @@ def main(argv=None):
                 c.runs.update(sampled_runs(args, cls_path, c.guidance.parent / "generated"))
         if rank != 0:
             return 0
-        rows, skipped = M.score_extractors(args.extractors, lambda name: score_extractor(name, args, cohorts, device))
+        rows, skipped = score_extractors(args.extractors, lambda name: score_extractor(name, args, cohorts, device))
     write_reports(rows, skipped, args, argv, info)
     return 1 if skipped and not rows else 0
 
@@ -448,7 +463,7 @@ def build_parser():
     p.add_argument("--ckpt", help="checkpoint from train.py: sample its tiles and score them")
     p.add_argument("--generated", type=Path, help="score the tiles of this folder (another model's), sampling nothing")
     p.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR", help="one table of finished runs' reports")
-    p.add_argument("--tiles", type=Path, help="tiling.py's output folder (manifest.csv inside)")
+    p.add_argument("--tiles", help="tiling.py's output folder (manifest.csv inside)")
     p.add_argument("--out", required=True, help="everything the benchmark writes; a rerun resumes")
     p.add_argument("--num-guidance", type=number_in(int, 2, INF), default=100_000, help="paper: 100k")
     p.add_argument("--pairs", type=Path, help="with --generated: CSV generated,guidance (paths relative to "
@@ -465,17 +480,13 @@ def build_parser():
     p.add_argument("--sample-batch-size", type=BATCH_SIZE, default=32, help="sample.py's --batch-size")
     p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=PAPER_EXTRACTORS,
                    help=f"comma-separated: {', '.join(EXTRACTORS)}")
-    p.add_argument("--random-encoder", action="store_true", help="guidance features from an untrained encoder")
-    p.add_argument("--jpeg-val", type=number_in(int, 1, 100), default=None, help="JPEG quality of the val tiles (70)")
-    p.add_argument("--jpeg-guidance", type=number_in(int, 1, 100), default=None, help="JPEG of the guidance tiles")
-    p.add_argument("--jpeg-generated", type=number_in(int, 1, 100), default=None, help="JPEG of the generated tiles")
     M.add_metric_args(p)
     return p
 
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    args.out = Path(args.out)
+    args.out, args.tiles = Path(args.out), args.tiles and Path(args.tiles)
     check_guidance(args)
     modes = [flag for flag in ("--ckpt", "--generated", "--compare") if getattr(args, flag[2:])]
     if len(modes) != 1:

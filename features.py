@@ -5,13 +5,13 @@ training: its CLS token conditions the SiT, and its 16 x 16 patch tokens, resize
 token grid, are the REPA alignment target, resized so that they can be precomputed once per tile.
 `encoder_features` is that one path, for train.py, sample.py and the benchmark alike.
 
-    python features.py --data TILES --out TOKENS          # what train.py --features reads, per tile
-    python features.py --data lazyslide.npy --out TOKENS  # (N, 1536) LazySlide/TRIDENT features -> their CLS
+    python features.py --tiles TILES --out TOKENS           # what train.py --tokens reads, per tile
+    python features.py --pooled lazyslide.npy --out TOKENS  # (N, 1536) LazySlide/TRIDENT features -> their CLS
 
 Per tile, OUT/<stem>.npy holds the CLS token then the resized patch tokens, fp16 (1 + 196) x 768 x 2 bytes
 = 303 KB at 224 px, about 12 TB for the paper's 40 M tiles; OUT/cls.npy (N, 768) is the CLS array
 `sample.py --features` takes, with OUT/cls_names.txt (one tile name per row, or the pair is refused). The
-benchmark's other extractors live in support/extractors.py. Hub weights get one attempt: offline
+benchmark's other extractors live in extractors.py. Hub weights get one attempt: offline
 (HF_HUB_OFFLINE=1, or the hub does not answer) they come from the local cache alone, or fail in one line.
 
 Left out: REPA's other alignment encoders (DINOv2, CLIP, MAE).
@@ -20,35 +20,28 @@ import argparse
 import functools
 import io
 import os
-import ssl
 import tarfile
-import urllib.error
-import urllib.parse
-import urllib.request
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from huggingface_hub import constants as hf_constants
 from timm.layers import SwiGLUPacked
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sit import SiT_models, token_grid
-from support.cli import (BATCH_SIZE, IMAGE_SIZE, SEED, InputError, Unavailable, add_device_args, add_workers_arg,
-                         processes, run)
-from support.data import IMAGE_EXTENSIONS, SlideTiles, decode_tile, find_tiles, tile_stem
+from support.cli import BATCH_SIZE, IMAGE_SIZE, SEED, InputError, add_device_args, add_workers_arg, processes, run
+from support.data import SlideTiles, decode_tile, find_tiles, tile_stem
+from support.hub import create_timm_model
 from support.outputs import atomic, save_npy
-from tiling import TILE_SIZE
+from support.tiles import IMAGE_EXTENSIONS, TILE_SIZE
 from vae import latent_size, vae_models
 
 # H0-mini's input normalisation (its model card; the same constants as H-optimus-0).
 H0_MINI_MEAN = (0.707223, 0.578729, 0.703617)
 H0_MINI_STD = (0.211883, 0.230117, 0.177517)
 ENCODER_SIZE = 224  # H0-mini sees 224 x 224 tiles (16 x 16 patches of 14 px)
-PROBE_TIMEOUT_S = 3  # the one reachability check of a model hub (reachable)
 GATED_H0 = "gated: accept its licence on https://huggingface.co/bioptimus/H0-mini, then `hf auth login`"
 _SWIGLU = dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
 # The encoders that can condition and align a SiT (H0-mini's token layout): hub name, offline architecture,
@@ -69,76 +62,6 @@ ENCODER_ARCHS = {
 }
 ENCODERS = tuple(ENCODER_ARCHS)
 CLS_FILE, NAMES_FILE = "cls.npy", "cls_names.txt"  # what sample.py --features and evaluate.py take
-
-
-def hub_failure(err):
-    """A failed hub download, told apart: no network, or no access to a gated model."""
-    text = f"{type(err).__name__}: {err}"
-    if any(s in text for s in ("401", "403", "GatedRepo", "gated", "Unauthorized", "Forbidden")):
-        return f"no access: {text[:200]}"
-    if any(s in text for s in ("Connection", "Timeout", "resolve", "offline", "OfflineMode", "LocalEntryNotFound",
-                               "Network", "unreachable")):
-        return f"network unreachable (offline?): {text[:200]}"
-    return text[:200]
-
-
-@functools.cache
-def reachable(url):
-    """One request to url's host, no retry, at most PROBE_TIMEOUT_S -> False when nothing answers (no route, no
-    name resolution, a firewall that drops packets). Any answer counts, an HTTP or TLS error included: then
-    the download itself says what is wrong. Asked once per URL and process."""
-    parts = urllib.parse.urlsplit(url)
-    try:
-        request = urllib.request.Request(f"{parts.scheme}://{parts.netloc}/", method="HEAD")
-        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return True
-    except (urllib.error.URLError, OSError) as err:
-        return isinstance(getattr(err, "reason", err), ssl.SSLError)
-    return True
-
-
-def hub_online():
-    """False under HF_HUB_OFFLINE=1 or when the hub does not answer: then models load from the local cache
-    only, at once, instead of after huggingface_hub's five retries with backoff (about 23 s per model)."""
-    offline = hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return not offline and reachable(hf_constants.ENDPOINT)
-
-
-def hub_repo(hub):
-    """The hub repository of a timm name ("hf-hub:org/name", or timm's own tag, stored as timm/<name>)."""
-    if hub.startswith("hf-hub:"):
-        return hub[len("hf-hub:"):]
-    try:
-        return timm.models.get_pretrained_cfg(hub).hf_hub_id or hub
-    except (AttributeError, RuntimeError, ValueError):
-        return hub
-
-
-def create_timm_model(name, hub, arch, kwargs, pretrained, seed, access, hub_kwargs=None):
-    """A frozen timm model in eval mode: from the hub exactly as its model card loads it, or the same
-    architecture with random weights drawn from `seed` (without moving the caller's random stream).
-    One attempt: offline (HF_HUB_OFFLINE=1, or the hub unreachable) the local hub cache alone is read,
-    and a model that is not in it fails at once, in one line that says how to fetch it."""
-    if pretrained:
-        online, before = hub_online(), hf_constants.HF_HUB_OFFLINE
-        try:
-            hf_constants.HF_HUB_OFFLINE = before or not online  # read at each request by huggingface_hub
-            model = timm.create_model(hub, pretrained=True, **(kwargs if hub_kwargs is None else hub_kwargs))
-        except Exception as err:  # gated repo, no token, no network: say which, and what to do
-            why = hub_failure(err)
-            if not online and why.startswith("network unreachable"):
-                why = f"offline (HF_HUB_OFFLINE=1, or the hub does not answer), not in the cache {hf_constants.HF_HUB_CACHE}"
-            raise Unavailable(f"{name}: could not load {hub} ({why}); {access}; to use it offline, run `hf download "
-                              f"{hub_repo(hub)}` on a machine with access and copy its HF_HOME "
-                              f"({hf_constants.HF_HOME}) here; or use random weights to test the pipeline") from err
-        finally:
-            hf_constants.HF_HUB_OFFLINE = before
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-    return model.eval().requires_grad_(False)
 
 
 def load_encoder(name="h0-mini", pretrained=True, seed=0):
@@ -305,16 +228,16 @@ def import_pooled(path, out, dim=768):
     took = ("the first 768 of 1536 dims (the CLS token; the rest is the mean of the patch tokens, which "
             "CytoSyn does not condition on)" if feats.shape[1] == 2 * dim else "all 768 dims (CLS)")
     print(f"{path}: took {took} of {len(cls)} tiles -> {out}/{CLS_FILE} (no patch tokens: sampling only, "
-          f"train.py --features needs `python features.py --data TILES --out OUT`)")
+          f"train.py --tokens needs `python features.py --tiles TILES --out OUT`)")
     return cls
 
 
 def write_features(args, rank, world, device):
     """This rank's share of the tiles (r, r + world, ...); rank 0 then writes the CLS array."""
-    tiles = find_tiles(args.data, args.slides)
+    tiles = find_tiles(args.tiles, args.slides)
     os.makedirs(args.out, exist_ok=True)
     done = {tile_stem(f) for f in os.listdir(args.out) if f.endswith(".npy") and f != CLS_FILE}
-    encoder = load_encoder(args.encoder, pretrained=not args.random_encoder, seed=args.seed).to(device)
+    encoder = load_encoder(args.encoder, pretrained=not args.random_weights, seed=args.seed).to(device)
     grid = token_grid(args.model, latent_size(args.vae, args.image_size))  # the SiT's grid for this tile size
     batches, total, names = tile_batches(tiles, rank, world, done, args.image_size, args.resize, args.batch_size,
                                          args.num_workers)
@@ -332,15 +255,19 @@ def write_features(args, rank, world, device):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Precompute H0-mini tokens for train.py --features (CytoSyn §3.1), "
+    p = argparse.ArgumentParser(description="Precompute H0-mini tokens for train.py --tokens (CytoSyn §3.1), "
                                             "or import (N, 1536) LazySlide/TRIDENT features as CLS for sampling.")
-    p.add_argument("--data", required=True, help="what train.py --data takes (a tile folder, a manifest .csv, tar "
-                                                 "shards), or an (N, 1536) / (N, 768) .npy or .h5 of H0-mini features")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--tiles", help="what train.py --tiles takes: tiling.py's output or its manifest.csv, a tile "
+                                      "folder, tar shards")
+    what.add_argument("--pooled", metavar="FILE", help="an (N, 1536) or (N, 768) .npy or .h5 of H0-mini features "
+                                                       "(LazySlide, TRIDENT): their CLS -> OUT/cls.npy")
     p.add_argument("--out", required=True, help="output folder: <tile stem>.npy per tile, cls.npy and cls_names.txt")
     p.add_argument("--slides", default=None, metavar="SLIDES_DIR",
                    help="read the tiles of a tiling.py manifest from its slides (train.py --slides): no PNG copy")
     p.add_argument("--encoder", choices=ENCODERS, default="h0-mini", help="tiny: the random seeded test encoder")
-    p.add_argument("--random-encoder", action="store_true", help="untrained encoder (pipeline tests)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="seeded random weights instead of the hub's (pipeline checks, offline)")
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2", help="the SiT the tokens are for")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4", help="the VAE the tokens are for")
     p.add_argument("--image-size", type=IMAGE_SIZE, default=TILE_SIZE, help="train.py's --image-size")
@@ -354,8 +281,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if os.path.isfile(args.data) and args.data.endswith((".npy", ".h5", ".hdf5")):
-        import_pooled(args.data, args.out)
+    if args.pooled:
+        import_pooled(args.pooled, args.out)
         return 0
     with processes(args.device, args.num_workers) as (rank, world, device):
         write_features(args, rank, world, device)

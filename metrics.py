@@ -6,7 +6,7 @@ JPEG q70 on the real and/or generated tiles, the resize kernel) and §5 (bootstr
 generated samples). Every preprocessing step is an explicit option and is written next to each number
 in the JSON report.
 
-    python metrics.py --real VAL_DIR --generated GEN_DIR --extractors inception,h-optimus-0,uni2-h,virchow2
+    python metrics.py --val VAL_DIR --generated GEN_DIR --extractors fid-inception,h-optimus-0,uni2-h,virchow2
     python bench.py fd                     # our FD vs the scipy.linalg.sqrtm formula, 100k x 1536
 
 Definitions:
@@ -20,158 +20,42 @@ Definitions:
 The whole benchmark (guidance, sampling, every extractor against val-in and val-out, Table 2's layout):
 evaluate.py.
 
-The extractors and what each sees of a tile: support/extractors.py. Left out: KID, AuthPct, the C_T test;
-multi-GPU extraction.
+The definitions come first, then a short command line. The extractors and what each sees of a tile:
+extractors.py; tiles to features, preprocessed and cached: support/tile_features.py. Left out: KID, AuthPct,
+the C_T test; multi-GPU extraction.
 """
 import argparse
 import functools
-import hashlib
-import io
-import json
 import os
 import re
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 
 import numpy as np
-import scipy
 import scipy.linalg
-import timm
 import torch
-from PIL import Image
-from tqdm import tqdm
 
+from extractors import EXTRACTORS, build_extractor, spec_record, weights_id
 from fld import DIST_BUDGET, FLD_EPOCHS, FLD_GEN_SIZE, fld, row_chunks
-from support.cli import (BATCH_SIZE, INF, SEED, InputError, MissingInput, Unavailable, add_device_args, add_workers_arg,
-                         comma_list, number_in, run)
-from support.data import TileError, list_images, open_tile
-from support.extractors import EXTRACTORS, build_extractor, spec_record, weights_id
-from support.outputs import save_json, save_npy
+from support.cli import BATCH_SIZE, INF, SEED, InputError, add_device_args, add_workers_arg, comma_list, number_in, run
+from support.data import list_images
+from support.outputs import save_json
+from support.reports import versions
+from support.tile_features import (
+    Preprocess,
+    check_one_size,
+    extract_features,
+    resize_record,
+    same_tiles,
+    score_extractors,
+)
+from support.tiles import RESIZE_KERNELS
 
 PR_K = 3  # nearest neighbours that set a sample's radius (Kynkaanniemi et al. 2019)
 FD_GENERATED_SIZE = 50_000  # generated samples FD uses; Jiralerspong et al.'s FID code (the paper's) keeps 50k
-
-
-# -------- Tiles -> features, cached on disk ----------------------------------------------------
-KERNELS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-           "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-           "box": Image.Resampling.BOX}
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """What happens to a tile before an extractor sees it, in this order (paper §4.3)."""
-    jpeg: int | None = None  # 1. re-encode as JPEG at this quality (PIL defaults; DS-MIL writes q70)
-    crop: int | None = None  # 2. centre-crop to this many px (a 256 tile -> the 224 tile inside it)
-    kernel: str | None = None  # 3. PIL resize kernel to the input size (None: the extractor's own)
-    resize_to_input: bool = False  # tiles of several sizes: resize each straight to the input size
-
-
-def tile_sizes(files):
-    """The distinct (width, height) of the tiles, from their headers -> {size: first file}."""
-    sizes = {}
-    for path in files:
-        sizes.setdefault(open_tile(path, decode=False).size, path)
-    return sizes
-
-
-def check_one_size(folder, files, prep):
-    """A folder of mixed tile sizes would be resized silently to one input size: refused unless the
-    preprocessing says how to bring them to one size -> the tiles' size ((w, h), or "mixed")."""
-    sizes = tile_sizes(files)
-    if len(sizes) == 1:
-        return next(iter(sizes))
-    if prep.crop is None and not prep.resize_to_input:
-        shown = ", ".join(f"{w}x{h} ({Path(p).name})" for (w, h), p in list(sizes.items())[:3])
-        raise TileError(f"{folder} holds tiles of {len(sizes)} sizes ({shown}): keep one size, or pass --crop N "
-                        f"(centre crop) or --resize-to-input (resize each to the extractor's input)")
-    return "mixed"
-
-
-def resize_record(tile_size, spec, prep):
-    """What brought the tiles of one set to the extractor's input size, in words, for every report."""
-    size = prep.crop or tile_size
-    side = size if isinstance(size, int) else (size[0] if size != "mixed" and size[0] == size[1] else None)
-    if side == spec.input_size:
-        return f"none ({spec.input_size} px tiles)"
-    size = f"{side} px" if side else "mixed" if size == "mixed" else f"{size[0]}x{size[1]} px"
-    if spec.resize_inside:
-        return f"{size} -> {spec.input_size} px, {spec.kernel} inside the network (torch, not antialiased)"
-    return f"{size} -> {spec.input_size} px, PIL {prep.kernel or spec.kernel} (antialiased when shrinking)"
-
-
-def preprocessed_tile(path, prep, size, kernel):
-    """One tile as (size, size, 3) uint8 after JPEG, crop and resize."""
-    im = open_tile(path)
-    if im.width != im.height:
-        raise TileError(f"{path} is {im.width}x{im.height} px, not a square tile: keep only tiles in the folder")
-    if prep.jpeg is not None:
-        buffer = io.BytesIO()
-        im.save(buffer, format="JPEG", quality=prep.jpeg)
-        im = Image.open(buffer).convert("RGB")
-    if prep.crop is not None:
-        w, h = im.size
-        if min(w, h) < prep.crop:
-            raise InputError(f"{path}: tile is {w}x{h} px, smaller than the centre crop {prep.crop}")
-        left, top = (w - prep.crop) // 2, (h - prep.crop) // 2
-        im = im.crop((left, top, left + prep.crop, top + prep.crop))
-    if size is not None and im.size != (size, size):  # None: the network resizes (resize_inside)
-        im = im.resize((size, size), KERNELS[kernel])  # PIL antialiases when it downsamples
-    return np.asarray(im)
-
-
-def load_batch(paths, prep, size, kernel):
-    """The DataLoader's collate_fn, so tiles are decoded in its worker processes -> (B, 3, S, S) uint8."""
-    return torch.from_numpy(np.stack([preprocessed_tile(p, prep, size, kernel) for p in paths])).permute(0, 3, 1, 2)
-
-
-def cache_key(files, folder, name, prep, weights, bf16):
-    """Folder content (relative names, sizes, mtimes) + extractor + preprocessing -> hex digest."""
-    h = hashlib.sha1()
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(folder)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    setting = dict(extractor=name, spec=spec_record(EXTRACTORS[name]), prep=asdict(prep),
-                   weights=weights, bf16=bf16)
-    h.update(json.dumps(setting, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def extract_features(folder, name, prep, get_extractor, *, weights, bf16=False,
-                     device="cpu", batch_size=64, workers=0, cache_dir=None):
-    """Features of every tile under `folder` in sorted path order -> (stems, (N, dim) float32).
-
-    `get_extractor()` is called only on a cache miss, so cached folders need neither the model nor the hub."""
-    files, spec = [Path(p) for p in list_images(folder)], EXTRACTORS[name]
-    if not files:
-        raise MissingInput(f"{folder}: no tiles (PNG, JPEG or TIFF) inside")
-    stems = [p.stem for p in files]
-    tile_size, cache = check_one_size(folder, files, prep), None
-    if cache_dir is not None:
-        key = cache_key(files, Path(folder), name, prep, weights, bf16)
-        cache = Path(cache_dir) / f"{Path(folder).resolve().name}-{name}-{key[:16]}.npy"
-        if cache.exists():
-            return stems, np.load(cache)
-    extractor, kernel = get_extractor(), prep.kernel or spec.kernel
-    size = None if spec.resize_inside and not prep.resize_to_input and tile_size != "mixed" else spec.input_size
-    collate = functools.partial(load_batch, prep=prep, size=size, kernel=kernel)
-    loader = torch.utils.data.DataLoader(files, batch_size, num_workers=workers, collate_fn=collate,
-                                         pin_memory=torch.device(device).type == "cuda")
-    feats, i = np.empty((len(files), spec.dim), np.float32), 0
-    for x in tqdm(loader, desc=f"{name} <- {folder}", unit="batch"):
-        x = x.to(device, non_blocking=True).float() / 255  # (B, 3, S, S) in [0, 1]
-        f = extractor.embed(x, bf16)  # (B, dim)
-        if f.shape[1] != spec.dim:
-            raise RuntimeError(f"{name} returned {f.shape[1]} features; the registry says {spec.dim}")
-        feats[i:i + len(f)] = f.cpu().numpy()
-        i += len(f)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_npy(feats, cache)  # atomic: a killed run leaves no half-written cache
-    return stems, feats
 
 
 # -------- Fréchet distance ---------------------------------------------------------------------
@@ -310,18 +194,7 @@ def paired_cosine(real_stems, real, gen_stems, generated):
 
 
 # -------- Command line -------------------------------------------------------------------------
-def same_tiles(folder_a, folder_b):
-    """True when two folders are one folder, or hold byte-identical sets of tiles (a degenerate comparison:
-    FD 0 says nothing about a generator). Contents are hashed only when names and sizes already agree."""
-    if os.path.realpath(folder_a) == os.path.realpath(folder_b):
-        return True
-    files = [sorted(Path(p) for p in list_images(f)) for f in (folder_a, folder_b)]
-    if [p.stat().st_size for p in files[0]] and \
-            sorted(p.stat().st_size for p in files[0]) != sorted(p.stat().st_size for p in files[1]):
-        return False
-    digests = [sorted(hashlib.sha1(p.read_bytes()).hexdigest() for p in group) for group in files]
-    return digests[0] == digests[1]
-
+SETS = ("val", "generated", "guidance")  # the tile sets a comparison names, as evaluate.py names them
 
 
 def score_folders(name, args, preps, device):
@@ -329,16 +202,18 @@ def score_folders(name, args, preps, device):
     spec, weights = EXTRACTORS[name], weights_id(name, not args.random_weights, args.seed)
     bf16 = device.type == "cuda" and (args.precision == "bf16" or (args.precision == "auto" and spec.bf16_ok))
     get = functools.cache(lambda: build_extractor(name, not args.random_weights, device, args.seed))
-    feats = functools.partial(extract_features, name=name, get_extractor=get, weights=weights, bf16=bf16,
-                              device=device, batch_size=args.batch_size, workers=args.num_workers,
+    feats = functools.partial(extract_features, spec=spec, get_extractor=get, bf16=bf16, device=device,
+                              identity=dict(extractor=name, spec=spec_record(spec), weights=weights),
+                              batch_size=args.batch_size, workers=args.num_workers,
                               cache_dir=None if args.no_cache else args.cache_dir)
-    real_stems, real = feats(args.real, prep=preps["real"])
+    val_stems, val = feats(args.val, prep=preps["val"])
     gen_stems, gen = feats(args.generated, prep=preps["generated"])
+    folders = {s: getattr(args, s) for s in SETS if getattr(args, s)}
     resize = {s: resize_record(check_one_size(folder, [Path(p) for p in list_images(folder)], preps[s]), spec, preps[s])
-              for s, folder in (("real", args.real), ("generated", args.generated), ("train", args.train)) if folder}
+              for s, folder in folders.items()}
     base = dict(extractor=spec_record(spec), weights=weights, resize=resize, degenerate=args.degenerate,
-                precision="bf16" if bf16 else "fp32", device=str(device), real=str(args.real),
-                generated=str(args.generated), n_real=len(real), n_generated=len(gen), seed=args.seed,
+                precision="bf16" if bf16 else "fp32", device=str(device), val=str(args.val),
+                generated=str(args.generated), n_val=len(val), n_generated=len(gen), seed=args.seed,
                 preprocess={k: {**asdict(p), "kernel": p.kernel or spec.kernel} for k, p in preps.items()})
     rows = []
 
@@ -347,54 +222,37 @@ def score_folders(name, args, preps, device):
 
     rng = np.random.default_rng(args.seed)
     if "fd" in args.metrics:
-        sub = gen if not args.fd_generated_size or len(gen) <= args.fd_generated_size else \
-            gen[np.sort(rng.choice(len(gen), args.fd_generated_size, replace=False))]
-        add("fd", fd(feature_stats(real), feature_stats(sub)), n_generated_used=len(sub))
+        sub = gen if not args.fd_num_generated or len(gen) <= args.fd_num_generated else \
+            gen[np.sort(rng.choice(len(gen), args.fd_num_generated, replace=False))]
+        add("fd", fd(feature_stats(val), feature_stats(sub)), n_generated_used=len(sub))
     if "bootstrap" in args.metrics and args.bootstrap_draws:
-        size = args.bootstrap_size or len(gen) // 2
-        mean, std, values = bootstrap_fd(feature_stats(real), gen, args.bootstrap_draws, size, args.seed)
+        size = args.bootstrap_num_generated or len(gen) // 2
+        mean, std, values = bootstrap_fd(feature_stats(val), gen, args.bootstrap_draws, size, args.seed)
         add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=size, values=values)
     if "pr" in args.metrics:
-        p, r = precision_recall(real, gen, args.k, device)
+        p, r = precision_recall(val, gen, args.k, device)
         add("precision", p, k=args.k)
         add("recall", r, k=args.k)
     if "cosine" in args.metrics:
-        mean, std, n_pairs = paired_cosine(real_stems, real, gen_stems, gen)
+        mean, std, n_pairs = paired_cosine(val_stems, val, gen_stems, gen)
         add("cosine", mean, std, n_pairs=n_pairs)
     if "fld" in args.metrics:
-        _, train = feats(args.train, prep=preps["train"])
-        out = fld(train, real, gen, args.fld_gen_size, FLD_EPOCHS, args.seed, device)
-        extra = dict(train=str(args.train), n_train=len(train), epochs=FLD_EPOCHS, **out)
+        _, guidance = feats(args.guidance, prep=preps["guidance"])
+        out = fld(guidance, val, gen, args.fld_num_generated, FLD_EPOCHS, args.seed, device)
+        extra = dict(guidance=str(args.guidance), n_guidance=len(guidance), epochs=FLD_EPOCHS, **out)
         add("fld", out["fld"], **extra)
         add("fld_gap", out["fld_gap"], **extra)
     return rows
 
 
 def print_table(rows, skipped):
-    print(f"\n{'extractor':<12} {'metric':<13} {'value':>12} {'± std':>9} {'n_real':>8} {'n_gen':>8}")
+    print(f"\n{'extractor':<12} {'metric':<13} {'value':>12} {'± std':>9} {'n_val':>8} {'n_gen':>8}")
     for r in rows:
         std = "" if r["std"] is None else f"{r['std']:.4f}"
         print(f"{r['extractor']:<12} {r['metric']:<13} {r['value']:>12.4f} {std:>9} "
-              f"{r['settings']['n_real']:>8} {r['settings']['n_generated']:>8}")
+              f"{r['settings']['n_val']:>8} {r['settings']['n_generated']:>8}")
     for s in skipped:
         print(f"skipped: {s['error']}")
-
-
-def score_extractors(names, score):
-    """score(name) -> rows, for every extractor; one that is not available here (gated, offline, a package
-    missing) is skipped with its reason, printed and returned, so the report lists it."""
-    rows, skipped = [], []
-    for name in names:
-        try:
-            rows += score(name)
-        except Unavailable as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            skipped.append(dict(extractor=name, error=str(e)))
-    return rows, skipped
-
-
-def versions():
-    return dict(torch=torch.__version__, timm=timm.__version__, numpy=np.__version__, scipy=scipy.__version__)
 
 
 def main(argv=None):
@@ -404,10 +262,10 @@ def main(argv=None):
     if args.random_weights:
         print("WARNING: --random-weights: untrained extractors; the numbers only test the pipeline", file=sys.stderr)
     preps = {s: Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel, args.resize_to_input)
-             for s in ("real", "generated", "train")}
-    args.degenerate = same_tiles(args.real, args.generated)
+             for s in SETS}
+    args.degenerate = same_tiles(args.val, args.generated)
     if args.degenerate:
-        print(f"WARNING: --real and --generated hold the same tiles ({args.real}, {args.generated}): a degenerate "
+        print(f"WARNING: --val and --generated hold the same tiles ({args.val}, {args.generated}): a degenerate "
               f"comparison (FD 0 by construction); flagged as degenerate in the report", file=sys.stderr)
     rows, skipped = score_extractors(args.extractors, lambda name: score_folders(name, args, preps, device))
     print_table(rows, skipped)
@@ -424,17 +282,25 @@ METRICS = ("fd", "pr", "cosine", "fld", "bootstrap")
 
 def add_metric_args(p):
     """The settings metrics.py and evaluate.py share: preprocessing (§4.3), the metrics' own, the extractors."""
-    p.add_argument("--crop", type=number_in(int, 1, 4096), default=None, help="centre-crop every tile to this "
-                                                                              "size (256 -> 224)")
+    p.add_argument("--jpeg-val", type=number_in(int, 1, 100), default=None,
+                   help="re-encode the val tiles as JPEG at this quality (DS-MIL writes 70)")
+    p.add_argument("--jpeg-guidance", type=number_in(int, 1, 100), default=None, help="the same for the guidance tiles")
+    p.add_argument("--jpeg-generated", type=number_in(int, 1, 100), default=None,
+                   help="the same for the generated tiles")
+    p.add_argument("--crop", type=number_in(int, 1, 4096), default=None,
+                   help="centre-crop every tile to this size (256 -> 224)")
     p.add_argument("--resize-to-input", action="store_true",
                    help="tiles of several sizes: resize each straight to the extractor's input size")
-    p.add_argument("--resize-kernel", choices=list(KERNELS), default=None,
+    p.add_argument("--resize-kernel", choices=list(RESIZE_KERNELS), default=None,
                    help="kernel to the extractor's input size (default: each extractor's own)")
     p.add_argument("--k", type=number_in(int, 1, 1000), default=PR_K, help="nearest neighbours for precision / recall")
     p.add_argument("--bootstrap-draws", type=number_in(int, 0, 100_000), default=50, help="paper §5: 50 (0: none)")
-    p.add_argument("--bootstrap-size", type=number_in(int, 2, INF), help="generated samples per draw (default: half)")
-    p.add_argument("--fld-gen-size", type=number_in(int, 2, INF), default=FLD_GEN_SIZE)
-    p.add_argument("--random-weights", action="store_true", help="untrained extractors (pipeline tests)")
+    p.add_argument("--bootstrap-num-generated", type=number_in(int, 2, INF),
+                   help="generated samples per bootstrap draw (default: half of them)")
+    p.add_argument("--fld-num-generated", type=number_in(int, 2, INF), default=FLD_GEN_SIZE,
+                   help="generated samples FLD centres its mixture on, at most")
+    p.add_argument("--random-weights", action="store_true",
+                   help="seeded random weights instead of the hub's (pipeline checks, offline)")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=64, help="tiles per extractor batch")
     add_workers_arg(p, default=min(8, os.cpu_count() or 1))
     p.add_argument("--seed", type=SEED, default=0)
@@ -443,20 +309,15 @@ def add_metric_args(p):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--real", type=Path, required=True, help="real tiles (the validation set; FLD's test set)")
+    p.add_argument("--val", type=Path, required=True, help="real held-out tiles (the val set; FLD's test set)")
     p.add_argument("--generated", type=Path, required=True, help="generated tiles")
-    p.add_argument("--train", type=Path, help="training / guidance tiles (FLD only)")
+    p.add_argument("--guidance", type=Path, help="training tiles, those the generator conditioned on (FLD's train set)")
     p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=["inception"],
                    help=f"comma-separated: {', '.join(EXTRACTORS)}")
     p.add_argument("--metrics", type=comma_list(METRICS), default=["fd", "pr"],
                    help=f"comma-separated: {', '.join(METRICS)}")
-    p.add_argument("--jpeg-real", type=number_in(int, 1, 100), default=None, help="re-encode real tiles as JPEG "
-                                                                                  "at this quality")
-    p.add_argument("--jpeg-generated", type=number_in(int, 1, 100), default=None, help="same for generated tiles "
-                                                                                       "(DS-MIL: 70)")
-    p.add_argument("--jpeg-train", type=number_in(int, 1, 100), default=None, help="same for the FLD training tiles")
-    p.add_argument("--fd-generated-size", type=number_in(int, 0, INF), default=FD_GENERATED_SIZE,
-                   help="generated samples FD uses (0: all)")
+    p.add_argument("--fd-num-generated", type=number_in(int, 0, INF), default=FD_GENERATED_SIZE,
+                   help="generated samples FD uses, at most (0: all)")
     add_metric_args(p)
     p.add_argument("--cache-dir", type=Path, default=Path("results/features"))
     p.add_argument("--no-cache", action="store_true")
@@ -466,8 +327,8 @@ def build_parser():
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    if "fld" in args.metrics and args.train is None:
-        raise InputError("--metrics fld needs --train TRAIN_DIR (training or guidance tiles)")
+    if "fld" in args.metrics and args.guidance is None:
+        raise InputError("--metrics fld needs --guidance TILES (the training tiles the generator conditioned on)")
     return args
 
 

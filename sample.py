@@ -47,16 +47,41 @@ from tqdm import tqdm
 from features import encoder_features, load_encoder, read_cls_names
 from repa_loss import interpolate
 from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
-from support.cli import (BATCH_SIZE, SAMPLERS, SAMPLES_PER_COND, SAMPLING_RANGES, SEED, InputError, NonFinite,
-                         add_device_args, add_sampling_args, autocast, check_guidance, check_number, number_in,
-                         processes, resolve_precision, run)
+from support.cli import (
+    BATCH_SIZE,
+    SAMPLERS,
+    SAMPLES_PER_COND,
+    SAMPLING_RANGES,
+    SEED,
+    InputError,
+    NonFinite,
+    add_device_args,
+    add_sampling_args,
+    autocast,
+    check_guidance,
+    check_number,
+    number_in,
+    processes,
+    resolve_precision,
+    run,
+)
 from support.data import list_tile_args
 from support.outputs import check_output_folder, claim_output_folder, record_settings, save_png
-from support.sampling import (ArraySource, MeanSource, TileSource, batch_conditioning, content_tiles, plan_jobs,
-                              read_feature_array, read_png, restain_jobs, save_grid)
+from support.sampling import (
+    ArraySource,
+    MeanSource,
+    TileSource,
+    batch_conditioning,
+    content_tiles,
+    plan_jobs,
+    read_feature_array,
+    read_png,
+    restain_jobs,
+    save_grid,
+)
 from support.stain import score_restained
+from support.tiles import TILE_MPP
 from support.weights import load_models
-from tiling import TILE_MPP
 
 SAMPLES_PER_TILE, STRENGTH = 5, 0.5              # --n's and --strength's defaults
 # The released pipeline's keyword for a setting where it differs (as LazySlide calls it).
@@ -204,7 +229,8 @@ def check_finite(x, noise_ids, what):
     """Stop before a non-finite image is written: a NaN or an inf would be saved as a black or garbage tile."""
     bad = [i for i, ok in zip(noise_ids, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
     if bad:
-        raise NonFinite(f"{len(bad)} image(s) have non-finite {what} (noise ids {bad[:5]}{' ...' if len(bad) > 5 else ''}); "
+        raise NonFinite(f"{len(bad)} image(s) have non-finite {what} "
+                        f"(noise ids {bad[:5]}{' ...' if len(bad) > 5 else ''}); "
                         f"nothing of this batch was written. Likely causes: non-finite weights or conditioning "
                         f"features, or a guidance scale that blows up (try a smaller one)")
 
@@ -299,9 +325,10 @@ def main(argv=None):
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
-    if args.num_samples is not None and (args.cond or args.features or args.interpolate or args.cond_mean or args.restain):
-        raise InputError("--num-samples is for unconditional runs; with --cond/--features/--cond-mean each conditioning "
-                         "gets --n images")
+    if args.num_samples is not None and (args.cond or args.features or args.interpolate or args.cond_mean
+                                         or args.restain):
+        raise InputError("--num-samples is for unconditional runs; with --cond/--features/--cond-mean each "
+                         "conditioning gets --n images")
     if args.interpolate and not all(os.path.isfile(f) for f in args.interpolate):
         raise InputError("--interpolate takes two tile files (not folders, and they must exist)")
     if bool(args.restain) != bool(args.style) or (args.strength is not None and not args.restain):
@@ -339,8 +366,8 @@ def build_parser():
                    help=f"--restain: the time the content is noised to, in (0, 1] (default {STRENGTH}); small S "
                         "keeps the cells, S = 1 ignores them")
     p.add_argument("--cond-mpp", type=number_in(float, 0, 100, open_low=True), metavar="MPP", default=None,
-                   help=f"the tiles' µm/px (conditioning, content, style) if not {TILE_MPP}: rescale them to {TILE_MPP} "
-                        "before cropping")
+                   help=f"the tiles' µm/px (conditioning, content, style) if not {TILE_MPP}: rescale them to "
+                        f"{TILE_MPP} before cropping")
     p.add_argument("--n", type=SAMPLES_PER_COND, default=None, help=f"samples per conditioning (rows of the "
                                                                      f"interpolation; default {SAMPLES_PER_TILE})")
     p.add_argument("--num-samples", type=number_in(int, 1, 10 ** 9), help="unconditional: number of images "

@@ -16,7 +16,8 @@ x_{t_start} = (1 - t_start) x + t_start eps: SDEdit (Meng et al., 2022, §3), wh
 The grid keeps its N steps, squeezed onto [0, t_start]; t_start = 1 is the paper's sampler, bit for bit.
 
 The state is float64; the network gets x and the conditioning in `dtype` (cast inside `cfg_velocity`), so
-bf16 networks do not accumulate rounding error over 250 steps, and t in float32 (bf16 would merge steps). The time grid is a Python list of floats: the guidance window
+bf16 networks do not accumulate rounding error over 250 steps, and t in float32 (bf16 would merge steps).
+The time grid is a Python list of floats: the guidance window
 and the step sizes are decided on the host, so the loop never waits on the device.
 
 Left out: other paths (VP, cosine), other diffusion coefficients, adaptive ODE solvers, SiT's "last step"

@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 # name -> architecture. SiT-XL/2 at input_size 28 is CytoSyn's denoiser (683 M parameters).

@@ -36,13 +36,24 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from support.cli import IMAGE_SIZE, SEED, InputError, MissingInput, number_in, run
-from support.logs import save_tiling_preview
 from support.outputs import claim_output_folder, read_csv, save_csv, save_json
-from support.slides import (RESAMPLE, SlideError, centred_tiles, csv_mpp_for, list_slides, mpp_table, open_slide,
-                            read_coords, read_tile_at, resolve_mpp, slide_geometry, thumbnail,
-                            write_coords)
+from support.slides import (
+    SlideError,
+    centred_tiles,
+    csv_mpp_for,
+    list_slides,
+    mpp_table,
+    open_slide,
+    read_coords,
+    read_tile_at,
+    resolve_mpp,
+    save_tiling_preview,
+    slide_geometry,
+    thumbnail,
+    write_coords,
+)
+from support.tiles import RESIZE_KERNELS, TILE_MPP, TILE_SIZE
 
-TILE_SIZE, TILE_MPP = 224, 0.5  # CytoSyn's training tiles: 224 x 224 px at 0.5 µm/px, 20x (§3.2)
 THUMB_PX_PER_TILE = 16    # the tissue mask sees each tile as about 16 x 16 pixels
 MIN_SATURATION = 0.07     # floor under the Otsu threshold, so glass and a blank slide stay background
 MIN_OBJECT_TILES = 0.25   # tissue pieces smaller than a quarter of a tile are dust
@@ -308,7 +319,7 @@ def write_tiles(slide, geo, tissue, chosen, splits, job):
     rows = []
     for k, t in enumerate(chosen):
         x, y = int(tissue.x[t]), int(tissue.y[t])
-        tile = read_tile_at(slide, geo, x, y, c, RESAMPLE[s["resample"]])
+        tile = read_tile_at(slide, geo, x, y, c, RESIZE_KERNELS[s["resize_kernel"]])
         name = f"{slide_id}_{x}_{y}.{ext}"
         write_tile_image(tile[c:c + geo.size, c:c + geo.size], dirs[0] / name, s["jpeg"])
         if c:
@@ -341,7 +352,7 @@ def read_marker(out, slide_id):
 def tiling_settings(args):
     """Everything that changes a slide's tiles; a slide is redone when these differ."""
     return {"mpp": args.mpp, "image_size": args.image_size, "slide_mpp": args.slide_mpp,
-            "min_tissue": args.min_tissue, "resample": args.resample, "jpeg": args.jpeg,
+            "min_tissue": args.min_tissue, "resize_kernel": args.resize_kernel, "jpeg": args.jpeg,
             "context": args.context, "seed": args.seed,
             "val_in": args.val_in, "ink_filter": args.ink_filter,
             "from_coords": str(Path(args.from_coords).resolve()) if args.from_coords else None}
@@ -422,12 +433,12 @@ def tile_slides(args):
     mpps, settings = mpp_table(args.mpp_csv, paths), tiling_settings(args)
     claim_output_folder(out)  # locked: two runs into one OUT would list each other's half-written tiles
     print(f"tiles of {args.image_size} px at {args.mpp} µm/px, resampled with Pillow "
-          f"{RESAMPLE[args.resample].name} (antialiased) where the slide's MPP differs", file=sys.stderr)
+          f"{RESIZE_KERNELS[args.resize_kernel].name} (antialiased) where the slide's MPP differs", file=sys.stderr)
     plans = plan_all(paths, settings, out, args.slide_processes, mpps)
     plans.sort(key=lambda p: p["slide_id"])  # workers finish in any order; splits must not
     jobs = assign_splits([p for p in plans if not p["error"]], args)
     save_json({
-        **vars(args), "kernel": f"Pillow {args.resample} (antialiased)",
+        **vars(args), "kernel": f"Pillow {args.resize_kernel} (antialiased)",
         "openslide": openslide.__library_version__,
         "slides": {j["slide_id"]: {"slide_mpp": j["slide_mpp"], "mpp_source": j["mpp_source"]} for j in jobs}},
         out / "tiling.json")
@@ -460,7 +471,7 @@ def build_parser():
     p.add_argument("--from-coords", default=None, metavar="DIR",
                    help="tile the patches in DIR/<slide>.h5 (TRIDENT/CLAM coords), our tile centred "
                         "on each, instead of choosing tiles from the tissue mask")
-    p.add_argument("--resample", choices=list(RESAMPLE), default="lanczos",
+    p.add_argument("--resize-kernel", choices=list(RESIZE_KERNELS), default="lanczos",
                    help="Pillow antialiased kernel used when the slide's MPP differs from --mpp")
     p.add_argument("--jpeg", type=number_in(int, 1, 100), default=None, metavar="QUALITY",
                    help="write JPEG tiles at this quality (DS-MIL: 70) instead of lossless PNG")

@@ -1,8 +1,8 @@
 """CytoSyn training: the VAE and the SiT trained end to end with REPA-E (CytoSyn §3.3; REPA-E §3).
 
-    torchrun --nproc_per_node=8 train.py --data TILES --out results/cytosyn   # 1..64 GPUs
-    torchrun ... train.py --data TILES --out results/cytosyn --resume        # continue the run
-    python train.py --data TILES --model SiT-T/2 --vae tiny --encoder tiny ...  # one process, CPU
+    torchrun --nproc_per_node=8 train.py --tiles TILES --out results/cytosyn   # 1..64 GPUs
+    torchrun ... train.py --tiles TILES --out results/cytosyn --resume        # continue the run
+    python train.py --tiles TILES --model SiT-T/2 --vae tiny --encoder tiny ...  # one process, CPU
 
 One step, in the paper's order (CytoSyn §3.3), on every rank with the same t and eps in both passes:
   1. VAE forward: posterior, z ~ posterior, reconstruction.
@@ -35,12 +35,24 @@ from repa_loss import diffusion_loss, interpolate, repa_loss, sample_t, velocity
 from sample import Pipeline, SamplingSettings
 from sit import SiT_models, build_sit, synced_batchnorm
 from support.checkpoints import save_all_ranks, start_or_resume
-from support.cli import (IMAGE_SIZE, MAX_STEPS, SEED, InputError, add_device_args, add_sampling_args, add_workers_arg, check_guidance,
-                         number_in, processes, resolve_precision, run)
+from support.cli import (
+    IMAGE_SIZE,
+    MAX_STEPS,
+    SEED,
+    InputError,
+    add_device_args,
+    add_sampling_args,
+    add_workers_arg,
+    check_guidance,
+    number_in,
+    processes,
+    resolve_precision,
+    run,
+)
 from support.data import feature_dim, find_tiles, first_tiles, training_batches
 from support.logs import Logger, errors_to_log, save_training_grid
 from support.outputs import claim_output_folder
-from tiling import TILE_SIZE
+from support.tiles import TILE_SIZE
 from vae import build_vae, vae_models
 from vae_loss import LPIPS, NLayerDiscriminator, add_lpips_args, hinge_d_loss, hinge_g_loss
 
@@ -75,7 +87,8 @@ def make_batch(nets, images, feats):
             cond, target = encoder_features(nets.encoder, images, token_grid=nets.sit.token_grid)  # (B, D), (B, T, D)
     x = images.float() / 127.5 - 1.0                       # (B, 3, H, W) in [-1, 1]: the VAE's range
     t = sample_t(x.shape[0], device=device)                # (B,)
-    eps = torch.randn(len(x), nets.vae.z_channels, *(n // nets.vae.factor for n in x.shape[2:]), device=device)  # (B, 4, h, w)
+    eps = torch.randn(len(x), nets.vae.z_channels, *(n // nets.vae.factor for n in x.shape[2:]),
+                      device=device)  # (B, 4, h, w)
     return SimpleNamespace(x=x, cond=cond, target=target, t=t, eps=eps)
 
 
@@ -92,12 +105,12 @@ def vae_loss(nets, batch, args):
             terms["lpips"] = nets.lpips(recon.float(), x).mean()
         terms["kl"] = posterior.kl().float().mean()                            # summed over C, H, W; batch mean
         if nets.disc is not None:
-            terms["gan_g"] = hinge_g_loss(nets.disc(recon).float())
+            terms["gan"] = hinge_g_loss(nets.disc(recon).float())
         x_t = interpolate(sit.normalize(z.float()), batch.eps, batch.t)        # (B, 4, h, w): (1 - t) x + t eps
         _, proj = nets.forward.sit_align(x_t, batch.t, batch.cond, align_only=True)  # (B, T, D), blocks 1..8
         terms["proj_vae"] = repa_loss(proj, batch.target)
-        weights = dict(l1=args.l1_weight, kl=args.kl_weight, lpips=args.lpips_weight, gan_g=args.gan_weight,
-                       proj_vae=args.vae_align_coeff)
+        weights = dict(l1=args.l1_weight, kl=args.kl_weight, lpips=args.lpips_weight, gan=args.gan_weight,
+                       proj_vae=args.proj_vae_weight)  # each term's weight is the flag --TERM-weight
         terms["vae_loss"] = sum(weights[k] * v for k, v in terms.items())
     sit.train()
     return terms["vae_loss"], z, recon, terms
@@ -134,7 +147,7 @@ def sit_loss(nets, z, batch, args):
         v, proj = nets.forward.sit(x_t, batch.t, batch.cond)  # (B, 4, h, w), (B, T, D)
         diff = diffusion_loss(v, velocity_target(x0, batch.eps))
         proj_sit = repa_loss(proj, batch.target)
-        loss = diff + args.proj_coeff * proj_sit
+        loss = diff + args.proj_sit_weight * proj_sit
     return loss, dict(diffusion=diff, proj_sit=proj_sit, sit_loss=loss)
 
 
@@ -183,12 +196,12 @@ def update_ema(ema, model, decay):
 
 # -------- Setup helpers ---------------------------------------------------------------------------
 
-def build_models(args, device, world, feature_dim_=None, pretrained=True):
+def build_models(args, device, world, feature_dim_=None):
     """SiT, VAE, their EMAs, the discriminator, LPIPS and the encoder; the same init on every rank.
     Each network has one handle, the module (`nets.sit` ...); `nets.forward` holds how the training passes
     call them (`wrap_models`: through DDP and/or torch.compile), the modules themselves until then."""
     torch.manual_seed(args.seed)
-    encoder = None
+    encoder, pretrained = None, not args.random_weights
     if feature_dim_ is None:
         encoder = load_encoder(args.encoder, pretrained=pretrained, seed=args.seed).to(device)
         feature_dim_ = encoder.embed_dim
@@ -206,7 +219,7 @@ def build_models(args, device, world, feature_dim_=None, pretrained=True):
     if world > 1:
         sit.bn = synced_batchnorm(sit.bn)  # the EMA keeps a plain BatchNorm2d (same state-dict names)
     disc = None if args.no_gan else NLayerDiscriminator().to(device)
-    lpips = None if args.no_lpips else LPIPS(pretrained and not args.lpips_random, args.lpips_heads,
+    lpips = None if args.no_lpips else LPIPS(pretrained, args.lpips_heads,
                                              args.lpips_vgg_range_quirk).to(device)
     # NOTE: bf16 autocast where REPA-E uses fp16 (no loss scaler needed, same speed on A100/H100).
     bf16 = resolve_precision(args.precision, device) == "bf16" and device.type == "cuda"
@@ -267,15 +280,15 @@ def train(args):
         if device.type == "cuda":  # TF32 matmuls and convolutions: REPA-E's default
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
 
-        # Setup the results folder, then the data: a wrong --data fails before any model is built. A results
+        # Setup the results folder, then the data: a wrong --tiles fails before any model is built. A results
         # folder among the tiles (its grids would be read back as tiles) or in use by another run is refused.
-        claim_output_folder(args.out, {"--data": [args.data], "--features": [args.features], "--slides": [args.slides]})
-        tiles = find_tiles(args.data, args.slides)
+        claim_output_folder(args.out, {"--tiles": [args.tiles], "--tokens": [args.tokens], "--slides": [args.slides]})
+        tiles = find_tiles(args.tiles, args.slides)
 
         # Setup models and optimizers (the same initialisation on every rank), from a checkpoint (--resume),
         # other weights (--init-from) or the initialisation.
         def build():
-            nets = build_models(args, device, world, feature_dim(args.features) if args.features else None)
+            nets = build_models(args, device, world, feature_dim(args.tokens) if args.tokens else None)
             return nets, build_optimizers(args, nets), {**vars(args), **nets.sit.config, "world_size": world}
         nets, opts, config, start_step, lines = start_or_resume(args, rank, world, device, build)
         log = Logger(args.out, rank, start_step, world, args.log_every, args.global_batch_size, device)
@@ -287,11 +300,11 @@ def train(args):
 
         # Setup data loading, and the fixed tiles whose CLS features condition every sample grid.
         dataset, data = training_batches(
-            tiles, size=args.image_size, resize=args.resize, features=args.features,
+            tiles, size=args.image_size, resize=args.resize, features=args.tokens,
             tokens=nets.sit.token_grid ** 2, rank=rank, world=world, local_batch=local_batch, seed=args.seed,
             num_workers=args.num_workers, shuffle_buffer=args.shuffle_buffer, start_step=start_step,
             pin_memory=device.type == "cuda")
-        log.info(f"data: {tiles.describe()} from {args.data}")
+        log.info(f"data: {tiles.describe()} from {args.tiles}")
         if rank == 0 and args.sample_every:
             fixed, fixed_feats = first_tiles(dataset, args.grid_tiles)
             with nets.autocast:
@@ -338,23 +351,28 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
-    p.add_argument("--data", required=True,
-                   help="folder of PNG/JPEG tiles (recursive), manifest .csv, or folder/.tar of shards")
+    p.add_argument("--tiles", required=True, help="the training tiles: tiling.py's output folder or its "
+                   "manifest.csv (the train rows), a folder of PNG/JPEG tiles (recursive), or .tar shards")
     p.add_argument("--slides", default=None, metavar="SLIDES_DIR",
-                   help="read each tile of the --data manifest from its slide (the folder tiling.py read): no PNG copy")
-    p.add_argument("--features", default=None, help="folder of precomputed <tile stem>.npy H0-mini tokens")
+                   help="read each tile of the --tiles manifest from its slide (the folder tiling.py read): "
+                        "no PNG copy")
+    p.add_argument("--tokens", default=None, metavar="TOKENS_DIR",
+                   help="folder of precomputed <tile stem>.npy H0-mini tokens (features.py's output)")
     p.add_argument("--image-size", type=IMAGE_SIZE, default=TILE_SIZE)
     p.add_argument("--resize", choices=["crop", "scale"], default=None,
                    help="what to do with tiles of another size (default: stop with an error)")
     add_workers_arg(p)
-    p.add_argument("--shuffle-buffer", type=number_in(int, 1, 10 ** 8), default=1000, help="tiles held for shuffling a tar stream")
+    p.add_argument("--shuffle-buffer", type=number_in(int, 1, 10 ** 8), default=1000,
+                   help="tiles held for shuffling a tar stream")
     # models
     p.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2")
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
     p.add_argument("--encoder", choices=ENCODERS, default="h0-mini")
-    p.add_argument("--encoder-depth", type=number_in(int, 1, 64), default=None, help="REPA block (default: the preset's, 8)")
+    p.add_argument("--encoder-depth", type=number_in(int, 1, 64), default=None,
+                   help="REPA block (default: the preset's, 8)")
     p.add_argument("--cond-dropout", type=number_in(float, 0, 1, open_high=True), default=0.1,
                    help="probability that a tile's condition is dropped to the null embedding (for guidance)")
     # optimisation (REPA-E's defaults; CytoSyn's global batch)
@@ -369,14 +387,16 @@ def build_parser():
     p.add_argument("--max-grad-norm", type=number_in(float, 0, 10 ** 6, open_low=True), default=1.0)
     p.add_argument("--ema-decay", type=number_in(float, 0, 1), default=0.9999)
     # loss weights (CytoSyn §3.3, REPA-E §3)
-    p.add_argument("--proj-coeff", type=LOSS_WEIGHT, default=0.5, help="REPA weight in the SiT loss")
-    p.add_argument("--vae-align-coeff", type=LOSS_WEIGHT, default=1.5, help="REPA weight in the VAE loss")
+    p.add_argument("--proj-sit-weight", type=LOSS_WEIGHT, default=0.5, help="REPA weight in the SiT loss")
+    p.add_argument("--proj-vae-weight", type=LOSS_WEIGHT, default=1.5, help="REPA weight in the VAE loss")
     p.add_argument("--l1-weight", type=LOSS_WEIGHT, default=1.0)
     p.add_argument("--lpips-weight", type=LOSS_WEIGHT, default=1.0)
     p.add_argument("--kl-weight", type=LOSS_WEIGHT, default=1e-6)
     p.add_argument("--gan-weight", type=LOSS_WEIGHT, default=0.1)
     p.add_argument("--no-gan", action="store_true", help="ablation / smoke run: no discriminator")
     add_lpips_args(p)
+    p.add_argument("--random-weights", action="store_true", help="seeded random weights instead of the hub's for "
+                   "the frozen networks (the encoder, LPIPS's VGG16): smoke runs, offline")
     # run
     p.add_argument("--out", default="results/cytosyn", help="the run's folder: checkpoints, logs, samples")
     p.add_argument("--resume", nargs="?", const="latest", default=None,

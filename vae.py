@@ -229,7 +229,8 @@ def convert_diffusers_state_dict(sd):
     num_up = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks.")), default=-1)
     renames = [("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2."),
                ("mid_block.attentions.0.", "mid.attn_1."), (".resnets.", ".block."),
-               (".conv_shortcut.", ".nin_shortcut."), ("downsamplers.0.", "downsample."), ("upsamplers.0.", "upsample."),
+               (".conv_shortcut.", ".nin_shortcut."), ("downsamplers.0.", "downsample."),
+               ("upsamplers.0.", "upsample."),
                ("attn_1.group_norm.", "attn_1.norm."), ("attn_1.to_q.", "attn_1.q."), ("attn_1.to_k.", "attn_1.k."),
                ("attn_1.to_v.", "attn_1.v."), ("attn_1.to_out.0.", "attn_1.proj_out."),
                # files saved by diffusers before 0.14 use its older attention names

@@ -128,7 +128,6 @@ def add_lpips_args(p):
     p.add_argument("--lpips-uniform", dest="lpips_heads", action="store_const", const=UNIFORM,
                    help="ablation: weigh VGG channels 1/C instead of the calibrated heads (not LPIPS)")
     p.add_argument("--lpips-vgg-range-quirk", action="store_true", help="REPA-E's code: VGG sees [-3, 1]")
-    p.add_argument("--lpips-random", action="store_true", help="random VGG weights (tests and offline smoke runs)")
 
 
 def discriminator_init_(m):

@@ -139,7 +139,8 @@ def add_sampling_args(p, several=False, sampler="sde", steps=250):
     p.add_argument("--num-sampling-steps", type=comma_list(kind=steps_type) if several else steps_type,
                    default=[steps] if several else steps,
                    help=f"sampling steps (paper: 250){'; several: comma-separated, Figure 4' if several else ''}")
-    p.add_argument("--cfg-scale", type=number_in(*SAMPLING_RANGES["cfg_scale"]), default=2.5, help="classifier-free guidance scale (paper: 2.5)")
+    p.add_argument("--cfg-scale", type=number_in(*SAMPLING_RANGES["cfg_scale"]), default=2.5,
+                   help="classifier-free guidance scale (paper: 2.5)")
     p.add_argument("--guidance-low", type=unit, default=0.0, help="guide where t >= this (t = 1: noise)")
     p.add_argument("--guidance-high", type=unit, default=0.75, help="guide where t <= this (paper: 0.75)")
 

@@ -26,11 +26,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from support.cli import InputError, MissingInput
+from support.tiles import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")  # tiles: the one list of the repo
 SLIDE_COLUMNS = ("slide_file", "x", "y", "level", "scale", "size")  # where a manifest row lies in its slide
-SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".czi", ".isyntax", ".svslide",
-                    ".dcm")  # whole-slide formats: never tiles (a .tif may be either)
 MAX_TILE_PX = 2048  # a larger image is a slide or a region, not a tile (CytoSyn's are 224 px)
 
 
@@ -86,7 +84,7 @@ def unique_tile_rows(rows, column, path):
 
 
 class Tiles(namedtuple("Tiles", "kind items")):
-    """What --data names: kind "files" (tile paths), "shards" (tar paths) or "slides" ((manifest rows,
+    """What --tiles names: kind "files" (tile paths), "shards" (tar paths) or "slides" ((manifest rows,
     slides folder, resample kernel): tiles read from the slides)."""
 
     def describe(self):
@@ -96,11 +94,12 @@ class Tiles(namedtuple("Tiles", "kind items")):
 
 
 def find_slide_tiles(manifest, slides_dir):
-    """--data MANIFEST --slides SLIDES_DIR -> Tiles("slides", (rows, slides_dir, resample)): tiles read from
+    """--tiles MANIFEST --slides SLIDES_DIR -> Tiles("slides", (rows, slides_dir, resample)): tiles read from
     the slides themselves (slides.py), no PNG copy; the kernel is the tiling run's (tiling.json)."""
+    manifest = tiling_manifest(manifest) or manifest
     if not (os.path.isfile(manifest) and manifest.lower().endswith(".csv")):
-        raise InputError(f"--slides reads the tiles of a tiling.py manifest: --data must be its manifest.csv, "
-                         f"got {manifest}")
+        raise InputError(f"--slides reads the tiles of a tiling.py manifest: --tiles must be tiling.py's output "
+                         f"folder or its manifest.csv, got {manifest}")
     if not os.path.isdir(slides_dir):
         raise MissingInput(f"--slides {slides_dir}: no such folder (give the folder tiling.py read)")
     column, rows = read_manifest_rows(manifest)
@@ -116,28 +115,36 @@ def find_slide_tiles(manifest, slides_dir):
     resample = "lanczos"
     if os.path.exists(settings):
         with open(settings) as f:
-            resample = json.load(f).get("resample", resample)
+            recorded = json.load(f)
+        resample = recorded.get("resize_kernel", recorded.get("resample", resample))  # "resample": older runs
     for r in rows:
         r["name"] = os.path.splitext(os.path.basename(r[column]))[0]
     return Tiles("slides", (rows, slides_dir, resample))
 
 
+def tiling_manifest(folder):
+    """tiling.py's output folder (manifest.csv and tiling.json inside) -> its manifest's path, else None."""
+    manifest = os.path.join(folder, "manifest.csv")
+    return manifest if os.path.isfile(manifest) and os.path.isfile(os.path.join(folder, "tiling.json")) else None
+
+
 def find_tiles(data, slides=None):
-    """--data (and --slides) -> Tiles: tile paths, tar paths, or a manifest's rows read from the slides;
-    sorted so every rank agrees."""
+    """--tiles (and --slides) -> Tiles: tile paths, tar paths, or a manifest's rows read from the slides;
+    sorted so every rank agrees. tiling.py's output folder means its manifest's train rows."""
     if slides:
         return find_slide_tiles(data, slides)
+    if os.path.isdir(data) and tiling_manifest(data):
+        return Tiles("files", manifest_tile_paths(tiling_manifest(data)))
     if os.path.isfile(data) and data.lower().endswith(".csv"):
         return Tiles("files", manifest_tile_paths(data))
     if os.path.isfile(data) and data.lower().endswith(".tar"):
         return Tiles("shards", [data])
     if not os.path.isdir(data):
-        raise MissingInput(f"--data {data}: not a folder of tiles, a manifest .csv or a .tar shard")
-    for folder in (data, os.path.dirname(os.path.abspath(data))):  # tiling.py's OUT_DIR or OUT_DIR/tiles
-        manifest = os.path.join(folder, "manifest.csv")
-        if os.path.exists(os.path.join(folder, "tiling.json")) and os.path.exists(manifest):
-            raise InputError(f"--data {data} is tiling.py output, whose folders also hold the val-in and val-out "
-                             f"tiles (and previews): pass {manifest}, which trains on the train rows only")
+        raise MissingInput(f"--tiles {data}: not a folder of tiles, a manifest .csv or a .tar shard")
+    parent = os.path.dirname(os.path.abspath(data))
+    if tiling_manifest(parent):  # OUT_DIR/tiles of a tiling run: it also holds the val-in and val-out tiles
+        raise InputError(f"--tiles {data} is the tiles folder of tiling.py's output {parent}, which also holds the "
+                         f"val-in and val-out tiles: pass {parent}, whose manifest names the train rows")
     files, shards = [], []
     for root, dirs, names in os.walk(data, followlinks=True):
         dirs.sort()
@@ -148,7 +155,7 @@ def find_tiles(data, slides=None):
             elif ext == ".tar":
                 shards.append(os.path.join(root, name))
     if files and shards:
-        raise InputError(f"{data} holds both image files and .tar shards; point --data at one kind")
+        raise InputError(f"{data} holds both image files and .tar shards; point --tiles at one kind")
     if not files and not shards:
         raise MissingInput(f"no PNG/JPEG tiles and no .tar shards under {data}")
     return Tiles("files", files) if files else Tiles("shards", shards)
@@ -182,7 +189,8 @@ def open_tile(src, name=None, decode=True):
         raise TileError(f"{name} is not an image Pillow can read ({type(err).__name__}); give PNG/JPEG/TIFF "
                         f"H&E tiles, or remove it") from err
     if getattr(im, "n_frames", 1) > 1 or max(im.size) > MAX_TILE_PX:
-        raise TileError(f"{name} is {im.size[0]}x{im.size[1]} px{' with several pages' if getattr(im, 'n_frames', 1) > 1 else ''}: "
+        raise TileError(f"{name} is {im.size[0]}x{im.size[1]} px"
+                        f"{' with several pages' if getattr(im, 'n_frames', 1) > 1 else ''}: "
                         f"a whole slide or a region, not a tile (at most {MAX_TILE_PX} px); cut it into tiles "
                         f"with tiling.py")
     if im.mode in ("1", "L", "I", "F") or im.mode.startswith("I;") or im.mode == "LA":
@@ -384,7 +392,7 @@ def batches(dataset, sampler, loader, step, steps_per_epoch):
 
 def training_batches(tiles, *, size, resize, features, tokens, rank, world, local_batch, seed, num_workers,
                      shuffle_buffer, start_step, pin_memory):
-    """--data's tiles -> (dataset, endless (uint8 images (B, 3, H, W), features) batches for this rank),
+    """--tiles' tiles -> (dataset, endless (uint8 images (B, 3, H, W), features) batches for this rank),
     starting where `start_step` left the data order (exact resume for tile lists)."""
     kind, items = tiles
     common = dict(size=size, resize=resize, features=features, tokens=tokens)
@@ -439,7 +447,8 @@ def list_tile_args(paths, flag):
     stems = [os.path.splitext(os.path.basename(t))[0] for t in tiles]
     if len(set(stems)) != len(stems):
         dup = next(s for s in stems if stems.count(s) > 1)
-        raise InputError(f"two conditioning tiles are both named {dup!r}: outputs are named after the tiles; rename one")
+        raise InputError(f"two conditioning tiles are both named {dup!r}: outputs are named after the tiles; "
+                         "rename one")
     return tiles
 
 
@@ -450,8 +459,8 @@ def size_at_mpp(im, path, size, mpp, target_mpp):
     if min(w, h) < size:
         at = "" if mpp == target_mpp else f" once rescaled from {mpp} to {target_mpp} µm/px"
         raise TileError(f"{path} is {im.size[0]}x{im.size[1]} px{at}; CytoSyn needs at least {size}x{size} px at "
-                        f"{target_mpp} µm/px ({size * target_mpp:g} µm): tile the slide larger, or give the tiles' resolution with "
-                        f"--cond-mpp MPP")
+                        f"{target_mpp} µm/px ({size * target_mpp:g} µm): tile the slide larger, or give the tiles' "
+                        f"resolution with --cond-mpp MPP")
     return w, h
 
 

@@ -12,27 +12,19 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 
 from support.checkpoints import latest_checkpoint
 from support.cli import CytoSynError, NonFinite, error_line
-from support.outputs import claimed
-from support.outputs import atomic
+from support.outputs import atomic, claimed
 from support.perf import peak_memory_gb
-from support.slides import thumbnail
 
 # What train_step returns that is averaged over ranks, checked for finiteness every step and logged.
-LOGGED_TERMS = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "disc", "grad_sit", "grad_vae",
+LOGGED_TERMS = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan", "disc", "grad_sit", "grad_vae",
                 "grad_disc", "logits_real", "logits_fake")
-PREVIEW_MAX_PX = 1024  # tiling.py's previews: the longer side
-SPLIT_COLOURS = {"train": (0, 160, 0), "val_in": (0, 90, 255), "val_out": (255, 120, 0)}
-INK_COLOUR = (255, 0, 255)  # the preview tints dropped pen ink magenta
-PLOTTED = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "disc")  # loss.png's panels
+PLOTTED = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan", "disc")  # loss.png's panels
 # The collapse watch: a symptom must last this many log intervals in a row (one bad interval is noise) ...
 COLLAPSE_INTERVALS = 3
 LOGIT_MARGIN = 0.01  # ... the discriminator's mean logits on real tiles and on reconstructions this close, or
@@ -80,7 +72,8 @@ class Logger:
         bad = [f"{k}={v}" for k, v in zip(keys, values) if not math.isfinite(v)]
         if bad:
             raise NonFinite(f"non-finite loss at step {step}: {', '.join(bad)} (all terms: {dict(zip(keys, values))}). "
-                            f"Nothing was saved after it; the last checkpoint is {latest_checkpoint(self.dir) or 'none'}.")
+                            f"Nothing was saved after it; the last checkpoint is "
+                            f"{latest_checkpoint(self.dir) or 'none'}.")
         self.sums = values if self.sums is None else [a + b for a, b in zip(self.sums, values)]
         self.window += 1
         if step % self.log_every == 0 or last:
@@ -159,6 +152,7 @@ def plot_losses(rows, path):
     keys = [k for k in PLOTTED if rows and k in rows[0]]
     if not keys:
         return
+    from matplotlib.figure import Figure  # imported when a plot is drawn, so that `import train` stays light
     fig = Figure(figsize=(3.2 * len(keys), 2.6), layout="constrained")
     steps = [int(r["step"]) for r in rows]
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
@@ -190,6 +184,7 @@ def save_rows(rows, path, padding=0):
 
 def plot_fd_vs_steps(curves, path, title):
     """Figure 4: FD against the number of sampling steps (log axis), one line per sampler."""
+    from matplotlib.figure import Figure  # imported when a plot is drawn
     fig = Figure(figsize=(5.5, 3.6), layout="constrained")
     ax = fig.subplots()
     for sampler, curve in sorted(curves.items()):
@@ -205,25 +200,3 @@ def plot_fd_vs_steps(curves, path, title):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=100)
-
-
-def save_tiling_preview(path, slide, tissue, step, rows):
-    """tiling.py's preview of a slide: a thumbnail of about PREVIEW_MAX_PX, dimmed outside the tissue mask,
-    pen ink tinted magenta (dropped), kept tiles (level-0 side `step`) outlined in their split's colour, and
-    a legend of the colours: the way to check the mask by eye."""
-    thumb, scale = thumbnail(slide, math.ceil(max(slide.dimensions) / PREVIEW_MAX_PX))
-    size = (thumb.shape[1], thumb.shape[0])
-    mask, ink = (np.asarray(Image.fromarray(m).resize(size, Image.Resampling.NEAREST))[..., None]
-                 for m in (tissue.mask, tissue.ink))
-    tinted = (thumb.astype(np.uint16) + INK_COLOUR) // 2
-    image = np.where(ink, tinted, np.where(mask, thumb, thumb // 3 + 150))
-    image = Image.fromarray(image.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for row in rows:
-        x, y, side = row["x"] / scale, row["y"] / scale, step / scale
-        draw.rectangle([x, y, x + side, y + side], outline=SPLIT_COLOURS[row["split"]])
-    legend = {**SPLIT_COLOURS, "pen ink (dropped)": INK_COLOUR}
-    for k, (label, colour) in enumerate(legend.items()):
-        draw.text((4, 4 + 12 * k), label, fill=colour)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, compress_level=1)

@@ -16,7 +16,11 @@ import sys
 from datetime import date
 from pathlib import Path
 
-import metrics as M
+import numpy as np
+import scipy
+import timm
+import torch
+
 from support.cli import InputError, MissingInput
 from support.logs import plot_fd_vs_steps
 from support.outputs import atomic, check_output_folder, save_json
@@ -28,6 +32,11 @@ METRIC_ORDER = ("fd", "fd_bootstrap", "fld", "precision", "recall", "cosine", "c
 COMPARED = ("sampler", "num_sampling_steps", "cfg_scale", "guidance_interval", "sit_weights", "vae_weights",
             "preprocess", "resize", "resize_generated", "weights", "extractor_spec", "k", "draws", "size",
             "n_val", "n_generated", "n_guidance", "reference")
+
+
+def versions():
+    """The libraries behind a number, recorded beside it."""
+    return dict(torch=torch.__version__, timm=timm.__version__, numpy=np.__version__, scipy=scipy.__version__)
 
 
 def run_name(sampler, steps):
@@ -78,13 +87,15 @@ def table3(rows, name, beside, labels, extractors):
             continue
         lines += [f"### {label}", ""] + table_head("metric", extractors)
         for metric in ("fd", "fld", "precision", "recall"):
-            lines += [f"| {metric} ({val}) | " + " | ".join(report_cell(rows, label, e, metric, [val]) for e in extractors)
-                      + " |" for val in (name, beside)]
+            lines += [f"| {metric} ({val}) | " + " | ".join(report_cell(rows, label, e, metric, [val])
+                                                            for e in extractors) + " |"
+                      for val in (name, beside)]
         lines += [f"| cosine ({shown}) | " + " | ".join(cosine_cell(rows, label, e, cohort) for e in extractors) + " |"
                   for cohort, shown in ((name, f"{name} guidance half"), (None, "--tiles guidance"))]
         lines += [f"| fd baseline ({what}) | " + " | ".join(report_cell(rows, BASELINE, e, "fd", [val])
                                                            for e in extractors) + " |"
-                  for val, what in ((name, f"{name}: guidance half vs reference half"), (beside, f"guidance vs {beside}"))]
+                  for val, what in ((name, f"{name}: guidance half vs reference half"),
+                                    (beside, f"guidance vs {beside}"))]
         lines.append("")
     return lines
 
@@ -104,8 +115,10 @@ def intro(args, info):
     """report.md's header: what was scored, against what, and every preprocessing choice (§4.3)."""
     jpeg = ", ".join(f"{s} {f'JPEG q{q}' if q else 'as stored'}" for s, q in (
         ("val", args.jpeg_val), ("guidance", args.jpeg_guidance), ("generated", args.jpeg_generated)))
-    lines = [f"# Benchmark of {f'the tiles in {args.generated} (nothing sampled)' if args.generated else args.ckpt}", "",
-             f"{date.today()}; guidance: {info['guidance']['n']} tiles of {args.tiles} ({info['guidance']['chosen_by']}); "
+    lines = [f"# Benchmark of "
+             f"{f'the tiles in {args.generated} (nothing sampled)' if args.generated else args.ckpt}", "",
+             f"{date.today()}; guidance: {info['guidance']['n']} tiles of {args.tiles} "
+             f"({info['guidance']['chosen_by']}); "
              f"cells: {' / '.join(args.val_sets)}; extractor weights: "
              f"{'random (pipeline check only)' if args.random_weights else 'pretrained'}"
              + ("" if args.generated else f"; SiT {args.sit_weights}, VAE {args.vae_weights}")
@@ -123,7 +136,8 @@ def intro(args, info):
         slides = f" ({len(plan['slides']['guidance'])} / {len(plan['slides']['reference'])} slides)" \
             if plan["split_by"] == "slide" else ""
         lines += [f"--ood {name}: {plan['path']}, {plan['n_tiles']} tiles split by {plan['split_by']} (--seed "
-                  f"{plan['seed']}): {plan['n_guidance']} guidance / {plan['n_reference']} reference tiles{slides}.", ""]
+                  f"{plan['seed']}): {plan['n_guidance']} guidance / {plan['n_reference']} reference "
+                  f"tiles{slides}.", ""]
     return lines
 
 
@@ -142,7 +156,8 @@ def fd_vs_steps(rows, args, extractor):
     """Figure 4's numbers: {sampler: [(steps, FD)]} on the last val set, for one extractor."""
     val = args.val_sets[-1]
     return {s: [(n, next(r["value"] for r in rows if (r["row"], r["extractor"], r["metric"], r["val"]) ==
-                         (run_name(s, n), extractor, "fd", val))) for n in args.num_sampling_steps] for s in args.sampler}
+                         (run_name(s, n), extractor, "fd", val))) for n in args.num_sampling_steps]
+            for s in args.sampler}
 
 
 def fd_vs_steps_table(curves, title):
@@ -179,7 +194,7 @@ def write_reports(rows, skipped, args, argv, info):
     report = dict(date=str(date.today()), argv=sys.argv if argv is None else argv,
                   mode="generated" if args.generated else "sampled",
                   settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, **info,
-                  results=rows, skipped=skipped, fd_vs_steps=figure, versions=M.versions())
+                  results=rows, skipped=skipped, fd_vs_steps=figure, versions=versions())
     save_json(report, args.out / "report.json")
     print(text)
 
@@ -270,7 +285,8 @@ def write_comparison(run_dirs, out):
     save_json(dict(date=str(date.today()), runs=[str(d) for d in run_dirs],
                    columns=[dict(metric=c[0], extractor=c[1], val=c[2], name=column_name(c), differs=flags.get(c, {}))
                             for c in columns],
-                   rows=[dict(id=e["id"], run=e["run"], row=e["row"], values={column_name(c): dict(value=r["value"], std=r["std"])
-                                                                   for c, r in e["values"].items()}) for e in table]),
+                   rows=[dict(id=e["id"], run=e["run"], row=e["row"],
+                              values={column_name(c): dict(value=r["value"], std=r["std"])
+                                      for c, r in e["values"].items()}) for e in table]),
               Path(out) / "compare.json")
     print(text)

@@ -19,7 +19,7 @@ from PIL import Image
 from support.cli import InputError
 from support.data import open_tile, read_tile_at_mpp, size_at_mpp
 from support.logs import save_rows
-from tiling import TILE_MPP
+from support.tiles import TILE_MPP
 
 MEAN_CHUNK = 32  # tiles encoded, or array rows read, at a time when averaging a source's features
 INTERPOLATION_FACTORS = (0.2, 0.4, 0.6, 0.8)      # paper Fig. 3: f = (1 - a) f_left + a f_right
@@ -130,7 +130,8 @@ def plan_jobs(source, n, num_samples=None, interpolate=False, content=None):
         a, b = source.names
         jobs, rows = [], []
         for k in range(n):  # one noise per row, shared by its factors, so the row changes only in f
-            row = [Job(f"{a}_{b}_{k:02d}_a{alpha:.1f}", ((0, 1 - alpha), (1, alpha)), k) for alpha in INTERPOLATION_FACTORS]
+            row = [Job(f"{a}_{b}_{k:02d}_a{alpha:.1f}", ((0, 1 - alpha), (1, alpha)), k)
+                   for alpha in INTERPOLATION_FACTORS]
             jobs += row
             rows.append([("tile", 0)] + [("file", j.name) for j in row] + [("tile", 1)])
         return jobs, rows[:GRID_ROWS]

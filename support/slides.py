@@ -25,22 +25,22 @@ from pathlib import Path
 import h5py
 import numpy as np
 import openslide
-from PIL import Image
-
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from support.cli import InputError, MissingInput
-from support.data import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
+from support.tiles import IMAGE_EXTENSIONS, RESIZE_KERNELS, SLIDE_EXTENSIONS
 
 # Plain images given as slides are large by design; Pillow's decompression-bomb guard (about 89 Mpx)
 # would refuse them.
 Image.MAX_IMAGE_PIXELS = None
 
+PREVIEW_MAX_PX = 1024  # tiling.py's previews: the longer side
+SPLIT_COLOURS = {"train": (0, 160, 0), "val_in": (0, 90, 255), "val_out": (255, 120, 0)}
+INK_COLOUR = (255, 0, 255)  # the preview tints dropped pen ink magenta
 MPP_TOLERANCE = 0.02      # 0.499 or 0.504 µm/px counts as 0.5: scanners are calibrated no better
 KERNEL_REACH = 3          # pixels a resampling kernel reaches at scale 1 (Lanczos-3, the widest)
 PLAUSIBLE_MPP = (0.05, 20.0)  # a fallback key outside this is a placeholder (72 dpi), not a scan
-RESAMPLE = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC,
-            "bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX}
 # Vendor keys OpenSlide passes through, in the order tried; each value -> µm per pixel.
 # Files a slide folder may hold: OpenSlide's formats and plain images are slides; anything else is one only
 # if OpenSlide or Pillow recognises its bytes. manifest.csv and tiling.json are tiling.py's own output.
@@ -395,7 +395,7 @@ class SlideTileReader:
 
     def __init__(self, slides_dir, resample="lanczos"):
         self.slides_dir = Path(slides_dir)
-        self.resample = RESAMPLE[resample]
+        self.resample = RESIZE_KERNELS[resample]
         self.slides = {}  # slide file name -> open slide handle
 
     def slide(self, name):
@@ -412,3 +412,27 @@ class SlideTileReader:
         for slide in self.slides.values():
             slide.close()
         self.slides.clear()
+
+
+# -------- The preview of a tiled slide -------------------------------------------------------------
+
+def save_tiling_preview(path, slide, tissue, step, rows):
+    """tiling.py's preview of a slide: a thumbnail of about PREVIEW_MAX_PX, dimmed outside the tissue mask,
+    pen ink tinted magenta (dropped), kept tiles (level-0 side `step`) outlined in their split's colour, and
+    a legend of the colours: the way to check the mask by eye."""
+    thumb, scale = thumbnail(slide, math.ceil(max(slide.dimensions) / PREVIEW_MAX_PX))
+    size = (thumb.shape[1], thumb.shape[0])
+    mask, ink = (np.asarray(Image.fromarray(m).resize(size, Image.Resampling.NEAREST))[..., None]
+                 for m in (tissue.mask, tissue.ink))
+    tinted = (thumb.astype(np.uint16) + INK_COLOUR) // 2
+    image = np.where(ink, tinted, np.where(mask, thumb, thumb // 3 + 150))
+    image = Image.fromarray(image.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for row in rows:
+        x, y, side = row["x"] / scale, row["y"] / scale, step / scale
+        draw.rectangle([x, y, x + side, y + side], outline=SPLIT_COLOURS[row["split"]])
+    legend = {**SPLIT_COLOURS, "pen ink (dropped)": INK_COLOUR}
+    for k, (label, colour) in enumerate(legend.items()):
+        draw.text((4, 4 + 12 * k), label, fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, compress_level=1)

@@ -98,7 +98,8 @@ def restain_scores(result, content, style):
     od_content = (od - optical_density_stats(content)).norm().item()
     od_style = (od - optical_density_stats(style)).norm().item()
     return dict(ssim_to_content=ssim_content, ssim_to_style=ssim_style, od_distance_to_content=od_content,
-                od_distance_to_style=od_style, content_kept=ssim_content - ssim_style, stain_moved=od_content - od_style)
+                od_distance_to_style=od_style, content_kept=ssim_content - ssim_style,
+                stain_moved=od_content - od_style)
 
 
 def score_restained(items, strength, path):
@@ -109,7 +110,8 @@ def score_restained(items, strength, path):
         s = tiles[name] = restain_scores(result, content, style)
         print(f"{name}: content kept {s['content_kept']:+.3f} (SSIM {s['ssim_to_content']:.3f} to the content, "
               f"{s['ssim_to_style']:.3f} to the style); stain moved {s['stain_moved']:+.3f} (OD statistics "
-              f"{s['od_distance_to_content']:.3f} from the content's, {s['od_distance_to_style']:.3f} from the style's)",
+              f"{s['od_distance_to_content']:.3f} from the content's, "
+              f"{s['od_distance_to_style']:.3f} from the style's)",
               flush=True)
     mean = {k: sum(t[k] for t in tiles.values()) / len(tiles) for k in next(iter(tiles.values()))}
     print(f"mean of {len(tiles)} tiles: content kept {mean['content_kept']:+.3f}, stain moved "

@@ -11,7 +11,7 @@ CKPT.pt.sha256 (train.py writes one with each checkpoint) before it is read, so 
 fresh sums on corrupt weights. Non-finite weights are refused.
 
     python -m support.weights convert IN.pt OUT.pt     # unpickles IN fully: only files you trust
-    python -m support.weights export CKPT OUT_DIR [--sit ema,raw] [--vae ema,raw]
+    python -m support.weights export CKPT OUT_DIR [--sit-weights ema,raw] [--vae-weights ema,raw]
 """
 import argparse
 import hashlib
@@ -25,10 +25,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from safetensors.torch import load_file as load_safetensors, save_file as save_safetensors
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
 
 from sit import SiT_models, build_sit
-from support.cli import InputError, MissingInput, NonFinite, OutputConflict, run
+from support.cli import InputError, MissingInput, NonFinite, OutputConflict, comma_list, run
 from vae import build_vae, convert_diffusers_state_dict, vae_models
 
 EXPORT_FORMAT = "cytosyn-export"
@@ -121,7 +122,8 @@ def verify_checksum(path):
         expected = (f.read().split() or [""])[0]
     if sha256(path) != expected:
         raise InputError(f"{path} does not match its checksum {path}{CHECKSUM_SUFFIX}: the file is corrupt (a "
-                         f"flipped bit, a copy cut short) and is not used; take an earlier checkpoint, or copy it again")
+                         f"flipped bit, a copy cut short) and is not used; take an earlier checkpoint, "
+                         f"or copy it again")
 
 
 def read_export(folder):
@@ -191,7 +193,7 @@ def pick(get, net, ema, path):
     if sd is None:
         kind, other = ("EMA", "raw") if ema else ("raw", "ema")
         raise InputError(f"{path} has no {kind} {net.upper()} weights: pass --{net}-weights {other} (or "
-                         f"sit_weights/vae_weights='{other}'), or export them with --{net} ema,raw")
+                         f"sit_weights/vae_weights='{other}'), or export them with --{net}-weights ema,raw")
     return sd
 
 
@@ -249,7 +251,7 @@ def vae_preset_from_state_dict(sd, path):
 
 
 # -- weights out: an export for sampling; a trusted pickle made weights-only ------------------------------
-def export(path, out, sit_kinds=("ema",), vae_kinds=("ema",)):
+def export(path, out, sit_weights=("ema",), vae_weights=("ema",)):
     """Checkpoint (or export) -> OUT/{sit_ema,sit,vae_ema,vae}.safetensors and OUT/config.json, which
     records the model config, the step, the source and every file's sha256. Everything is read and
     checked before the first file is written."""
@@ -257,14 +259,14 @@ def export(path, out, sit_kinds=("ema",), vae_kinds=("ema",)):
         raise OutputConflict(f"{out} already exists and is not an empty folder: choose another output folder")
     layout, config, step, get = read_weights(path)
     weights = {}
-    for net, kinds in (("sit", sit_kinds), ("vae", vae_kinds)):
-        for kind in kinds:
+    for net, kinds in (("sit", sit_weights), ("vae", vae_weights)):
+        for kind in dict.fromkeys(kinds):  # "ema,ema" is ema once
             name = f"{net}_ema" if kind == "ema" else net
             sd = get(name)
             if sd is None and name == "vae_ema":  # REPA-E keeps no EMA of the VAE: its raw one, as load_models
                 name, sd = "vae", get("vae")
             if sd is None:
-                raise InputError(f"{path} has no {kind} {net.upper()} weights: export --{net} "
+                raise InputError(f"{path} has no {kind} {net.upper()} weights: export --{net}-weights "
                                  f"{'raw' if kind == 'ema' else 'ema'}")
             weights[name] = {k: v.contiguous() for k, v in sd.items()}
             check_finite_weights(weights[name], f"{path}: {name}")
@@ -407,13 +409,6 @@ def init_from(paths, nets):
     return lines
 
 
-def weight_kinds(text):
-    kinds = text.split(",")
-    if not set(kinds) <= {"ema", "raw"}:
-        raise argparse.ArgumentTypeError(f"{text!r}: give ema, raw or ema,raw")
-    return tuple(dict.fromkeys(kinds))
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m support.weights", description=__doc__[__doc__.index("Every file"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -424,14 +419,17 @@ def build_parser():
     e = sub.add_parser("export", help="SiT and VAE weights as safetensors + config.json with sha256 sums")
     e.add_argument("source", metavar="CKPT", help="a train.py checkpoint, an export or a converted REPA-E checkpoint")
     e.add_argument("dest", metavar="OUT", help="the export folder (new or empty)")
-    e.add_argument("--sit", type=weight_kinds, default=("ema",), help="which SiT weights: ema, raw or ema,raw")
-    e.add_argument("--vae", type=weight_kinds, default=("ema",), help="which VAE weights: ema, raw or ema,raw")
+    e.add_argument("--sit-weights", type=comma_list(("ema", "raw")), default=["ema"],
+                   help="which SiT weights: ema, raw or ema,raw")
+    e.add_argument("--vae-weights", type=comma_list(("ema", "raw")), default=["ema"],
+                   help="which VAE weights: ema, raw or ema,raw")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    convert(args.source, args.dest) if args.command == "convert" else export(args.source, args.dest, args.sit, args.vae)
+    convert(args.source, args.dest) if args.command == "convert" else export(args.source, args.dest, args.sit_weights,
+                                                                             args.vae_weights)
     print(f"wrote {args.dest}")
     return 0
 

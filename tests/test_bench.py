@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import bench
-from support import weights
 import metrics as M
+from support import weights
 from tests import synthetic_slide
 
 
@@ -75,14 +75,15 @@ def test_bench_weights_sizes_from_shapes_match_the_written_files(tmp_path):
 def test_the_timed_step_is_train_step():
     """bench.py times train.train_step's calls one by one: from the same state they give the same weights."""
     import torch
+
     import train
-    argv = ["--data", "unused", "--model", "SiT-T/2", "--vae", "tiny", "--encoder", "tiny", "--image-size", "32",
-            "--global-batch-size", "2", "--lpips-random"]
+    argv = ["--tiles", "unused", "--model", "SiT-T/2", "--vae", "tiny", "--encoder", "tiny", "--image-size", "32",
+            "--global-batch-size", "2", "--random-weights"]
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     states = []
     for step in ("train_step", "timed_step"):
         args = train.parse_args(argv)
-        nets = train.wrap_models(train.build_models(args, torch.device("cpu"), 1, pretrained=False), args, False)
+        nets = train.wrap_models(train.build_models(args, torch.device("cpu"), 1), args, False)
         opts = train.build_optimizers(args, nets)
         before = {k: v.clone() for k, v in nets.sit.state_dict().items()}
         torch.manual_seed(1)

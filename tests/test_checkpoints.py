@@ -5,8 +5,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from support import checkpoints, weights
 

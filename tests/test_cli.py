@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import bench
-from support import cli, outputs
 import sample
 import tiling
 import train
+from support import cli, outputs
 
 
 def bench_parsers():
@@ -63,7 +63,7 @@ def test_number_in_says_the_range():
 def test_train_refuses_out_of_range_settings_in_one_line(capsys):
     for flag, value in [("--lr", "-1"), ("--ema-decay", "nan"), ("--cfg-scale", "-2"), ("--cond-dropout", "1")]:
         with pytest.raises(SystemExit):
-            train.parse_args(["--data", "x", flag, value])
+            train.parse_args(["--tiles", "x", flag, value])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"argument {flag}" in err and "allowed range" in err, err
 
@@ -74,7 +74,8 @@ def test_output_inside_an_input_folder_is_refused(tmp_path):
     for out in (tmp_path / "val", tmp_path / "val" / "gen"):
         with pytest.raises(ValueError, match="inside the input folder"):
             outputs.check_output_folder(str(out), {"--cond": [str(tmp_path / "val")]})
-    with pytest.raises(ValueError, match="holds the input file .*feats.npy \\(--features\\)"):  # a folder holding an input file
+    # a folder holding an input file
+    with pytest.raises(ValueError, match="holds the input file .*feats.npy \\(--features\\)"):
         outputs.check_output_folder(str(tmp_path), {"--features": [str(tmp_path / "feats.npy")]})
     # a single input file does not make its whole folder an input: the card's `--cond tile.png --out samples/tile`
     outputs.check_output_folder(str(tmp_path / "gen"), {"--features": [str(tmp_path / "feats.npy")]})
@@ -92,8 +93,8 @@ def test_a_worker_error_is_its_last_line():
 def test_train_refuses_a_results_folder_among_its_tiles(tmp_path):
     """Sample grids written inside a tile folder would be read back as training tiles."""
     (tmp_path / "tiles").mkdir()
-    with pytest.raises(ValueError, match=r"--out .*inside the input folder .*tiles \(--data\)"):
-        train.main(["--data", str(tmp_path / "tiles"), "--out", str(tmp_path / "tiles" / "run"), "--encoder", "tiny"])
+    with pytest.raises(ValueError, match=r"--out .*inside the input folder .*tiles \(--tiles\)"):
+        train.main(["--tiles", str(tmp_path / "tiles"), "--out", str(tmp_path / "tiles" / "run"), "--encoder", "tiny"])
     assert not (tmp_path / "tiles" / "run").exists()  # refused before anything is written
 
 
@@ -129,7 +130,8 @@ def test_a_second_run_into_a_locked_folder_is_refused_and_a_dead_runs_lock_never
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, unwritable even for root")
 def test_an_unwritable_results_folder_is_found_before_anything_runs(tmp_path, one_line_error):
     """Found at the start, before the data is even read, not at the first checkpoint after the steps are spent."""
-    line = one_line_error(train.main, ["--data", str(tmp_path / "no-tiles"), "--out", "/proc/self", "--encoder", "tiny"])
+    line = one_line_error(train.main, ["--tiles", str(tmp_path / "no-tiles"), "--out", "/proc/self",
+                                       "--encoder", "tiny"])
     assert "cannot create the output folder --out /proc/self, or write in it" in line
     assert "cannot create the output folder --out /proc/self/x" in one_line_error(
         tiling.main, ["--slides", str(Path(__file__).parent / "data"), "--out", "/proc/self/x"])
@@ -165,5 +167,6 @@ def test_intra_op_threads_fit_the_cpus(monkeypatch, tmp_path):
     workers = []  # train.py's --num-workers reaches the cap
     monkeypatch.setattr(cli, "cap_threads", workers.append)
     with pytest.raises(cli.MissingInput):
-        train.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--num-workers", "3", "--device", "cpu"])
+        train.main(["--tiles", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--num-workers", "3",
+                    "--device", "cpu"])
     assert workers == [3]

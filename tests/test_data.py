@@ -79,7 +79,7 @@ def test_a_manifest_with_a_tile_twice_is_refused_before_anything_is_written(tmp_
     assert [r["file"] for r in data.read_manifest_rows(manifest)[1]] == ["tiles/s/s_0_0.png", "tiles/s/s_224_0.png"]
     assert "1 repeated rows, identical to others, read once" in capsys.readouterr().out
     manifest.write_text("file,split\nt/a.png,train\nt/a.png,val_out\n")  # no slide columns: files alone
-    argv = ["--data", str(manifest), "--out", str(tmp_path / "tokens"), "--encoder", "tiny", "--random-encoder",
+    argv = ["--tiles", str(manifest), "--out", str(tmp_path / "tokens"), "--encoder", "tiny", "--random-weights",
             "--device", "cpu", "--num-workers", "0"]
     assert "lines 2 and 3 are the same tile (file t/a.png)" in one_line_error(features.main, argv)
     assert not (tmp_path / "tokens").exists()
@@ -134,15 +134,16 @@ def test_precomputed_features(tmp_path):
         data.TileFolder([str(tmp_path / "t0.png"), str(tmp_path / "sub" / "t0.png")], 32, features=str(tmp_path))
 
 
-def test_tiling_output_folder_is_refused_for_its_manifest(tmp_path):
+def test_a_tiling_output_means_its_train_rows_and_its_tiles_folder_is_refused(tmp_path):
     out = tmp_path / "out"
     (out / "tiles" / "s1").mkdir(parents=True)
     write_png(out / "tiles" / "s1" / "a.png", (200, 100, 150))
+    write_png(out / "tiles" / "s1" / "b.png", (200, 100, 150))
     (out / "tiling.json").write_text("{}")
-    (out / "manifest.csv").write_text("file,split\ntiles/s1/a.png,val_out\n")
-    for folder in (out, out / "tiles"):  # either would also train on the held-out tiles
-        with pytest.raises(ValueError, match=r"tiling.py output.*manifest.csv"):
-            data.find_tiles(str(folder))
+    (out / "manifest.csv").write_text("file,split\ntiles/s1/a.png,train\ntiles/s1/b.png,val_out\n")
+    assert data.find_tiles(str(out)) == ("files", [str(out / "tiles" / "s1" / "a.png")])  # not the val_out tile
+    with pytest.raises(ValueError, match=rf"tiles folder of tiling.py's output {out}.*pass {out}"):
+        data.find_tiles(str(out / "tiles"))  # would also train on the held-out tiles
     (tmp_path / "empty.csv").write_text("file,split\n")
     with pytest.raises(ValueError, match="empty manifest"):
         data.find_tiles(str(tmp_path / "empty.csv"))
@@ -210,14 +211,14 @@ def test_a_whole_slide_is_refused_as_a_tile(tmp_path):
 
 
 def test_one_list_of_image_extensions():
-    """data.IMAGE_EXTENSIONS is the only list; the tools import it rather than keep their own."""
+    """support.tiles.IMAGE_EXTENSIONS is the only list; the tools import it rather than keep their own."""
     for path in [*REPO.glob("*.py"), *(REPO / "support").glob("*.py")]:
         text = path.read_text()
-        assert path.name == "data.py" or not any(f'"{ext}", "' in text for ext in (".png", ".svs")), path.name
+        assert path.name == "tiles.py" or not any(f'"{ext}", "' in text for ext in (".png", ".svs")), path.name
 
 
 def test_training_from_slides_gives_the_pixels_of_the_pngs(tmp_path):
-    """--data MANIFEST --slides SLIDES_DIR: each tile read from its slide inside the data workers equals the
+    """--tiles MANIFEST --slides SLIDES_DIR: each tile read from its slide inside the data workers equals the
     PNG tiling.py wrote, through the same DataLoader path train.py uses (2 workers)."""
     import tiling
     out = tmp_path / "tiles"
@@ -239,7 +240,7 @@ def test_training_from_slides_gives_the_pixels_of_the_pngs(tmp_path):
 
 
 def test_slides_need_a_manifest_with_slide_columns_and_the_slides(tmp_path):
-    with pytest.raises(ValueError, match="--data must be its manifest.csv"):
+    with pytest.raises(ValueError, match="--tiles must be tiling.py's output folder or its manifest.csv"):
         data.find_slide_tiles(str(TILES), str(tmp_path))
     (tmp_path / "m.csv").write_text("file,split\na.png,train\n")
     with pytest.raises(ValueError, match="no slide_file, x, y, level, scale, size column"):

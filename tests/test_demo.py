@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +17,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_demo_pipeline(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "demo.py", "--out", str(out), "--max-steps", "20", "--num-sampling-steps", "5",
+    proc = subprocess.run([sys.executable, "demo.py", "--out", str(out), "--max-steps", "20",
+                           "--num-sampling-steps", "5",
                            "--n", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Where to look" in proc.stdout and "$ python train.py --data" in proc.stdout
+    assert "Where to look" in proc.stdout and "$ python train.py --tiles" in proc.stdout
 
     # the tiles: 64 px of real H&E from the bundled slide, a val-in split, and the 8 held-out tiles shown
     manifest = list(csv.DictReader(open(out / "tiles" / "manifest.csv")))
-    assert len(manifest) > 400 and sum(r["split"] == "val_in" for r in manifest) > 80
+    readme = (ROOT / "README.md").read_text()  # the counts the README states (one statement each: test_readme)
+    tiles, val_in = (int(re.search(p, readme).group(1)) for p in (r"(\d+) tissue tiles of 64 px",
+                                                                    r"\((\d+) held out as val-in\)"))
+    assert len(manifest) == tiles and sum(r["split"] == "val_in" for r in manifest) == val_in
     shown = sorted((out / "shown").glob("*.png"))
     assert [p.name[0] for p in shown] == list("01234567") and Image.open(shown[0]).size == (64, 64)
     balance = [stain_balance(np.asarray(Image.open(p).convert("RGB")))[0] for p in shown]  # pinkest first

@@ -13,9 +13,11 @@ from PIL import Image
 import evaluate as E
 import sample
 from conftest import perturbed
+from extractors import EXTRACTORS, spec_record
 from features import load_encoder
 from sit import build_sit
 from support.outputs import read_csv
+from support.tile_features import Preprocess, extract_features
 from vae import build_vae
 
 torch.set_num_threads(1)
@@ -57,7 +59,7 @@ def tiling_output(root, counts, size=64):
 
 def argv(ckpt, tiles, out, *extra):
     return ["--ckpt", ckpt, "--tiles", str(tiles), "--out", str(out), "--num-guidance", "8", "--extractors",
-            "tiny", "--random-weights", "--random-encoder", "--device", "cpu", "--num-workers", "0",
+            "tiny", "--random-weights", "--device", "cpu", "--num-workers", "0",
             "--bootstrap-draws", "3", "--k", "2", *extra]
 
 
@@ -205,8 +207,9 @@ def hand_features(out, folder, prep=None):
     """The cached features evaluate.py scored (a cache miss fails the test)."""
     def no_extractor():
         raise AssertionError(f"{folder} was not scored")
-    return E.M.extract_features(out / folder, "tiny", prep or E.M.Preprocess(), no_extractor,
-                                weights="random(seed=0)", cache_dir=out / "features")
+    identity = dict(extractor="tiny", spec=spec_record(EXTRACTORS["tiny"]), weights="random(seed=0)")
+    return extract_features(out / folder, EXTRACTORS["tiny"], prep or Preprocess(), no_extractor, identity=identity,
+                            cache_dir=out / "features")
 
 
 def by_hand(out, guidance, references, runs, cohort_name, k=2, draws=3):
@@ -260,9 +263,11 @@ def test_ood_rows_and_every_number_equal_the_metrics_called_by_hand(ckpt, tmp_pa
         got = (r["value"], r["std"]) if isinstance(expected, tuple) else r["value"]
         assert got == pytest.approx(expected, rel=1e-9, abs=1e-12), (r["row"], r["val"], r["metric"])
     ood_rows = [r for r in rows if r["val"] == "ibd"]
-    assert {r["settings"]["n_guidance"] for r in ood_rows} == {5} and {r["settings"]["cohort"] for r in ood_rows} == {"ibd"}
+    assert ({r["settings"]["n_guidance"] for r in ood_rows} == {5}
+            and {r["settings"]["cohort"] for r in ood_rows} == {"ibd"})
     text = (out / "report.md").read_text()
-    assert "## Table 3: ibd beside val_out" in text and "| fd (ibd) |" in text and "| cosine (ibd guidance half) |" in text
+    assert ("## Table 3: ibd beside val_out" in text and "| fd (ibd) |" in text
+            and "| cosine (ibd guidance half) |" in text)
     assert E.main(args) == 0 and json.loads((out / "report.json").read_text())["ood"] == report["ood"]  # a rerun
 
 
@@ -323,7 +328,8 @@ def test_a_model_that_returns_its_guidance_tiles_scores_cosine_1_and_the_baselin
     assert E.main(generated_argv(model, tiles, out, "--pairs", str(pairs))) == 0
     report = json.loads((out / "report.json").read_text())
     rows, label = report["results"], "model (--generated)"
-    assert report["mode"] == "generated" and report["guidance"]["n"] == 8 and "--pairs" in report["guidance"]["chosen_by"]
+    assert (report["mode"] == "generated" and report["guidance"]["n"] == 8
+            and "--pairs" in report["guidance"]["chosen_by"])
     assert report["pairing"]["n_pairs"] == 8 and report["pairing"]["repeated_rows"] == 1
     assert not (out / "generated").exists()  # nothing sampled
     value = {(r["row"], r["val"], r["metric"]): r["value"] for r in rows}
@@ -348,7 +354,8 @@ def test_a_bigger_model_tile_is_centre_cropped_as_the_report_states(tmp_path):
     assert cos["value"] == pytest.approx(1.0, abs=1e-6) and cos["settings"]["preprocess"]["generated"]["crop"] == 64
     assert "--crop 64: every tile centre-cropped to 64 px" in (cropped / "report.md").read_text()
     text = (resized / "report.md").read_text()
-    assert "generated 80x80 px; no --crop: each set is resized" in text and "| model (--generated) | no pairing |" in text
+    assert ("generated 80x80 px; no --crop: each set is resized" in text
+            and "| model (--generated) | no pairing |" in text)
     report = json.loads((resized / "report.json").read_text())
     assert report["pairing"] is None and not any(r["metric"] == "cosine" for r in report["results"])
     assert report["tile_sizes"]["generated"] == [80, 80]
@@ -365,10 +372,10 @@ def test_precision_and_recall_keep_their_direction_in_every_report_row(tmp_path,
     part = np.array([[0.5], [1.5], [2.5], [3.5]], np.float32)  # inside the first one only
 
     def known_features(folder, **_):
-        stems = [os.path.splitext(os.path.basename(p))[0] for p in E.M.list_images(folder)]
+        stems = [os.path.splitext(os.path.basename(p))[0] for p in E.list_images(folder)]
         return stems, real if os.path.basename(folder) in E.VAL_SETS else part
 
-    monkeypatch.setattr(E.M, "extract_features", known_features)
+    monkeypatch.setattr(E, "extract_features", known_features)
     out = tmp_path / "bench"
     assert E.main(generated_argv(model, tiles, out, "--num-guidance", "4")) == 0
     rows = json.loads((out / "report.json").read_text())["results"]
@@ -393,7 +400,8 @@ def test_compare_marks_a_column_whose_runs_differ_in_steps(ckpt, tmp_path):
         assert set(column["differs"]) == {"num_sampling_steps"}, column
         assert column["differs"]["num_sampling_steps"] == {"2": ["r2"], "3": ["r4"]}
     report = json.loads((three / "report.json").read_text())["results"]
-    fd = next(r["value"] for r in report if (r["row"], r["metric"], r["val"]) == (E.run_name("sde", 3), "fd", "val_out"))
+    fd = next(r["value"] for r in report
+              if (r["row"], r["metric"], r["val"]) == (E.run_name("sde", 3), "fd", "val_out"))
     row = next(r for r in table["rows"] if r["id"] == "r4")
     assert (row["run"], row["row"]) == (str(three), E.run_name("sde", 3))
     assert row["values"]["fd tiny val_out"]["value"] == fd and len(table["rows"]) == 4  # baseline + run, each

@@ -12,8 +12,9 @@ import timm
 import torch
 from PIL import Image
 
-from support import data
 import features as F
+from support import data, hub
+from support.cli import Unavailable
 
 torch.set_num_threads(1)
 
@@ -27,7 +28,7 @@ def write_tiles(folder, n, size=64, seed=0):
 
 
 def run(tiles, out, *extra):
-    return F.main(["--data", str(tiles), "--out", str(out), "--encoder", "tiny", "--random-encoder", "--image-size",
+    return F.main(["--tiles", str(tiles), "--out", str(out), "--encoder", "tiny", "--random-weights", "--image-size",
                    "64", "--num-workers", "0", "--batch-size", "3", "--device", "cpu", *extra])
 
 
@@ -69,17 +70,17 @@ def test_resume_skips_finished_tiles_and_shards_give_the_same_tokens(tmp_path):
 def test_lazyslide_trident_features_give_their_cls_half(tmp_path, capsys, one_line_error):
     pooled = np.random.default_rng(0).standard_normal((6, 1536)).astype(np.float32)
     np.save(tmp_path / "lazyslide.npy", pooled)
-    assert F.main(["--data", str(tmp_path / "lazyslide.npy"), "--out", str(tmp_path / "out")]) == 0
+    assert F.main(["--pooled", str(tmp_path / "lazyslide.npy"), "--out", str(tmp_path / "out")]) == 0
     assert np.array_equal(np.load(tmp_path / "out" / F.CLS_FILE), pooled[:, :768])
     assert "took the first 768 of 1536 dims" in capsys.readouterr().out
     h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "trident.h5", "w") as f:
         f["features"], f["coords"] = pooled, np.arange(12).reshape(6, 2)
-    F.main(["--data", str(tmp_path / "trident.h5"), "--out", str(tmp_path / "out2")])
+    F.main(["--pooled", str(tmp_path / "trident.h5"), "--out", str(tmp_path / "out2")])
     assert (tmp_path / "out2" / F.NAMES_FILE).read_text().split()[1] == "2_3"
     np.save(tmp_path / "bad.npy", pooled[:, :100])
     assert re.search(r"error: .*bad.npy has shape \(6, 100\)",
-                     one_line_error(F.main, ["--data", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "out3")]))
+                     one_line_error(F.main, ["--pooled", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "out3")]))
 
 
 def test_ranks_split_the_tiles_and_rank_0_writes_the_cls_array(tmp_path, monkeypatch):
@@ -96,14 +97,15 @@ def test_ranks_split_the_tiles_and_rank_0_writes_the_cls_array(tmp_path, monkeyp
     assert sorted(p.name for p in out.iterdir()) == ["tile1.npy", "tile3.npy"]
     monkeypatch.setenv("RANK", "0")
     run(tiles, out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"tile{i}.npy" for i in range(5)] + [F.CLS_FILE, F.NAMES_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"tile{i}.npy" for i in range(5)]
+                                                           + [F.CLS_FILE, F.NAMES_FILE])
     assert np.load(out / F.CLS_FILE).shape == (5, 48)
 
 
 def test_a_failed_download_says_network_or_access():
     """Offline and no-licence are different problems with different fixes: the message tells them apart."""
-    offline = F.hub_failure(OSError("Failed to resolve 'huggingface.co' ([Errno -3] Temporary failure)"))
-    gated = F.hub_failure(OSError("401 Client Error. GatedRepoError: access to model is restricted"))
+    offline = hub.hub_failure(OSError("Failed to resolve 'huggingface.co' ([Errno -3] Temporary failure)"))
+    gated = hub.hub_failure(OSError("401 Client Error. GatedRepoError: access to model is restricted"))
     assert offline.startswith("network unreachable") and gated.startswith("no access")
     assert "network" not in gated and "access" not in offline
 
@@ -112,9 +114,10 @@ def test_tokens_from_the_slides_equal_tokens_from_the_pngs(tmp_path):
     """--slides: a cohort precomputes its tokens without a PNG copy, and they are the PNGs' tokens."""
     import tiling
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    assert tiling.main(["--slides", os.path.join(repo, "tests", "data"), "--out", str(tmp_path / "tiles"), "--max-tiles-per-slide", "4"]) == 0
+    assert tiling.main(["--slides", os.path.join(repo, "tests", "data"), "--out", str(tmp_path / "tiles"),
+                        "--max-tiles-per-slide", "4"]) == 0
     manifest = tmp_path / "tiles" / "manifest.csv"
-    common = ["--data", str(manifest), "--encoder", "tiny", "--random-encoder", "--image-size", "224",
+    common = ["--tiles", str(manifest), "--encoder", "tiny", "--random-weights", "--image-size", "224",
               "--num-workers", "0", "--batch-size", "3", "--device", "cpu"]
     assert F.main([*common, "--out", str(tmp_path / "png")]) == 0
     assert F.main([*common, "--out", str(tmp_path / "slides"), "--slides", os.path.join(repo, "tests", "data")]) == 0
@@ -128,10 +131,10 @@ def test_tokens_from_the_slides_equal_tokens_from_the_pngs(tmp_path):
 def test_an_uncached_hub_model_fails_at_once_in_one_line(tmp_path, monkeypatch, caplog, capsys):
     """No network, nothing in the cache: one attempt, one line per model that says how to fetch it -- not
     huggingface_hub's five retries with backoff (about 23 s and a dozen lines per model)."""
-    import metrics as M
-    monkeypatch.setattr(F.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    from support.tile_features import score_extractors
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     start = time.perf_counter()
-    rows, skipped = M.score_extractors(["absent-a", "absent-b"], lambda name: [F.create_timm_model(
+    rows, skipped = score_extractors(["absent-a", "absent-b"], lambda name: [hub.create_timm_model(
         name, f"hf-hub:cytosyn-test/{name}", "vit_small_patch16_224", {}, True, 0, "public weights")])
     assert time.perf_counter() - start < 5, "a hub model that cannot load must fail at once"
     assert rows == [] and [s["extractor"] for s in skipped] == ["absent-a", "absent-b"]
@@ -160,28 +163,28 @@ def tiny_hub_cache(cache, repo, kwargs):
 def test_a_cached_hub_model_loads_offline_at_once(tmp_path, monkeypatch, how):
     kwargs = dict(img_size=224, num_classes=0, embed_dim=48, depth=2, num_heads=3)
     saved = tiny_hub_cache(tmp_path, "cytosyn-test/tiny", kwargs)
-    monkeypatch.setattr(F.hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_CACHE", str(tmp_path))
     if how == "hub unreachable":
-        monkeypatch.setattr(F, "reachable", lambda url: False)
+        monkeypatch.setattr(hub, "reachable", lambda url: False)
     else:  # honoured as set, without asking the network
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        monkeypatch.setattr(F, "reachable", lambda url: pytest.fail("HF_HUB_OFFLINE=1 must not reach the network"))
+        monkeypatch.setattr(hub, "reachable", lambda url: pytest.fail("HF_HUB_OFFLINE=1 must not reach the network"))
     start = time.perf_counter()
-    model = F.create_timm_model("tiny-hub", "hf-hub:cytosyn-test/tiny", None, kwargs, True, 0, "public weights")
+    model = hub.create_timm_model("tiny-hub", "hf-hub:cytosyn-test/tiny", None, kwargs, True, 0, "public weights")
     assert time.perf_counter() - start < 5
     assert model.state_dict().keys() == saved.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-    assert F.hf_constants.HF_HUB_OFFLINE is False  # offline for that load only
-    with pytest.raises(F.Unavailable, match="offline .* not in the cache"):  # what the cache lacks still fails at once
-        F.create_timm_model("absent", "hf-hub:cytosyn-test/absent", None, kwargs, True, 0, "public weights")
+    assert hub.hf_constants.HF_HUB_OFFLINE is False  # offline for that load only
+    with pytest.raises(Unavailable, match="offline .* not in the cache"):  # what the cache lacks still fails at once
+        hub.create_timm_model("absent", "hf-hub:cytosyn-test/absent", None, kwargs, True, 0, "public weights")
 
 
 def test_fid_inception_offline_says_where_to_put_its_weights(tmp_path, monkeypatch):
-    from support import extractors
+    import extractors
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(extractors, "reachable", lambda url: False)
     start = time.perf_counter()
-    with pytest.raises(F.Unavailable, match=f"not in {tmp_path}/checkpoints and https://github.com/.* does not answer"):
+    with pytest.raises(Unavailable, match=f"not in {tmp_path}/checkpoints and https://github.com/.* does not answer"):
         extractors.build_extractor("fid-inception")
     assert time.perf_counter() - start < 5
 
@@ -203,5 +206,5 @@ def test_a_names_file_of_another_length_is_refused_before_anything_is_written(ck
     h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "trident.h5", "w") as f:
         f["features"], f["coords"] = np.zeros((6, 1536), np.float32), np.arange(10).reshape(5, 2)
-    line = one_line_error(F.main, ["--data", str(tmp_path / "trident.h5"), "--out", str(tmp_path / "out2")])
+    line = one_line_error(F.main, ["--pooled", str(tmp_path / "trident.h5"), "--out", str(tmp_path / "out2")])
     assert "holds 6 features but 5 coords" in line and not (tmp_path / "out2").exists()

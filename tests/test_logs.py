@@ -7,9 +7,9 @@ import torch
 
 from support import logs
 
-HEALTHY = dict(diffusion=0.8, gan_g=0.5, disc=0.6, grad_sit=2.0, grad_vae=9.0, grad_disc=15.0, logits_real=2.0,
+HEALTHY = dict(diffusion=0.8, gan=0.5, disc=0.6, grad_sit=2.0, grad_vae=9.0, grad_disc=15.0, logits_real=2.0,
                logits_fake=-1.5)
-COLLAPSED = dict(HEALTHY, gan_g=0.0, disc=1.0, grad_disc=0.0, logits_real=0.0, logits_fake=0.0)  # D outputs a constant
+COLLAPSED = dict(HEALTHY, gan=0.0, disc=1.0, grad_disc=0.0, logits_real=0.0, logits_fake=0.0)  # D outputs a constant
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +59,6 @@ def test_a_network_whose_gradient_vanishes_is_named(key, tmp_path):
 
 
 def test_a_run_without_discriminator_is_watched_on_its_gradients_only(tmp_path):
-    no_gan = {k: v for k, v in HEALTHY.items() if k not in ("gan_g", "disc", "grad_disc", "logits_real", "logits_fake")}
+    no_gan = {k: v for k, v in HEALTHY.items() if k not in ("gan", "disc", "grad_disc", "logits_real", "logits_fake")}
     assert history(tmp_path / "a", [no_gan] * 6) == []
     assert len(history(tmp_path / "b", [dict(no_gan, grad_sit=0.0)] * 3)) == 1

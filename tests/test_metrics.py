@@ -18,8 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from support import extractors as F
+import extractors as F
 import metrics as M
+from support import tile_features as T
 
 torch.set_num_threads(1)
 
@@ -246,17 +247,17 @@ def test_preprocessing_crops_the_centre_and_jpeg_changes_pixels(tmp_path):
     tile = np.zeros((256, 256, 3), np.uint8)
     tile[16:240, 16:240] = 200  # the 224 tile inside a 256 one
     Image.fromarray(tile).save(tmp_path / "t.png")
-    cropped = M.preprocessed_tile(tmp_path / "t.png", M.Preprocess(crop=224), 224, "bicubic")
+    cropped = T.preprocessed_tile(tmp_path / "t.png", T.Preprocess(crop=224), 224, "bicubic")
     assert cropped.shape == (224, 224, 3) and (cropped == 200).all()
     write_tiles(tmp_path, ["noise"])
-    plain = M.preprocessed_tile(tmp_path / "noise.png", M.Preprocess(), 256, "bicubic")
-    jpeg = M.preprocessed_tile(tmp_path / "noise.png", M.Preprocess(jpeg=70), 256, "bicubic")
+    plain = T.preprocessed_tile(tmp_path / "noise.png", T.Preprocess(), 256, "bicubic")
+    jpeg = T.preprocessed_tile(tmp_path / "noise.png", T.Preprocess(jpeg=70), 256, "bicubic")
     assert np.abs(plain.astype(int) - jpeg).mean() > 5
     with pytest.raises(ValueError, match="smaller than the centre crop"):
-        M.preprocessed_tile(tmp_path / "t.png", M.Preprocess(crop=300), 224, "bicubic")
+        T.preprocessed_tile(tmp_path / "t.png", T.Preprocess(crop=300), 224, "bicubic")
     Image.fromarray(np.zeros((224, 672, 3), np.uint8)).save(tmp_path / "grid.png")  # a picture, not a tile
     with pytest.raises(ValueError, match="not a square tile"):
-        M.preprocessed_tile(tmp_path / "grid.png", M.Preprocess(), 224, "bicubic")
+        T.preprocessed_tile(tmp_path / "grid.png", T.Preprocess(), 224, "bicubic")
 
 
 def test_feature_cache_is_keyed_by_content_and_preprocessing(tmp_path):
@@ -267,15 +268,16 @@ def test_feature_cache_is_keyed_by_content_and_preprocessing(tmp_path):
         builds.append(1)
         return F.build_extractor("tiny", pretrained=False)
 
-    run = lambda prep: M.extract_features(folder, "tiny", prep, get, weights="random(seed=0)",
+    run = lambda prep: T.extract_features(folder, F.EXTRACTORS["tiny"], prep, get,  # noqa: E731
+                                         identity=dict(extractor="tiny", weights="random(seed=0)"),
                                          cache_dir=tmp_path / "c")
-    stems, first = run(M.Preprocess())
-    _, again = run(M.Preprocess())
+    stems, first = run(T.Preprocess())
+    _, again = run(T.Preprocess())
     assert stems == ["a", "b", "c"] and first.shape == (3, 48) and len(builds) == 1
     np.testing.assert_array_equal(first, again)
-    run(M.Preprocess(jpeg=70))  # other preprocessing: a miss
+    run(T.Preprocess(jpeg=70))  # other preprocessing: a miss
     write_tiles(folder, ["c"], size=224, seed=1)  # new content for c: a miss
-    run(M.Preprocess())
+    run(T.Preprocess())
     assert len(builds) == 3
 
 
@@ -284,7 +286,7 @@ def test_command_line_writes_every_setting_next_to_each_number(tmp_path):
     real = write_tiles(tmp_path / "real", ["t0", "t1", "t2", "t3", "t4", "t5"], seed=0)
     fake = write_tiles(tmp_path / "fake", [f"t{i}_00" for i in range(6)], seed=1)  # sample.py's names
     out = tmp_path / "report"
-    rc = M.main(["--real", str(real), "--generated", str(fake), "--extractors", "tiny,conch-v1", "--random-weights",
+    rc = M.main(["--val", str(real), "--generated", str(fake), "--extractors", "tiny,conch-v1", "--random-weights",
                  "--metrics", "fd,pr,cosine", "--crop", "224", "--jpeg-generated", "70", "--k", "2", "--device", "cpu",
                  "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     report = json.loads((out / "metrics.json").read_text())
@@ -292,27 +294,27 @@ def test_command_line_writes_every_setting_next_to_each_number(tmp_path):
     assert [r["metric"] for r in report["results"]] == ["fd", "precision", "recall", "cosine"]
     for row in report["results"]:
         s = row["settings"]
-        assert np.isfinite(row["value"]) and s["weights"] == "random(seed=0)" and s["n_real"] == 6
+        assert np.isfinite(row["value"]) and s["weights"] == "random(seed=0)" and s["n_val"] == 6
         assert s["preprocess"]["generated"] == {"jpeg": 70, "crop": 224, "kernel": "bicubic",  # tiny's own kernel
                                            "resize_to_input": False}
-        assert s["resize"] == {"real": "none (224 px tiles)", "generated": "none (224 px tiles)"} and not s["degenerate"]
-        assert s["preprocess"]["real"]["jpeg"] is None and s["extractor"]["dim"] == 48
+        assert s["resize"] == {"val": "none (224 px tiles)", "generated": "none (224 px tiles)"} and not s["degenerate"]
+        assert s["preprocess"]["val"]["jpeg"] is None and s["extractor"]["dim"] == 48
 
 
 def test_command_line_bad_input_is_one_line(tmp_path, one_line_error):
     real = write_tiles(tmp_path / "real", ["t0", "t1"], seed=0)
     args = ["--extractors", "tiny", "--random-weights", "--device", "cpu", "--num-workers", "0",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r")]
-    assert re.search(r"error: .*nope: no such folder", one_line_error(M.main, ["--real", str(real), "--generated",
+    assert re.search(r"error: .*nope: no such folder", one_line_error(M.main, ["--val", str(real), "--generated",
                                                                              str(tmp_path / "nope")] + args))
     Image.new("RGB", (224, 200)).save(tmp_path / "real" / "wide.png")
     assert re.search(r"error: .*real holds tiles of 2 sizes .*--resize-to-input",
-                     one_line_error(M.main, ["--real", str(real), "--generated", str(real)] + args))
+                     one_line_error(M.main, ["--val", str(real), "--generated", str(real)] + args))
     assert re.search(r"error: .*wide.png is 224x200 px, not a square tile",
-                     one_line_error(M.main, ["--real", str(real), "--generated", str(real), "--crop", "200"] + args))
+                     one_line_error(M.main, ["--val", str(real), "--generated", str(real), "--crop", "200"] + args))
     assert not (tmp_path / "r").exists()  # nothing written
     with pytest.raises(SystemExit) as err:  # every numeric setting is range-checked at the boundary
-        M.parse_args(["--real", str(real), "--generated", str(real), "--jpeg-generated", "0"])
+        M.parse_args(["--val", str(real), "--generated", str(real), "--jpeg-generated", "0"])
     assert err.value.code == 2
 
 
@@ -321,10 +323,10 @@ def test_mixed_sizes_need_an_explicit_resize_and_the_report_says_which(tmp_path,
     write_tiles(real, ["e"], size=240, seed=3)
     fake = write_tiles(tmp_path / "fake", ["a_00", "b_00", "c_00", "d_00"], size=224, seed=1)
     out = tmp_path / "r"
-    M.main(["--real", str(real), "--generated", str(fake), "--extractors", "tiny", "--random-weights", "--device",
+    M.main(["--val", str(real), "--generated", str(fake), "--extractors", "tiny", "--random-weights", "--device",
             "cpu", "--num-workers", "0", "--no-cache", "--resize-to-input", "--out", str(out)])
     resize = json.loads((out / "metrics.json").read_text())["results"][0]["settings"]["resize"]
-    assert resize == {"real": "mixed -> 224 px, PIL bicubic (antialiased when shrinking)",
+    assert resize == {"val": "mixed -> 224 px, PIL bicubic (antialiased when shrinking)",
                       "generated": "none (224 px tiles)"}
 
 
@@ -332,7 +334,7 @@ def test_worker_errors_come_back_as_one_line_naming_the_file(tmp_path, one_line_
     real = write_tiles(tmp_path / "real", ["a", "b", "c"], size=224)
     data = (real / "b.png").read_bytes()
     (real / "b.png").write_bytes(data[:len(data) // 2])  # truncated
-    line = one_line_error(M.main, ["--real", str(real), "--generated", str(real), "--extractors", "tiny",
+    line = one_line_error(M.main, ["--val", str(real), "--generated", str(real), "--extractors", "tiny",
                                    "--random-weights", "--device", "cpu", "--num-workers", "1", "--no-cache", "--out",
                                    str(tmp_path / "r")])
     assert "b.png could not be decoded" in line
@@ -346,7 +348,8 @@ def test_same_tiles_are_a_degenerate_comparison_and_random_extractors_reproduce(
     reports = []
     for n, (a, b) in enumerate(((real, copy), (real, fake), (real, fake))):
         out = tmp_path / f"r{n}"
-        M.main(["--real", str(a), "--generated", str(b), "--cache-dir", str(tmp_path / f"cache{n}"), "--out", str(out)] + args)
+        M.main(["--val", str(a), "--generated", str(b), "--cache-dir", str(tmp_path / f"cache{n}"),
+                "--out", str(out)] + args)
         reports.append(json.loads((out / "metrics.json").read_text()))
     assert reports[0]["degenerate"] and reports[0]["results"][0]["settings"]["degenerate"]
     assert "degenerate comparison" in capsys.readouterr().err
@@ -366,7 +369,8 @@ def test_fid_inception_is_pytorch_fids_network_built_without_weights():
     with mock.patch("pytorch_fid.inception.load_state_dict_from_url", lambda *a, **k: None), \
             mock.patch("torchvision.models.Inception3.load_state_dict", lambda *a, **k: None):
         reference = InceptionV3([3], resize_input=True, normalize_input=True)
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert ({k: v.shape for k, v in model.state_dict().items()}
+            == {k: v.shape for k, v in reference.state_dict().items()})
     assert isinstance(model.blocks[2][0], FIDInceptionA) and isinstance(model.blocks[3][2], FIDInceptionE_2)
     x = torch.rand(2, 3, 224, 224)  # a tile at its own size: the network resizes to 299 itself
     feats = extractor.embed(x)
@@ -397,12 +401,13 @@ def test_extractors_receive_the_decoded_tile_in_0_1(tmp_path):
             seen.append(x)
             return torch.zeros(len(x), F.EXTRACTORS["tiny"].dim)
 
-    M.extract_features(tmp_path, "tiny", M.Preprocess(), lambda: Recorder(), weights="test")
+    T.extract_features(tmp_path, F.EXTRACTORS["tiny"], T.Preprocess(), lambda: Recorder(),
+                       identity=dict(extractor="tiny", weights="test"))
     expected = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
     assert torch.equal(seen[0], expected)
 
 
-# ---------------------------------------------------------------------------------- pinned by hand (issue 26)
+# ---------------------------------------------------------------------------------- pinned by hand
 def test_bootstrap_fd_values_are_the_fds_of_generated_subsets_known_by_hand():
     """1-D: FD(N(m1, s1^2), N(m2, s2^2)) = (m1 - m2)^2 + (s1 - s2)^2. Real [0, 2]: mean 1, variance 2.
     Generated [0, 1, 4], subsets of 2: {0, 1} -> (1 - 0.5)^2 + (sqrt 2 - sqrt 0.5)^2 = 0.75;
@@ -468,7 +473,7 @@ def test_command_line_rows_hold_precision_recall_fd_bootstrap_and_cosine_by_hand
     for folder, stems in names.items():
         write_tiles(tmp_path / folder, stems, size=8)
     monkeypatch.setattr(M, "extract_features", lambda folder, **kw: (names[folder.name], feats[folder.name]))
-    M.main(["--real", str(tmp_path / "real"), "--generated", str(tmp_path / "fake"), "--extractors", "tiny",
+    M.main(["--val", str(tmp_path / "real"), "--generated", str(tmp_path / "fake"), "--extractors", "tiny",
             "--random-weights", "--metrics", "fd,pr,bootstrap,cosine", "--bootstrap-draws", "20", "--device", "cpu",
             "--num-workers", "0", "--no-cache", "--out", str(tmp_path / "r")])
     rows = {r["metric"]: r for r in json.loads((tmp_path / "r" / "metrics.json").read_text())["results"]}

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from support import weights
 import features
 import repa_loss
 import sit
 import vae
+from support import weights
 
 torch.set_num_threads(1)
 
@@ -131,7 +131,8 @@ def test_checkpoint_of_another_preset_is_refused_clearly():
     with pytest.raises(ValueError, match="another preset"):
         weights.load_state_dict_checked(small, sit.build_sit("SiT-T/2").state_dict(), "checkpoint.pt")
     with pytest.raises(ValueError, match="wrong shapes"):
-        weights.load_state_dict_checked(sit.build_sit("SiT-T/2", cond_dim=32), sit.build_sit("SiT-T/2").state_dict(), "x")
+        weights.load_state_dict_checked(sit.build_sit("SiT-T/2", cond_dim=32),
+                                        sit.build_sit("SiT-T/2").state_dict(), "x")
 
 
 def test_diffusers_vae_converts_to_identical_outputs():
@@ -195,8 +196,13 @@ def reference_sit_forward(sd, x, t, cond, heads, p=2, C=4, freqs=256):
     """SiT forward written from the spec with plain tensor ops on a state dict (REPA-E's names):
     [cos, sin] time features of raw t, adaLN chunks (shift, scale, gate) x (msa, mlp), timm's qkv
     layout (3, heads, head_dim), GELU tanh, final (shift, scale), then tokens -> (p, q, c) patches."""
-    lin = lambda x, name: x @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
-    norm = lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+    def lin(x, name):
+        return x @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+
+    def norm(x):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6)
+
     silu, B = torch.nn.functional.silu, x.shape[0]
     x = torch.nn.functional.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
     h = x.shape[-1]

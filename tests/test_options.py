@@ -1,5 +1,5 @@
 """Every option reaches the code it names, the frozen encoder's preprocessing is pinned by hand, and each
-constant is read from its one owner (issue 26).
+constant is read from its one owner, so that a reader finds one place to check it against its source.
 
 Each option test changes one flag (or one keyword of the Python API) against a baseline and checks that the
 one thing it names changed, and nothing else: which tensors each network loads (EMA or raw), which sampler
@@ -26,7 +26,8 @@ import sample
 import sit as sit_module
 import train
 import vae as vae_module
-from support import weights
+from extractors import EXTRACTORS
+from support import tile_features, weights
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_sample_weight_flags_reach_their_own_network(ckpt, tmp_path, monkeypatch
 @pytest.mark.parametrize("sit_kinds, vae_kinds", [("raw", "ema"), ("ema", "raw"), ("ema,raw", "raw")])
 def test_export_writes_the_tensors_each_flag_names(ckpt, tmp_path, sit_kinds, vae_kinds):
     out = tmp_path / "export"
-    weights.main(["export", ckpt, str(out), "--sit", sit_kinds, "--vae", vae_kinds])
+    weights.main(["export", ckpt, str(out), "--sit-weights", sit_kinds, "--vae-weights", vae_kinds])
     ck = torch.load(ckpt, weights_only=True)
     names = {f"{net}{'_ema' if kind == 'ema' else ''}" for net, kinds in (("sit", sit_kinds), ("vae", vae_kinds))
              for kind in kinds.split(",")}
@@ -192,24 +193,24 @@ def feature_recorder(monkeypatch, module, stop_at=None):
     extractor (recorded by the build_extractor stand-in), returns 2-d features."""
     calls, built = [], []
 
-    def extract(folder, name, prep, get_extractor, **kw):
+    def extract(folder, spec, prep, get_extractor, identity, **kw):
         get_extractor()
-        calls.append((Path(folder).name, name, prep))
+        calls.append((Path(folder).name, identity["extractor"], prep))
         if Path(folder).name == stop_at:
             raise Stop
         stems = sorted(p.stem for p in Path(folder).glob("*.png"))
         return stems, np.random.default_rng(len(calls)).standard_normal((len(stems), 2))
-    monkeypatch.setattr(M, "extract_features", extract)
+    monkeypatch.setattr(module, "extract_features", extract)
     monkeypatch.setattr(module, "build_extractor", lambda name, *a, **k: built.append(name))
     return calls, built
 
 
 METRICS_FLAGS = {  # flag -> {set: what its Preprocess must hold}
-    "--crop 6": {"real": dict(crop=6), "generated": dict(crop=6)},
-    "--jpeg-real 70": {"real": dict(jpeg=70)},
+    "--crop 6": {"val": dict(crop=6), "generated": dict(crop=6)},
+    "--jpeg-val 70": {"val": dict(jpeg=70)},
     "--jpeg-generated 70": {"generated": dict(jpeg=70)},
-    "--resize-kernel nearest": {"real": dict(kernel="nearest"), "generated": dict(kernel="nearest")},
-    "--resize-to-input": {"real": dict(resize_to_input=True), "generated": dict(resize_to_input=True)},
+    "--resize-kernel nearest": {"val": dict(kernel="nearest"), "generated": dict(kernel="nearest")},
+    "--resize-to-input": {"val": dict(resize_to_input=True), "generated": dict(resize_to_input=True)},
     "--extractors fid-inception": {},
 }
 
@@ -219,29 +220,29 @@ METRICS_FLAGS = {  # flag -> {set: what its Preprocess must hold}
 def test_metrics_preprocessing_and_extractor_flags_reach_each_set(tmp_path, monkeypatch, flag):
     real, fake = write_tiles(tmp_path / "real", list("abcde")), write_tiles(tmp_path / "fake", list("vwxyz"))
     calls, built = feature_recorder(monkeypatch, M)
-    base = ["--real", str(real), "--generated", str(fake), "--extractors", "tiny", "--random-weights", "--metrics",
+    base = ["--val", str(real), "--generated", str(fake), "--extractors", "tiny", "--random-weights", "--metrics",
             "fd", "--device", "cpu", "--num-workers", "0", "--no-cache"]
     M.main(base + ["--out", str(tmp_path / "a")])
     M.main(base + flag.split() + ["--out", str(tmp_path / "b")])
-    folder_of = {"real": "real", "fake": "generated"}
+    folder_of = {"real": "val", "fake": "generated"}
     before = {folder_of[f]: (name, prep) for f, name, prep in calls[:2]}
     after = {folder_of[f]: (name, prep) for f, name, prep in calls[2:]}
     extractor = "fid-inception" if "extractors" in flag else "tiny"
     assert built == ["tiny", extractor] and {n for n, _ in after.values()} == {extractor}
-    for s in ("real", "generated"):
+    for s in ("val", "generated"):
         changed = {k: v for k, v in vars(after[s][1]).items() if vars(before[s][1])[k] != v}
         assert changed == METRICS_FLAGS[flag].get(s, {}), s
 
 
-def test_metrics_jpeg_train_reaches_the_fld_training_set(monkeypatch, tmp_path):
+def test_metrics_jpeg_guidance_reaches_the_fld_training_set(monkeypatch, tmp_path):
     made = []
     monkeypatch.setattr(M, "score_extractors", lambda names, score: ([], []))  # main's preprocessing only
     original = M.Preprocess
     monkeypatch.setattr(M, "Preprocess", lambda *a: made.append(a) or original(*a))
     real = write_tiles(tmp_path / "real", list("ab"))
-    M.main(["--real", str(real), "--generated", str(real), "--train", str(real), "--metrics", "fld", "--jpeg-train",
-            "60", "--jpeg-real", "80", "--out", str(tmp_path / "o")])
-    assert [a[0] for a in made] == [80, None, 60]  # real, generated, train, in that order
+    M.main(["--val", str(real), "--generated", str(real), "--guidance", str(real), "--metrics", "fld",
+            "--jpeg-guidance", "60", "--jpeg-val", "80", "--out", str(tmp_path / "o")])
+    assert [a[0] for a in made] == [80, None, 60]  # val, generated, guidance, in that order
 
 
 EVALUATE_PREP = {  # flag -> {folder: what its Preprocess must hold}
@@ -287,17 +288,19 @@ def test_the_resize_kernel_crop_and_jpeg_reach_the_pixels_the_extractor_sees(tmp
             return torch.zeros(len(x), 48)
 
     def sees(prep):
-        M.extract_features(tmp_path, "tiny", prep, lambda: Recorder(), weights="test")
+        tile_features.extract_features(tmp_path, EXTRACTORS["tiny"], prep, lambda: Recorder(),
+                                       identity=dict(extractor="tiny", weights="test"))
         return seen[-1]
     image = Image.fromarray(pixels)
     kernels = {"nearest": Image.Resampling.NEAREST, "box": Image.Resampling.BOX, None: Image.Resampling.BICUBIC}
     for kernel, pil in kernels.items():  # None: the extractor's own (tiny: bicubic)
-        assert np.array_equal(sees(M.Preprocess(kernel=kernel)), np.asarray(image.resize((224, 224), pil))), kernel
-    assert np.array_equal(sees(M.Preprocess(crop=224)), pixels[16:240, 16:240])
+        assert np.array_equal(sees(tile_features.Preprocess(kernel=kernel)),
+                              np.asarray(image.resize((224, 224), pil))), kernel
+    assert np.array_equal(sees(tile_features.Preprocess(crop=224)), pixels[16:240, 16:240])
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=30)
     jpeg = np.asarray(Image.open(buffer).convert("RGB"))
-    assert np.array_equal(sees(M.Preprocess(jpeg=30, crop=224)), jpeg[16:240, 16:240])
+    assert np.array_equal(sees(tile_features.Preprocess(jpeg=30, crop=224)), jpeg[16:240, 16:240])
 
 
 def test_evaluate_val_sets_selects_the_splits_linked_and_guidance_comes_from_train(tmp_path):
@@ -329,12 +332,12 @@ def test_the_encoder_flag_and_seed_reach_the_encoder_train_and_features_load(tmp
     monkeypatch.setattr(features, "load_encoder", record)
     for argv in (["--encoder", "tiny", "--seed", "0"], ["--encoder", "h0-mini", "--seed", "0"],
                  ["--encoder", "tiny", "--seed", "3"]):
-        args = train.parse_args(["--data", "x", "--model", "SiT-T/2", "--vae", "tiny", "--image-size", "32",
-                                 "--no-lpips", "--no-gan", *argv])
-        train.build_models(args, torch.device("cpu"), 1, pretrained=False)
+        args = train.parse_args(["--tiles", "x", "--model", "SiT-T/2", "--vae", "tiny", "--image-size", "32",
+                                 "--no-lpips", "--no-gan", "--random-weights", *argv])
+        train.build_models(args, torch.device("cpu"), 1)
     monkeypatch.setattr(features, "write_tokens", lambda *a: (_ for _ in ()).throw(Stop))
     with pytest.raises(Stop):
-        features.main(["--data", str(TILES), "--out", str(tmp_path / "f"), "--encoder", "h0-mini", "--seed", "5",
+        features.main(["--tiles", str(TILES), "--out", str(tmp_path / "f"), "--encoder", "h0-mini", "--seed", "5",
                        "--device", "cpu", "--num-workers", "0"])
     assert loaded == [("tiny", 0), ("h0-mini", 0), ("tiny", 3), ("h0-mini", 5)]
 
@@ -435,7 +438,7 @@ def features_grid(monkeypatch, tmp_path, model, vae, size):
         raise Stop
     monkeypatch.setattr(features, "write_tokens", record)
     with pytest.raises(Stop):
-        features.main(["--data", str(TILES), "--out", str(tmp_path / "f"), "--encoder", "tiny", "--random-encoder",
+        features.main(["--tiles", str(TILES), "--out", str(tmp_path / "f"), "--encoder", "tiny", "--random-weights",
                        "--model", model, "--vae", vae, "--image-size", str(size), "--resize", "scale", "--device",
                        "cpu", "--num-workers", "0"])
     return seen[0]
@@ -453,7 +456,7 @@ def test_features_writes_the_token_grid_train_builds_for_every_preset(monkeypatc
     for model in sit_module.SiT_models:
         for vae in vae_module.vae_models:
             for size in (224, 256, 64):
-                args = train.parse_args(["--data", "x", "--model", model, "--vae", vae, "--image-size", str(size),
+                args = train.parse_args(["--tiles", "x", "--model", model, "--vae", vae, "--image-size", str(size),
                                          "--no-lpips"])
                 with torch.device("meta"):
                     built = train.build_models(args, torch.device("meta"), 1, feature_dim_=48).sit.token_grid
@@ -497,22 +500,23 @@ def restated_constants(source, allowed=()):
 
 # Where 224 or 0.5 means something else, or is the owner itself.
 ALLOWED = {
-    "tiling.py": ["TILE_SIZE, TILE_MPP = 224, 0.5", "--min-tissue"],  # the owner; a tissue fraction
+    "support/tiles.py": ["TILE_SIZE, TILE_MPP = 224, 0.5"],  # the owner
+    "tiling.py": ["--min-tissue"],  # a tissue fraction
     "features.py": ["ENCODER_SIZE = 224", "img_size=224"],  # H0-mini's own input size (ViT/14, 16 x 16 patches)
-    "support/extractors.py": ["img_size=224", "input_size: int = 224", "patch14_224", "patch16_224"],  # extractors'
-    "train.py": ["--proj-coeff"],  # REPA's loss weight
+    "extractors.py": ["img_size=224", "input_size: int = 224", "patch14_224", "patch16_224"],  # extractors'
+    "train.py": ["--proj-sit-weight"],  # REPA's loss weight
     "sample.py": ["STRENGTH = 5, 0.5"],  # restaining's default strength, a time on the interpolant
 }
 
 
-def test_the_tile_size_and_mpp_are_read_from_tiling_py_everywhere_else():
+def test_the_tile_size_and_mpp_are_read_from_their_one_owner_everywhere_else():
     found = {}
     for path in sorted(ROOT.glob("*.py")) + sorted((ROOT / "support").glob("*.py")):
         name = str(path.relative_to(ROOT))
         hits = restated_constants(path.read_text(), ALLOWED.get(name, ()))
         if hits:
             found[name] = hits
-    assert not found, f"restated tile size / MPP (import TILE_SIZE / TILE_MPP from tiling.py): {found}"
+    assert not found, f"restated tile size / MPP (import TILE_SIZE / TILE_MPP from support/tiles.py): {found}"
 
 
 def test_the_constant_checker_finds_restatements():

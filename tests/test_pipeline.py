@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from support import checkpoints, weights
 import sample
 import train
+from support import checkpoints, weights
 from test_sample_cli import FAST, REPO, pngs, run
 from test_train import tiny_args
 
@@ -66,7 +66,7 @@ def test_no_load_path_runs_a_crafted_pickle(crafted, tmp_path):
 
 def test_train_py_refuses_a_crafted_pickle_in_one_line(crafted, tmp_path):
     evil, marker = crafted
-    proc = subprocess.run([sys.executable, f"{REPO}/train.py", "--data", f"{REPO}/tests/data/tiles", "--resume",
+    proc = subprocess.run([sys.executable, f"{REPO}/train.py", "--tiles", f"{REPO}/tests/data/tiles", "--resume",
                            str(evil), "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and not marker.exists()
     assert len(proc.stderr.strip().splitlines()) == 1 and one_line(proc.stderr.strip()), proc.stderr
@@ -104,7 +104,7 @@ def test_rng_state_is_weights_only_and_restores_every_stream(tmp_path):
 @pytest.fixture(scope="module")
 def exported(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "cytosyn"
-    weights.main(["export", ckpt, str(out), "--sit", "ema,raw", "--vae", "ema,raw"])
+    weights.main(["export", ckpt, str(out), "--sit-weights", "ema,raw", "--vae-weights", "ema,raw"])
     return out
 
 

@@ -122,7 +122,7 @@ def test_the_docs_have_runnable_blocks():
 def test_the_checker_catches_a_missing_flag():
     text = "<!-- runnable -->\n```bash\npython train.py --no-such-flag 3\n```\n"
     assert runnable_commands(text) == [("train.py", ["--no-such-flag", "3"])]
-    assert missing_flags(tool_parser("train.py"), ["--data", "x", "--no-such-flag", "3"]) == ["--no-such-flag"]
+    assert missing_flags(tool_parser("train.py"), ["--tiles", "x", "--no-such-flag", "3"]) == ["--no-such-flag"]
     with pytest.raises(AssertionError, match="--no-such-flag"):
         check_commands("text", text)
 
@@ -136,9 +136,9 @@ def test_the_checker_catches_a_bad_value_and_a_missing_required_flag():
 
 def test_the_checker_reads_subcommands():
     text = ("<!-- runnable -->\n```bash\npython bench.py train --timed-steps 3 --compile\n"
-            "python -m support.weights export CKPT OUT --sit ema,raw   # a comment\n```\n")
+            "python -m support.weights export CKPT OUT --sit-weights ema,raw   # a comment\n```\n")
     assert runnable_commands(text) == [("bench.py", ["train", "--timed-steps", "3", "--compile"]),
-                                       ("support.weights", ["export", "CKPT", "OUT", "--sit", "ema,raw"])]
+                                       ("support.weights", ["export", "CKPT", "OUT", "--sit-weights", "ema,raw"])]
     check_commands("text", text)
     bench = tool_parser("bench.py")
     assert missing_flags(bench, ["sample", "--timed-steps", "3"]) == ["--timed-steps"]  # train's flag, not sample's
@@ -176,7 +176,7 @@ def documented_names(text):
 
 def test_every_documented_name_is_importable_where_the_readme_says():
     pairs = documented_names((ROOT / "README.md").read_text())
-    assert ("sit", "build_sit") in pairs and ("support.extractors", "EXTRACTORS") in pairs
+    assert ("sit", "build_sit") in pairs and ("extractors", "EXTRACTORS") in pairs
     assert any(m == "evaluate" for m, _ in pairs)
     assert len(pairs) > 20
     for module, name in pairs:
@@ -184,3 +184,52 @@ def test_every_documented_name_is_importable_where_the_readme_says():
         for part in name.split("."):
             assert hasattr(obj, part), f"README says {module.replace('.', '/')}.py has {name}"
             obj = getattr(obj, part)
+
+
+# -------- A number a command measures is stated once: in the README --------------------------------------------
+MEASURED = {  # what a command measures -> how a text states it (the value is the pattern's group)
+    "the demo's time on 2 cores, in minutes": r"demo\.py[^\n]*?about (\d+) min",
+    "the demo's tissue tiles": r"(\d+) tissue tiles of 64 px",
+    "the demo's val-in tiles": r"\((\d+) held out as val-in\)",
+    "the demo model's parameters, in millions": r"([\d.]+) M-parameter SiT",
+    "the test suite's time on 2 cores": r"(\d+ min \d+ s) instead of",
+}
+
+
+def statements(text, pattern):
+    return re.findall(pattern, text)
+
+
+def texts_besides_the_readme():
+    """The docs, every requirements file and every docstring and comment of the code: where a number restated
+    by hand would drift from the README's."""
+    texts = {f"docs/{d.name}": d.read_text() for d in DOCS}
+    texts.update({p.name: p.read_text() for p in ROOT.glob("requirements*.txt")})
+    texts.update({str(p.relative_to(ROOT)): p.read_text() for p in [*ROOT.glob("*.py"), *ROOT.glob("support/*.py")]})
+    return texts
+
+
+@pytest.mark.parametrize("what", list(MEASURED))
+def test_a_measured_number_is_stated_once_in_the_readme_and_nowhere_else_otherwise(what):
+    readme = statements((ROOT / "README.md").read_text(), MEASURED[what])
+    assert len(readme) == 1, f"the README states {what} {len(readme)} times"
+    drifted = {name: found for name, text in texts_besides_the_readme().items()
+               if (found := statements(text, MEASURED[what])) and set(found) != set(readme)}
+    assert drifted == {}, f"{what}: the README says {readme[0]}"
+
+
+def test_the_statement_checker_finds_a_drifted_copy():
+    planted = "    python demo.py                       # about 9 minutes on a 2-core CPU"
+    assert statements(planted, MEASURED["the demo's time on 2 cores, in minutes"]) == ["9"]
+
+
+def test_the_demo_models_have_the_parameters_the_readme_states():
+    import torch
+
+    import demo
+    import train
+    value = float(statements((ROOT / "README.md").read_text(), MEASURED["the demo model's parameters, in millions"])[0])
+    args = train.parse_args(["--tiles", "unused", "--no-lpips", *demo.flags(demo.TRAIN)])
+    nets = train.build_models(args, torch.device("meta"), 1)
+    for net in (nets.sit, nets.vae):  # "a 0.37 M-parameter SiT (`SiT-T/2`) and VAE (`tiny`)": each
+        assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == value

@@ -56,7 +56,8 @@ def test_restain_writes_a_tile_per_content_tile_a_grid_and_the_scores(ckpt, tmp_
     assert scores["strength"] == 0.5 and sorted(scores["tiles"]) == sorted(STEMS)
     expected = stain.restain_scores(results[0].astype(np.uint8), png(CONTENT[0]), png(STYLE))
     assert scores["tiles"][STEMS[0]] == pytest.approx(expected)
-    assert scores["mean"]["content_kept"] == pytest.approx(np.mean([t["content_kept"] for t in scores["tiles"].values()]))
+    assert scores["mean"]["content_kept"] == pytest.approx(np.mean([t["content_kept"]
+                                                                    for t in scores["tiles"].values()]))
     out = capsys.readouterr().out
     assert f"{STEMS[0]}: content kept {expected['content_kept']:+.3f}" in out and "stain moved" in out
 
@@ -136,7 +137,8 @@ def test_cond_mean_of_a_feature_array_is_its_mean_row(ckpt, tmp_path):
 
 def test_cond_mean_folder_averages_its_tiles(ckpt, tmp_path, monkeypatch):
     """A folder of tiles conditions on the mean of their CLS features, encoded a chunk at a time."""
-    f = {os.path.basename(p): np.random.default_rng(i).normal(size=48).astype(np.float32) * 3 for i, p in enumerate(TILES)}
+    f = {os.path.basename(p): np.random.default_rng(i).normal(size=48).astype(np.float32) * 3
+         for i, p in enumerate(TILES)}
     monkeypatch.setattr(sample.TileSource, "features", lambda self, idx, pipe: torch.from_numpy(
         np.stack([f[os.path.basename(self.paths[i])] for i in idx])))
     monkeypatch.setattr("support.sampling.MEAN_CHUNK", 3)  # several chunks, the last one short
@@ -144,7 +146,8 @@ def test_cond_mean_folder_averages_its_tiles(ckpt, tmp_path, monkeypatch):
     (tmp_path / "in").mkdir()
     np.save(tmp_path / "in" / "mean.npy", np.mean([v.astype(np.float64) for v in f.values()], 0).astype(np.float32))
     run("--ckpt", ckpt, "--features", tmp_path / "in" / "mean.npy", "--n", 1, "--out", tmp_path / "mean", *FAST)
-    assert np.abs(png(tmp_path / "folder" / "mean_00.png").astype(int) - png(tmp_path / "mean" / "000000_00.png")).max() <= 1
+    assert np.abs(png(tmp_path / "folder" / "mean_00.png").astype(int)
+                  - png(tmp_path / "mean" / "000000_00.png")).max() <= 1
 
 
 # -- the measures (support/stain.py) -----------------------------------------------------------------

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from support import weights
 import sample
 import sampler
 from features import encoder_features, load_encoder
 from sit import build_sit
+from support import weights
 from vae import build_vae
 
 torch.set_num_threads(1)
@@ -262,7 +262,8 @@ def test_rerun_with_other_settings_is_refused_not_mixed_in(ckpt, tmp_path):
     before = {f: png(tmp_path / "o" / f) for f in pngs(tmp_path / "o")}
     assert (tmp_path / "o" / "settings.json").exists()
     for argv, words in [(["--num-sampling-steps", "3", "--batch-size", "2"], "num_sampling_steps: 4 -> 3"),
-                        (FAST + ["--seed", "1"], "seed: 0 -> 1"), (FAST + ["--vae-weights", "raw"], "vae_weights: ema -> raw"),
+                        (FAST + ["--seed", "1"], "seed: 0 -> 1"),
+                        (FAST + ["--vae-weights", "raw"], "vae_weights: ema -> raw"),
                         (FAST + ["--sampler", "ode"], "sampler: sde -> ode")]:
         with pytest.raises(ValueError, match=words):
             run("--ckpt", ckpt, "--num-samples", 2, "--out", tmp_path / "o", *argv)

@@ -24,15 +24,15 @@ F64 = torch.float64
 def gaussian_velocity(mu_uncond, S):
     """The exact velocity v* of N(mu, S); mu is cond's row (B, d), or mu_uncond when dropped / cond is None."""
     d = S.shape[0]
-    I = torch.eye(d, dtype=F64)
+    identity = torch.eye(d, dtype=F64)
 
     def model(x, t, cond, drop=None):
         t = float(t[0])  # every sampler call uses one t for the whole batch
         mu = mu_uncond.expand(x.shape[0], d) if cond is None else cond.to(F64).clone()
         if drop is not None:
             mu[drop] = mu_uncond
-        C = (1 - t) ** 2 * S + t ** 2 * I
-        K = (t * I - (1 - t) * S) @ torch.linalg.inv(C)
+        C = (1 - t) ** 2 * S + t ** 2 * identity
+        K = (t * identity - (1 - t) * S) @ torch.linalg.inv(C)
         return (-mu + (x.to(F64) - (1 - t) * mu) @ K.T).to(x.dtype)
     return model
 

@@ -1,4 +1,5 @@
-"""Every saved file holds what its keys say, and an interrupted run resumes to the same weights (issue 26).
+"""Every saved file holds what its keys say, and an interrupted run resumes to the same weights, so that a
+file can be checked against what it claims to hold.
 
 One short run with the demo's training settings (demo.TRAIN: SiT-T/2, the tiny VAE and encoder, 64 px
 crops, EMA decay 0.995) on a tiling.py manifest of the bundled slide. Its checkpoint is compared entry by
@@ -45,7 +46,7 @@ def manifest(tmp_path_factory):
 def demo_argv(manifest, out, *extra, gan=False):
     """demo.py's training settings (with gan=True, its GAN turned back on, so that every entry is there)."""
     settings = {k: v for k, v in demo.TRAIN.items() if not (gan and k == "no_gan")}
-    return ["--data", str(manifest), "--out", str(out), "--max-steps", str(STEPS), "--ckpt-every", "2",
+    return ["--tiles", str(manifest), "--out", str(out), "--max-steps", str(STEPS), "--ckpt-every", "2",
             "--sample-every", "2", "--num-sampling-steps", "2", "--grid-tiles", "2", "--no-lpips",
             *demo.flags(settings), *extra]
 
@@ -108,7 +109,7 @@ def test_each_export_file_is_the_checkpoint_tensor_it_names(straight_gan, tmp_pa
     out, _, _ = straight_gan
     path = checkpoints.checkpoint_path(out, STEPS)
     ckpt = torch.load(path, weights_only=True)
-    weights.main(["export", path, str(tmp_path / "export"), "--sit", "ema,raw", "--vae", "ema,raw"])
+    weights.main(["export", path, str(tmp_path / "export"), "--sit-weights", "ema,raw", "--vae-weights", "ema,raw"])
     files = sorted((tmp_path / "export").glob("*.safetensors"))
     assert [f.stem for f in files] == ["sit", "sit_ema", "vae", "vae_ema"]
     for f in files:

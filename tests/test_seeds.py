@@ -1,5 +1,5 @@
-"""Every generated image has its own noise stream (issue 26): across tiles, samples per tile, ranks and
-resumed runs, in every mode of sample.py and in evaluate.py's runs.
+"""Every generated image has its own noise stream, so that a split or resumed run writes the same images:
+across tiles, samples per tile, ranks and resumed runs, in every mode of sample.py and in evaluate.py's runs.
 
 Two samples that share a stream are correlated, which biases FD and the paired cosine. The job list
 (sample.plan_jobs) gives each image a noise id and noise_seed(seed, id) its stream; the one planned

@@ -15,9 +15,9 @@ import openslide
 import pytest
 from PIL import Image
 
-from support import slides
 import synthetic_slide
 import tiling
+from support import slides
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "cmu_small_region.svs"
@@ -113,7 +113,8 @@ def test_one_slide_with_two_mpps_is_refused_before_anything_is_written(tmp_path,
     folder.mkdir()
     os.symlink(CMU, folder / "a.svs")
     table.write_text("slide,mpp\na.svs,0.25\na,0.5\n")  # by file name and by stem: the same slide
-    line = one_line_error(tiling.main, ["--slides", str(folder), "--out", str(tmp_path / "out"), "--mpp-csv", str(table)])
+    line = one_line_error(tiling.main, ["--slides", str(folder), "--out", str(tmp_path / "out"),
+                                        "--mpp-csv", str(table)])
     assert "slide a.svs has two values, 0.25 (as a.svs) and 0.5 (as a)" in line
     assert not (tmp_path / "out").exists()
     table.write_text("slide,mpp\na.svs,0.25\na,0.25\n")
@@ -238,7 +239,8 @@ def test_our_own_coords_give_the_same_tiles(tmp_path):
     folder.mkdir()
     os.symlink(CMU, folder / CMU.name)
     assert tiling.main(["--slides", str(folder), "--out", str(tmp_path / "grid"), "--min-tissue", "0.8"]) == 0
-    assert tiling.main(["--slides", str(folder), "--out", str(tmp_path / "again"), "--from-coords", str(tmp_path / "grid" / "coords")]) == 0
+    assert tiling.main(["--slides", str(folder), "--out", str(tmp_path / "again"),
+                        "--from-coords", str(tmp_path / "grid" / "coords")]) == 0
     grid, again = read_manifest(tmp_path / "grid"), read_manifest(tmp_path / "again")
     assert [(r["x"], r["y"], r["file"]) for r in grid] == [(r["x"], r["y"], r["file"]) for r in again]
     for r in grid:

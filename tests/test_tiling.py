@@ -22,7 +22,7 @@ from PIL import Image
 
 import synthetic_slide
 import tiling
-from support import logs
+from support import slides
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -441,7 +441,7 @@ def test_tiles_over_pen_ink_are_dropped_and_shown(inked, tmp_path):
         previews[name] = load(tmp_path / name / "previews" / "inked.png").astype(int)
     assert cells["on"] == tissue - INK_CELLS   # the neighbours of every stroke are kept
     assert cells["off"] == tissue
-    downsample = math.ceil(6 * CELL / logs.PREVIEW_MAX_PX)
+    downsample = math.ceil(6 * CELL / slides.PREVIEW_MAX_PX)
     blue = previews["on"][(2 * CELL) // downsample, (2 * CELL + 225) // downsample]
     assert blue[0] > 120 and blue[1] < 60          # tinted magenta: (ink + INK_COLOUR) / 2
     assert previews["off"][(2 * CELL) // downsample, (2 * CELL + 225) // downsample][0] < 60

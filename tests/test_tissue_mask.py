@@ -1,4 +1,5 @@
-"""The tissue mask pinned on pictures whose tissue and background areas are known (CytoSyn §3.2; issue 26).
+"""The tissue mask pinned on pictures whose tissue and background areas are known (CytoSyn §3.2), so that a
+mask that inverted or shifted them fails.
 
 Tissue is what is more saturated than the threshold: white and grey glass (saturation about 0) is
 background, H&E's pink and purple are tissue. A mask that kept the pixels below the threshold would send

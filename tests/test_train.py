@@ -17,13 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from support import data, weights
 import train
+from support import data, weights
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 TILES = REPO / "tests" / "data" / "tiles"
-TINY = ["--data", str(TILES), "--image-size", "32", "--resize", "scale", "--model", "SiT-T/2", "--vae", "tiny",
+TINY = ["--tiles", str(TILES), "--image-size", "32", "--resize", "scale", "--model", "SiT-T/2", "--vae", "tiny",
         "--encoder", "tiny", "--no-lpips", "--global-batch-size", "2", "--num-workers", "0", "--log-every", "1",
         "--sample-every", "0"]
 
@@ -111,10 +111,10 @@ def test_vae_align_loss_reaches_the_encoder_through_the_sit(step_setup):
 
 def test_paper_defaults():
     """CytoSyn §3.3 and REPA-E §3: the numbers a run gets without flags."""
-    a = train.parse_args(["--data", "tiles"])
+    a = train.parse_args(["--tiles", "tiles"])
     assert (a.model, a.vae, a.encoder, a.image_size, a.global_batch_size) == ("SiT-XL/2", "f8d4", "h0-mini", 224, 640)
     assert (a.l1_weight, a.lpips_weight, a.kl_weight, a.gan_weight) == (1.0, 1.0, 1e-6, 0.1)
-    assert (a.vae_align_coeff, a.proj_coeff, a.cond_dropout, a.ema_decay) == (1.5, 0.5, 0.1, 0.9999)
+    assert (a.proj_vae_weight, a.proj_sit_weight, a.cond_dropout, a.ema_decay) == (1.5, 0.5, 0.1, 0.9999)
     assert (a.lr, a.vae_lr, a.disc_lr, a.adam_beta1, a.adam_beta2, a.weight_decay, a.max_grad_norm) == (
         1e-4, 1e-4, 1e-4, 0.9, 0.999, 0.0, 1.0)
     from vae_loss import LPIPS
@@ -123,7 +123,7 @@ def test_paper_defaults():
     lpips = LPIPS(pretrained=False, heads=a.lpips_heads, vgg_range_quirk=a.lpips_vgg_range_quirk)
     sums = [round(float(getattr(lpips, f"head{k}").sum()), 2) for k in range(5)]
     assert lpips.calibrated and sums == [6.93, 8.86, 17.52, 51.52, 47.03]
-    assert train.parse_args(["--data", "tiles", "--lpips-uniform"]).lpips_heads == "uniform"
+    assert train.parse_args(["--tiles", "tiles", "--lpips-uniform"]).lpips_heads == "uniform"
 
 
 def test_step_losses_are_the_weighted_sums_of_their_terms(step_setup):
@@ -134,7 +134,7 @@ def test_step_losses_are_the_weighted_sums_of_their_terms(step_setup):
     z, recon, vt = train.vae_update(m, opts["vae"], batch_of(x, cond, target, t, eps), args)
     torch.testing.assert_close(vt["kl"], kl)
     assert "lpips" not in vt  # --no-lpips: the term is not computed, not logged, not plotted
-    expected = vt["l1"] + 0.25 * vt["kl"] + 0.1 * vt["gan_g"] + 1.5 * vt["proj_vae"]
+    expected = vt["l1"] + 0.25 * vt["kl"] + 0.1 * vt["gan"] + 1.5 * vt["proj_vae"]
     torch.testing.assert_close(vt["vae_loss"], expected)
     st = train.sit_update(m, opts["sit"], z, batch_of(x, cond, target, t, eps), args)
     torch.testing.assert_close(st["sit_loss"], st["diffusion"] + 0.5 * st["proj_sit"])
@@ -202,13 +202,13 @@ def test_sit_overfits_a_few_tiles(step_setup):
 def test_smoke_run_on_real_tiles(tmp_path):
     """Full objective (random-VGG LPIPS, GAN): finite losses, checkpoint, samples, curves; it loads back."""
     args = train.parse_args(TINY + ["--out", str(tmp_path), "--max-steps", "2", "--ckpt-every", "2",
-                                    "--lpips-random", "--sample-every", "2", "--num-sampling-steps", "2",
+                                    "--random-weights", "--sample-every", "2", "--num-sampling-steps", "2",
                                     "--grid-tiles", "3"])
     args.no_lpips = False
     train.train(args)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == ["1", "2"]
-    for key in ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "disc", "grad_sit", "grad_vae",
+    for key in ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan", "disc", "grad_sit", "grad_vae",
                 "grad_disc"):
         assert math.isfinite(float(rows[-1][key])), key
     assert float(rows[-1]["lpips"]) > 0 and float(rows[-1]["disc"]) > 0
@@ -246,10 +246,10 @@ def test_resume_is_bitwise_identical(tmp_path):
 
 def test_bad_data_is_one_line_before_any_model_is_built(tmp_path):
     """With the default H0-mini (a gated download), a missing --data must still be what the user hears."""
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--data", str(tmp_path / "nope"),
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--tiles", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines() == [f"train.py: error: --data {tmp_path / 'nope'}: not a folder of "
+    assert proc.stderr.strip().splitlines() == [f"train.py: error: --tiles {tmp_path / 'nope'}: not a folder of "
                                                 f"tiles, a manifest .csv or a .tar shard"]
     # the error that stopped the run is also the last line of its log, beside its history
     assert (tmp_path / "r" / "log.txt").read_text().strip().splitlines()[-1].endswith(proc.stderr.strip())
@@ -353,7 +353,7 @@ def test_training_from_the_slides_equals_training_from_the_pngs(tmp_path):
     import tiling
     out = tmp_path / "tiles"
     assert tiling.main(["--slides", str(REPO / "tests" / "data"), "--out", str(out), "--max-tiles-per-slide", "8"]) == 0
-    common = ["--data", str(out / "manifest.csv"), *TINY[2:], "--max-steps", "2", "--ckpt-every", "2"]
+    common = ["--tiles", str(out / "manifest.csv"), *TINY[2:], "--max-steps", "2", "--ckpt-every", "2"]
     train.main(common + ["--out", str(tmp_path / "png")])
     train.main(common + ["--out", str(tmp_path / "slides"), "--slides", str(REPO / "tests" / "data")])
     a, b = (torch.load(tmp_path / run / "checkpoints" / "0000002.pt", weights_only=False) for run in ("png", "slides"))
@@ -405,7 +405,8 @@ def test_init_from_a_diffusers_vae_converts_it_and_leaves_the_sit(tmp_path):
     from safetensors.torch import save_file
     torch.manual_seed(1)
     ref = diffusers.AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                                  block_out_channels=[32] * 4, layers_per_block=1, latent_channels=4, norm_num_groups=32)
+                                  block_out_channels=[32] * 4, layers_per_block=1, latent_channels=4,
+                                  norm_num_groups=32)
     (tmp_path / "vae").mkdir()
     save_file(ref.state_dict(), tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
     nets = fresh_nets(tmp_path)
@@ -432,7 +433,8 @@ def test_init_from_round_trips_the_discriminator(trained, tmp_path):
         assert not tensors_equal(nets.disc.state_dict(), ckpt["disc"])
         lines = weights.init_from(str(source), nets)
         assert tensors_equal(nets.disc.state_dict(), ckpt["disc"]), source
-        assert lines[-1].startswith(f"DISC: {len(ckpt['disc'])} tensors loaded from") and ", 0 left at" in lines[-1], lines
+        assert (lines[-1].startswith(f"DISC: {len(ckpt['disc'])} tensors loaded from")
+                and ", 0 left at" in lines[-1]), lines
     weights.export(str(trained), str(tmp_path / "export"))
     nets = fresh_nets(tmp_path)
     init = snapshot(nets.disc)
@@ -458,7 +460,8 @@ def test_init_from_weights_of_another_size_names_the_tensors(trained, tmp_path):
     ckpt = torch.load(trained, weights_only=True)
     ckpt["sit_ema"]["pos_embed"] = torch.zeros(1, 4, 96)
     torch.save(ckpt, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"SIT weights does not fit .*pos_embed \(1, 4, 96\) \(this run: \(1, 4, 64\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"SIT weights does not fit .*pos_embed \(1, 4, 96\) \(this run: \(1, 4, 64\)\)"):
         weights.init_from(str(tmp_path / "other.pt"), fresh_nets(tmp_path))
 
 

@@ -2,8 +2,17 @@
 import pytest
 import torch
 
-from vae_loss import (LPIPS, LPIPS_SCALE, LPIPS_SHIFT, VGG16_CHANNELS, NLayerDiscriminator, channel_normalize,
-                      hinge_d_loss, hinge_g_loss, load_lpips_heads)
+from vae_loss import (
+    LPIPS,
+    LPIPS_SCALE,
+    LPIPS_SHIFT,
+    VGG16_CHANNELS,
+    NLayerDiscriminator,
+    channel_normalize,
+    hinge_d_loss,
+    hinge_g_loss,
+    load_lpips_heads,
+)
 
 torch.set_num_threads(1)
 

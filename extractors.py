@@ -17,9 +17,9 @@ import torchvision
 from pytorch_fid import inception as fid_module
 from timm.layers import SwiGLUPacked
 
-from features import (ENCODERS, H0_MINI_MEAN, H0_MINI_STD, create_timm_model, encoder_features, hub_failure, load_encoder,
-                      reachable)
+from features import ENCODERS, H0_MINI_MEAN, H0_MINI_STD, encoder_features, load_encoder
 from support.cli import InputError, Unavailable
+from support.hub import create_timm_model, hub_failure, reachable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # timm's inception_v3.tv_in1k takes [-1, 1] inputs
@@ -175,7 +175,8 @@ class FIDInceptionPool3(fid_module.InceptionV3):
             torch.nn.Sequential(net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, torch.nn.MaxPool2d(kernel_size=3, stride=2)),
             torch.nn.Sequential(net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c,
                                 net.Mixed_6d, net.Mixed_6e),
-            torch.nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, torch.nn.AdaptiveAvgPool2d(output_size=(1, 1)))])
+            torch.nn.Sequential(net.Mixed_7a, net.Mixed_7b, net.Mixed_7c,
+                                torch.nn.AdaptiveAvgPool2d(output_size=(1, 1)))])
 
 
 def pool_tokens(tokens, pooling, num_prefix):

@@ -1,0 +1,97 @@
+"""The Hugging Face hub, asked once: which weights load from it, and what a user is told when they cannot.
+
+    reachable(url)            one request, at most PROBE_TIMEOUT_S: does anything answer?
+    hub_online()              False under HF_HUB_OFFLINE=1 or when the hub does not answer
+    create_timm_model(...)    a frozen timm model from the hub as its model card loads it (offline: the local
+                              cache alone, at once), or the same architecture with seeded random weights
+    hub_failure(err)          a failed download told apart: no network, or no access to a gated model
+
+Offline (HF_HUB_OFFLINE=1, or no answer within PROBE_TIMEOUT_S) models come from the local cache alone, at once,
+instead of after huggingface_hub's retries with backoff (about 23 s per model), or fail in one line that says
+how to fetch them on a machine with access.
+"""
+import os
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from functools import cache
+
+import timm
+import torch
+from huggingface_hub import constants as hf_constants
+
+from support.cli import Unavailable
+
+PROBE_TIMEOUT_S = 3  # the one reachability check of a model hub (reachable)
+
+
+def hub_failure(err):
+    """A failed hub download, told apart: no network, or no access to a gated model."""
+    text = f"{type(err).__name__}: {err}"
+    if any(s in text for s in ("401", "403", "GatedRepo", "gated", "Unauthorized", "Forbidden")):
+        return f"no access: {text[:200]}"
+    if any(s in text for s in ("Connection", "Timeout", "resolve", "offline", "OfflineMode", "LocalEntryNotFound",
+                               "Network", "unreachable")):
+        return f"network unreachable (offline?): {text[:200]}"
+    return text[:200]
+
+
+@cache
+def reachable(url):
+    """One request to url's host, no retry, at most PROBE_TIMEOUT_S -> False when nothing answers (no route, no
+    name resolution, a firewall that drops packets). Any answer counts, an HTTP or TLS error included: then
+    the download itself says what is wrong. Asked once per URL and process."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        request = urllib.request.Request(f"{parts.scheme}://{parts.netloc}/", method="HEAD")
+        urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError) as err:
+        return isinstance(getattr(err, "reason", err), ssl.SSLError)
+    return True
+
+
+def hub_online():
+    """False under HF_HUB_OFFLINE=1 or when the hub does not answer: then models load from the local cache
+    only, at once, instead of after huggingface_hub's five retries with backoff (about 23 s per model)."""
+    offline = hf_constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return not offline and reachable(hf_constants.ENDPOINT)
+
+
+def hub_repo(hub):
+    """The hub repository of a timm name ("hf-hub:org/name", or timm's own tag, stored as timm/<name>)."""
+    if hub.startswith("hf-hub:"):
+        return hub[len("hf-hub:"):]
+    try:
+        return timm.models.get_pretrained_cfg(hub).hf_hub_id or hub
+    except (AttributeError, RuntimeError, ValueError):
+        return hub
+
+
+def create_timm_model(name, hub, arch, kwargs, pretrained, seed, access, hub_kwargs=None):
+    """A frozen timm model in eval mode: from the hub exactly as its model card loads it, or the same
+    architecture with random weights drawn from `seed` (without moving the caller's random stream).
+    One attempt: offline (HF_HUB_OFFLINE=1, or the hub unreachable) the local hub cache alone is read,
+    and a model that is not in it fails at once, in one line that says how to fetch it."""
+    if pretrained:
+        online, before = hub_online(), hf_constants.HF_HUB_OFFLINE
+        try:
+            hf_constants.HF_HUB_OFFLINE = before or not online  # read at each request by huggingface_hub
+            model = timm.create_model(hub, pretrained=True, **(kwargs if hub_kwargs is None else hub_kwargs))
+        except Exception as err:  # gated repo, no token, no network: say which, and what to do
+            why = hub_failure(err)
+            if not online and why.startswith("network unreachable"):
+                why = (f"offline (HF_HUB_OFFLINE=1, or the hub does not answer), not in the cache "
+                       f"{hf_constants.HF_HUB_CACHE}")
+            raise Unavailable(f"{name}: could not load {hub} ({why}); {access}; to use it offline, run `hf download "
+                              f"{hub_repo(hub)}` on a machine with access and copy its HF_HOME "
+                              f"({hf_constants.HF_HOME}) here; or use random weights to test the pipeline") from err
+        finally:
+            hf_constants.HF_HUB_OFFLINE = before
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+    return model.eval().requires_grad_(False)
