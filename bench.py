@@ -49,6 +49,7 @@ from support.cli import (
     BATCH_SIZE,
     IMAGE_SIZE,
     SEED,
+    ArgumentParser,
     Unavailable,
     add_device_args,
     add_sampling_args,
@@ -441,7 +442,7 @@ COMMANDS = {"train": (add_train_args, bench_train), "sample": (add_sample_args, 
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/bench", help="folder of bench.jsonl, which every record is appended to")
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (add_args, fn) in COMMANDS.items():

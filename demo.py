@@ -20,7 +20,6 @@ tiles of the one slide (no val-out): they show that the model moved towards the 
 The demo runs torch on DEMO_THREADS threads, whatever the machine: a CPU run's numbers depend on the thread
 count (the order of float reductions), and this keeps a rerun, or a resumed run, on the README's numbers.
 """
-import argparse
 import json
 import os
 import shlex
@@ -35,7 +34,7 @@ import sample
 import tiling
 import train
 from support.checkpoints import CHECKPOINT, latest_checkpoint
-from support.cli import MAX_STEPS, SAMPLES_PER_COND, SAMPLING_RANGES, InputError, number_in, run
+from support.cli import MAX_STEPS, SAMPLES_PER_COND, SAMPLING_RANGES, ArgumentParser, InputError, number_in, run
 from support.outputs import atomic, read_csv
 from support.stain import stain_balance
 
@@ -82,7 +81,7 @@ def tile(out):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/demo", help="everything the demo writes goes here")
     p.add_argument("--max-steps", type=MAX_STEPS, default=2500)
     p.add_argument("--num-sampling-steps", type=number_in(*SAMPLING_RANGES["num_sampling_steps"]), default=50,

@@ -42,7 +42,6 @@ the measurement (sampler, steps, cfg, guidance window, weights, preprocessing, e
 Features are cached in DIR/features (keyed by content, extractor, weights and preprocessing): a rerun
 recomputes nothing finished. Left out: multi-GPU feature extraction, KID, --ood with --generated.
 """
-import argparse
 import functools
 import os
 import re
@@ -62,6 +61,7 @@ from fld import FLD_EPOCHS, fld
 from support.cli import (
     BATCH_SIZE,
     INF,
+    ArgumentParser,
     InputError,
     MissingInput,
     add_sampling_args,
@@ -459,7 +459,7 @@ def wait_for(path, poll=5.0):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", help="checkpoint from train.py: sample its tiles and score them")
     p.add_argument("--generated", type=Path, help="score the tiles of this folder (another model's), sampling nothing")
     p.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR", help="one table of finished runs' reports")

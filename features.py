@@ -16,7 +16,6 @@ benchmark's other extractors live in extractors.py. Hub weights get one attempt:
 
 Left out: REPA's other alignment encoders (DINOv2, CLIP, MAE).
 """
-import argparse
 import functools
 import io
 import os
@@ -31,7 +30,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sit import SiT_models, token_grid
-from support.cli import BATCH_SIZE, IMAGE_SIZE, SEED, InputError, add_device_args, add_workers_arg, processes, run
+from support.cli import (
+    BATCH_SIZE,
+    IMAGE_SIZE,
+    SEED,
+    ArgumentParser,
+    InputError,
+    add_device_args,
+    add_workers_arg,
+    processes,
+    run,
+)
 from support.data import SlideTiles, decode_tile, find_tiles, tile_stem
 from support.hub import create_timm_model
 from support.outputs import atomic, save_npy
@@ -255,7 +264,7 @@ def write_features(args, rank, world, device):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Precompute H0-mini tokens for train.py --tokens (CytoSyn §3.1), "
+    p = ArgumentParser(description="Precompute H0-mini tokens for train.py --tokens (CytoSyn §3.1), "
                                             "or import (N, 1536) LazySlide/TRIDENT features as CLS for sampling.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--tiles", help="what train.py --tiles takes: tiling.py's output or its manifest.csv, a tile "
@@ -273,7 +282,7 @@ def build_parser():
     p.add_argument("--image-size", type=IMAGE_SIZE, default=TILE_SIZE, help="train.py's --image-size")
     p.add_argument("--resize", choices=["crop", "scale"], default=None, help="train.py's --resize")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=64)
-    add_workers_arg(p, default=min(8, os.cpu_count() or 1))
+    add_workers_arg(p)
     p.add_argument("--seed", type=SEED, default=0, help="the random encoder's seed")
     add_device_args(p, precision=False)
     return p

@@ -24,7 +24,6 @@ The definitions come first, then a short command line. The extractors and what e
 extractors.py; tiles to features, preprocessed and cached: support/tile_features.py. Left out: KID, AuthPct,
 the C_T test; multi-GPU extraction.
 """
-import argparse
 import functools
 import os
 import re
@@ -40,7 +39,18 @@ import torch
 
 from extractors import EXTRACTORS, build_extractor, spec_record, weights_id
 from fld import DIST_BUDGET, FLD_EPOCHS, FLD_GEN_SIZE, fld, row_chunks
-from support.cli import BATCH_SIZE, INF, SEED, InputError, add_device_args, add_workers_arg, comma_list, number_in, run
+from support.cli import (
+    BATCH_SIZE,
+    INF,
+    SEED,
+    ArgumentParser,
+    InputError,
+    add_device_args,
+    add_workers_arg,
+    comma_list,
+    number_in,
+    run,
+)
 from support.data import list_images
 from support.outputs import save_json
 from support.reports import versions
@@ -302,13 +312,13 @@ def add_metric_args(p):
     p.add_argument("--random-weights", action="store_true",
                    help="seeded random weights instead of the hub's (pipeline checks, offline)")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=64, help="tiles per extractor batch")
-    add_workers_arg(p, default=min(8, os.cpu_count() or 1))
+    add_workers_arg(p)
     p.add_argument("--seed", type=SEED, default=0)
     add_device_args(p)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--val", type=Path, required=True, help="real held-out tiles (the val set; FLD's test set)")
     p.add_argument("--generated", type=Path, required=True, help="generated tiles")
     p.add_argument("--guidance", type=Path, help="training tiles, those the generator conditioned on (FLD's train set)")

@@ -34,7 +34,6 @@ in. No non-finite image is ever written. From Python, with the released pipeline
 
 Left out: PixCell-style multi-tile conditioning, metrics (metrics.py), loading weights from the hub.
 """
-import argparse
 import os
 from dataclasses import asdict, dataclass
 
@@ -53,6 +52,7 @@ from support.cli import (
     SAMPLES_PER_COND,
     SAMPLING_RANGES,
     SEED,
+    ArgumentParser,
     InputError,
     NonFinite,
     add_device_args,
@@ -347,7 +347,7 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Generate H&E tiles with CytoSyn. Conditioning tiles must be at "
+    p = ArgumentParser(description="Generate H&E tiles with CytoSyn. Conditioning tiles must be at "
                                             f"{TILE_MPP} µm/px (20x); they are centre-cropped to 224 px, not resized "
                                             "(see --cond-mpp).")
     p.add_argument("--ckpt", required=True, help="train.py checkpoint, export folder (python -m support.weights "

@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import re
 import shutil
+import signal
 import sys
 import zlib
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from support.cli import IMAGE_SIZE, SEED, InputError, MissingInput, number_in, run
-from support.outputs import claim_output_folder, read_csv, save_csv, save_json
+from support.cli import IMAGE_SIZE, SEED, ArgumentParser, DiskFull, InputError, MissingInput, number_in, run
+from support.outputs import PNG_OVERHEAD, atomic, claim_output_folder, read_csv, save_csv, save_json
 from support.slides import (
     SlideError,
     centred_tiles,
@@ -171,12 +172,14 @@ def tissue_at_coords(slide, geo, path, slide_id, min_tissue):
 
 
 def write_tile_image(array, path, jpeg_quality):
-    """A tile as lossless PNG, or as JPEG at jpeg_quality (DS-MIL's 70; Pillow's 4:2:0 chroma subsampling)."""
+    """A tile as lossless PNG, or as JPEG at jpeg_quality (DS-MIL's 70; Pillow's 4:2:0 chroma subsampling);
+    atomically, so a full disk leaves no half-written tile."""
     image = Image.fromarray(array)
-    if jpeg_quality:
-        image.save(path, "JPEG", quality=jpeg_quality)
-    else:
-        image.save(path, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    with atomic(path, array.nbytes + PNG_OVERHEAD, "at most") as tmp:
+        if jpeg_quality:
+            image.save(tmp, "JPEG", quality=jpeg_quality)
+        else:
+            image.save(tmp, "PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 # -------- Sampling and splits ---------------------------------------------------------------------
@@ -286,7 +289,9 @@ def plan_slide(job):
 
 
 def tile_slide(job):
-    """Write the slide's tiles, preview, coordinates and CSV, then its done-marker (atomically, last)."""
+    """Write the slide's tiles, preview, coordinates and CSV, then its done-marker (atomically, last). A full disk
+    stops the run: the slide's unfinished tiles are removed (a rerun redoes the slide) and the finished slides
+    stay as they are."""
     out, slide_id, s = Path(job["out_dir"]), job["slide_id"], job["settings"]
     marker_path(out, slide_id).unlink(missing_ok=True)
     try:
@@ -297,16 +302,21 @@ def tile_slide(job):
         save_tiling_preview(out / "previews" / f"{slide_id}.png", slide, tissue, geo.step, rows)
         write_coords(out / "coords" / f"{slide_id}.h5", [(r["x"], r["y"]) for r in rows], geo, slide_id)
         slide.close()
+        save_csv(rows, out / "slides" / f"{slide_id}.csv", MANIFEST_FIELDS)
+    except DiskFull:
+        for folder in tile_dirs(out, slide_id, s["context"], make=False):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     except Exception as e:
         return {"slide_id": slide_id, "error": describe(e), "n_tiles": 0}
-    save_csv(rows, out / "slides" / f"{slide_id}.csv", MANIFEST_FIELDS)
     save_json(job, marker_path(out, slide_id))
     return {"slide_id": slide_id, "error": None, "n_tiles": len(rows)}
 
 
-def tile_dirs(out, slide_id, context):
+def tile_dirs(out, slide_id, context, make=True):
+    """The slide's tile folders, emptied and made (make=False: only named)."""
     dirs = [out / "tiles" / slide_id] + ([out / f"tiles_ctx{context}" / slide_id] if context else [])
-    for d in dirs:
+    for d in dirs if make else []:
         shutil.rmtree(d, ignore_errors=True)  # leftovers of an interrupted or different run
         d.mkdir(parents=True)
     return dirs
@@ -362,8 +372,16 @@ def parallel(fn, jobs, workers, desc):
     """fn over jobs in `workers` processes (in this one when 1), with a progress bar."""
     if workers <= 1 or len(jobs) <= 1:
         return list(tqdm(map(fn, jobs), total=len(jobs), desc=desc, unit="slide"))
-    with multiprocessing.Pool(min(workers, len(jobs))) as pool:
+    with multiprocessing.Pool(min(workers, len(jobs)), initializer=leave_signals_to_the_main_process) as pool:
         return list(tqdm(pool.imap_unordered(fn, jobs), total=len(jobs), desc=desc, unit="slide"))
+
+
+def leave_signals_to_the_main_process():
+    """A slide process ignores Ctrl-C, which the terminal sends to every process of the run, and dies quietly on
+    SIGTERM: the main process reports the interruption once and ends the pool (one line, not a traceback per
+    process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def plan_all(paths, settings, out, workers, mpps):
@@ -450,7 +468,7 @@ def tile_slides(args):
 # -------- The command line: every number checked for range when parsed ----------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--slides", required=True, metavar="SLIDES_DIR",
                    help="folder of slides (any OpenSlide format) or plain images")

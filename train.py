@@ -23,23 +23,28 @@ Left out: gradient accumulation, learning-rate schedules (REPA-E uses a constant
 import argparse
 import copy
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from features import ENCODERS, encoder_features, load_encoder
 from repa_loss import diffusion_loss, interpolate, repa_loss, sample_t, velocity_target
 from sample import Pipeline, SamplingSettings
 from sit import SiT_models, build_sit, synced_batchnorm
-from support.checkpoints import save_all_ranks, start_or_resume
+from support.checkpoints import latest_checkpoint, save_all_ranks, start_or_resume
 from support.cli import (
     IMAGE_SIZE,
     MAX_STEPS,
     SEED,
+    ArgumentParser,
+    DiskFull,
     InputError,
+    Interrupted,
     add_device_args,
     add_sampling_args,
     add_workers_arg,
@@ -313,26 +318,49 @@ def train(args):
             grid_pipe = Pipeline(nets.sit_ema, nets.vae_ema, device, resolve_precision(args.precision, device))
             grid_settings = SamplingSettings.from_args(args)
 
-        # Train.
+        # Train. On a terminal, rank 0 shows a progress bar with its rate and ETA (silent in a log file).
         step = start_step
-        while step < args.max_steps:
-            images, feats = next(data)
-            terms = train_step(nets, opts, images, feats, args)
-            step += 1
-            last = step == args.max_steps
-            log.step(step, terms, last)  # averaged over ranks, checked finite, written every --log-every steps
-            saving = step % args.ckpt_every == 0 or last
-            sampling = args.sample_every > 0 and (step % args.sample_every == 0 or last)
-            if saving:
-                path = save_all_ranks(args.out, step, nets, opts, config, rank, world, device)
-                log.info(f"saved {path}")
-            if sampling and rank == 0:
-                samples = grid_pipe.generate(fixed_cond, list(range(len(fixed_cond))), grid_settings)
-                save_training_grid(fixed, samples, os.path.join(args.out, "samples", f"{step:07d}.png"))
-            if world > 1 and (saving or sampling):
-                dist.barrier()  # the other ranks wait for rank 0's files
+        bar = tqdm(total=args.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                   disable=rank != 0 or not sys.stderr.isatty())
+        try:
+            while step < args.max_steps:
+                images, feats = next(data)
+                terms = train_step(nets, opts, images, feats, args)
+                step += 1
+                last = step == args.max_steps
+                log.step(step, terms, last)  # averaged over ranks, checked finite, written every --log-every steps
+                saving = step % args.ckpt_every == 0 or last
+                sampling = args.sample_every > 0 and (step % args.sample_every == 0 or last)
+                if saving:
+                    path = save_all_ranks(args.out, step, nets, opts, config, rank, world, device)
+                    log.info(f"saved {path}")
+                if sampling and rank == 0:
+                    samples = grid_pipe.generate(fixed_cond, list(range(len(fixed_cond))), grid_settings)
+                    save_training_grid(fixed, samples, os.path.join(args.out, "samples", f"{step:07d}.png"))
+                if world > 1 and (saving or sampling):
+                    dist.barrier()  # the other ranks wait for rank 0's files
+                bar.update()
+        except (DiskFull, KeyboardInterrupt) as err:
+            raise where_it_stopped(err, args.out, step) from None
+        finally:
+            bar.close()
         log.info(f"done: {step} steps")
         return nets
+
+
+def where_it_stopped(err, out, step):
+    """A full disk or an interruption (Ctrl-C, SIGTERM) during training -> the same error, saying after which
+    step the run stopped, which checkpoint is the last, and to continue with --resume. No checkpoint is saved
+    on the way out: see docs/training.md (Interruptions)."""
+    latest = latest_checkpoint(out)
+    last = (f"the last checkpoint is step {int(os.path.basename(latest).split('.')[0])}" if latest
+            else "no checkpoint was written yet")
+    if isinstance(err, DiskFull):
+        err.then = f"continue with --resume ({last})"
+        return err
+    err = err if isinstance(err, Interrupted) else Interrupted()
+    err.where, err.then = f"after step {step}", f"{last}; continue with --resume"
+    return err
 
 
 def main(argv=None):
@@ -351,7 +379,7 @@ def parse_args(argv=None):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data
     p.add_argument("--tiles", required=True, help="the training tiles: tiling.py's output folder or its "

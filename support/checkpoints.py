@@ -23,8 +23,8 @@ import zipfile
 import numpy as np
 import torch
 
-from support.cli import InputError, MissingInput, OutputConflict
-from support.weights import check_finite_weights, init_from, load_file, write_checksum
+from support.cli import InputError, MissingInput, OutputConflict, disk_full
+from support.weights import CHECKSUM_SUFFIX, check_finite_weights, init_from, load_file, write_checksum
 
 CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")
 RESUME_KEYS = ("config", "step", "sit", "sit_ema", "vae", "vae_ema", "opt_sit", "opt_vae", "rng")
@@ -65,7 +65,9 @@ def latest_checkpoint(run_dir):
 
 def save_checkpoint(path, nets, opts, step, config, rngs):
     """torch.save to a temporary file, synced, then an atomic rename: a kill never leaves a broken checkpoint.
-    Its sha256 goes to PATH.sha256 before the rename, so every checkpoint has its sum, which readers check."""
+    Its sha256 goes to PATH.sha256 before the rename, so every checkpoint has its sum, which readers check.
+    On any error (a full disk, an interruption) the temporary files are removed: a full disk is a DiskFull
+    that says how many bytes the checkpoint needed."""
     ckpt = {"config": config, "step": step,
             "sit": nets.sit.state_dict(), "sit_ema": nets.sit_ema.state_dict(),
             "vae": nets.vae.state_dict(), "vae_ema": nets.vae_ema.state_dict(),
@@ -73,13 +75,33 @@ def save_checkpoint(path, nets, opts, step, config, rngs):
             "opt_sit": opts["sit"].state_dict(), "opt_vae": opts["vae"].state_dict(),
             "opt_disc": opts["disc"].state_dict() if "disc" in opts else None, "rng": rngs}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename: a node crash cannot leave an empty latest checkpoint
-    write_checksum(tmp, path)
-    os.replace(tmp, path)
+    tmp, sums = path + ".tmp", path + CHECKSUM_SUFFIX
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a node crash cannot leave an empty latest checkpoint
+        write_checksum(tmp, path)
+        os.replace(tmp, path)
+    except BaseException as err:
+        full = disk_full(err, path, tmp, tensor_bytes(ckpt))
+        for leftover in (tmp, sums + ".tmp", *([sums] if not os.path.exists(path) else [])):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        if full:
+            raise full from None
+        raise
+
+
+def tensor_bytes(obj):
+    """The bytes of every tensor in a nested structure: about the size of its torch.save file."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_all_ranks(out, step, nets, opts, config, rank, world, device):

@@ -1,17 +1,25 @@
 """The command-line vocabulary of the repo and its one error path.
 
     CytoSynError and its kinds   what a user can cause; helpers raise them, and nothing below __main__ exits
-    run(main)                    every script's __main__: an error becomes one line on stderr and exit status 1
+    DiskFull, disk_full(err)     a write the disk refused (full, quota, file-size limit): what, how much, what next
+    Interrupted                  Ctrl-C (SIGINT) or SIGTERM, raised where the program is, as KeyboardInterrupt is
+    run(main)                    every script's __main__: an error becomes one line on stderr and exit status 1;
+                                 an interruption one line and 130 (SIGINT) or 143 (SIGTERM), 128 + the signal
+    ArgumentParser               every tool's parser: a bad flag is an InputError, so the same one line
     number_in(float, 0, 1)       an argparse type: a finite number in a range; the error gives the range
     add_sampling_args(p) ...     the flags several tools share, defined once so that a name means one thing
+    default_workers()            --num-workers' default: this machine's CPUs less the main process, at most 8
     processes(device, workers)   the torchrun processes (rank, world size, device); one process without it;
                                  intra-op threads capped so that the processes' threads fit the CPUs
 
 Left out: configuration files (run settings live in argparse with the paper's defaults).
 """
 import argparse
+import errno
 import math
 import os
+import resource
+import signal
 import sys
 from contextlib import contextmanager, nullcontext
 
@@ -44,7 +52,92 @@ class NonFinite(CytoSynError, FloatingPointError):
 
 
 class Unavailable(CytoSynError, RuntimeError):
-    """Weights or a package that this machine does not have (a gated model, no network)."""
+    """Weights or a package that this machine does not have (a gated model, no network). `then`, when set, says
+    how this tool runs without them; a tool whose flag for that differs sets its own."""
+
+    def __init__(self, message, then=None):
+        super().__init__(message, then)
+        self.message, self.then = message, then
+
+    def __str__(self):
+        return self.message + (f"; {self.then}" if self.then else "")
+
+
+RERUN = "rerun the same command: what is finished is kept"  # how every tool but train.py continues
+FULL_DISK = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file larger than the file-size limit (ulimit -f)"}
+NEARLY_FULL = 1 << 20  # a write that fails without an errno (numpy's tofile) with less free than this: a full disk
+
+
+class DiskFull(CytoSynError):
+    """A write the disk refused: no space left, a quota, or the file-size limit. The message says what could not
+    be written, how many bytes the write needed (`needed`, known `bound`: "about", "at most", or "at least" when
+    the write stopped before its end), and how to continue (`then`; train.py's --resume sets its own)."""
+
+    def __init__(self, path, reason, needed, bound="at least", then=RERUN):
+        super().__init__(path, reason, needed, bound, then)
+        self.path, self.reason, self.needed, self.bound, self.then = path, reason, needed, bound, then
+
+    def __str__(self):
+        where = "raise the limit" if "ulimit" in self.reason else "free space on its disk"
+        return (f"could not write {self.path}: {self.reason} (the write needed {self.bound} "
+                f"{human_bytes(self.needed)}); {where}, then {self.then}")
+
+
+def human_bytes(n):
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def chain(err):
+    """An exception and those it was raised from or while handling, in order."""
+    seen = []
+    while err is not None and err not in seen:
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return seen
+
+
+def full_disk_reason(err, path=None):
+    """Why a write failed when the disk refused it -> FULL_DISK's words, else None. The errno of the error or of
+    one it came from (torch, h5py and Pillow wrap the OSError, or only keep its text); else, for a write that
+    failed without one (numpy's short write), the state of the disk: nearly no space left, or a file-size limit
+    that the file has reached."""
+    for e in chain(err):
+        if getattr(e, "errno", None) in FULL_DISK:
+            return FULL_DISK[e.errno]
+        text = str(e)
+        for code, reason in FULL_DISK.items():
+            if os.strerror(code) in text or f"errno = {code}," in text:
+                return reason
+    if path is None or not any(isinstance(e, (OSError, RuntimeError)) for e in chain(err)):
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        stats = os.statvfs(folder)
+        if stats.f_bavail * stats.f_frsize < NEARLY_FULL:
+            return FULL_DISK[errno.ENOSPC]
+    except OSError:
+        pass
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and os.path.exists(path) and os.path.getsize(path) >= limit:
+        return FULL_DISK[errno.EFBIG]
+    return None
+
+
+def disk_full(err, path, tmp=None, needed=0, bound="about", then=RERUN):
+    """A failed write of `path` (through the temporary file `tmp`, if any) -> a DiskFull when the disk refused it,
+    else None. The bytes it needed: `needed` (the whole file's, known `bound`) or, when larger or unknown, what
+    tmp had reached when the disk refused the rest. Call it before removing tmp."""
+    reason = full_disk_reason(err, tmp or path)
+    if reason is None:
+        return None
+    written = os.path.getsize(tmp) if tmp and os.path.exists(tmp) else 0
+    if written > needed or not needed:
+        needed, bound = written, "at least"
+    return DiskFull(str(path), reason, needed, bound, then)
 
 
 def error_line(err):
@@ -56,16 +149,68 @@ def error_line(err):
     return " ".join(text.split())
 
 
+SIGNALS = {signal.SIGINT: "Ctrl-C, SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM, as a cluster scheduler sends before it kills a job. A KeyboardInterrupt, so
+    that it passes every `except Exception` and DataLoader workers end on it quietly. `where` and `then`, when a
+    tool sets them, say where the work stopped and how to continue."""
+
+    def __init__(self, signum=signal.SIGINT, where="", then=RERUN):
+        super().__init__(signum, where, then)
+        self.signum, self.where, self.then = signum, where, then
+
+    @property
+    def status(self):
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+    def __str__(self):
+        return f"interrupted{' ' + self.where if self.where else ''} ({SIGNALS[self.signum]}); {self.then}"
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
 def run(main, argv=None):
     """Every script's __main__: main(argv) returns an exit status; a CytoSynError ends the program with
-    one line, `SCRIPT: error: ...`, on stderr and exit status 1. Other exceptions are bugs: a traceback."""
+    one line, `SCRIPT: error: ...`, on stderr and exit status 1. Ctrl-C and SIGTERM end it with one line,
+    `SCRIPT: interrupted ...`, and 128 + the signal, once the code they interrupted has removed its temporary
+    files. A write the disk refused in code that does not say which file (a library's own write) still gets
+    one line. Other exceptions are bugs: a traceback."""
     prog = os.path.basename(sys.argv[0]) or "cytosyn"
+    handlers = {signum: signal.signal(signum, raise_interrupted) for signum in SIGNALS}
+    line, newline = None, ""
     try:
         status = main(argv)
     except CytoSynError as err:
-        print(f"{prog}: error: {error_line(err)}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        line, status = f"error: {error_line(err)}", 1
+    except KeyboardInterrupt as err:
+        err = err if isinstance(err, Interrupted) else Interrupted()
+        newline = "\n" if sys.stderr.isatty() else ""  # off the line of the terminal's ^C, or of a progress bar
+        line, status = error_line(err), err.status
+    except OSError as err:
+        if full_disk_reason(err) is None:
+            raise
+        line, status = (f"error: could not write {err.filename or 'a file'}: {full_disk_reason(err)}; free space "
+                        f"on its disk, then {RERUN}"), 1
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if line:
+        print(f"{newline}{prog}: {line}", file=sys.stderr, flush=True)
     raise SystemExit(status or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every tool's parser (its subcommands' too): a flag argparse refuses (out of range, unknown, missing) is an
+    InputError, so it ends in the one line and status of every other error (argparse would print its usage and
+    exit with 2)."""
+
+    def error(self, message):
+        hint = f"; `{self.prog} --help` lists the flags" if "unrecognized" in message or "required" in message else ""
+        raise InputError(message + hint)
 
 
 # -------- Numbers in a range --------------------------------------------------------------------------
@@ -170,8 +315,18 @@ def add_device_args(p, precision=True):
                        help="auto: bf16 autocast on GPU, fp32 on the CPU")
 
 
-def add_workers_arg(p, default=4):
-    p.add_argument("--num-workers", type=WORKERS, default=default, help="data-loader worker processes")
+def default_workers(cap=8):
+    """--num-workers' default: this process's share of the CPUs (available_cpus, split between torchrun's local
+    ranks) less one for the process itself, at most `cap`: no more than the machine has (PyTorch warns, and
+    the workers would only wait for each other), none on one CPU."""
+    share = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(cap, max(0, share - 1))
+
+
+def add_workers_arg(p):
+    default = default_workers()
+    p.add_argument("--num-workers", type=WORKERS, default=default,
+                   help=f"data-loader worker processes (default {default}: this machine's CPUs less one, at most 8)")
 
 
 def resolve_precision(precision, device):

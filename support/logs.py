@@ -15,16 +15,18 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
 
 from support.checkpoints import latest_checkpoint
-from support.cli import CytoSynError, NonFinite, error_line
-from support.outputs import atomic, claimed
+from support.cli import CytoSynError, DiskFull, Interrupted, NonFinite, error_line
+from support.outputs import append_to, atomic, claimed, save_csv
 from support.perf import peak_memory_gb
 
 # What train_step returns that is averaged over ranks, checked for finiteness every step and logged.
 LOGGED_TERMS = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan", "disc", "grad_sit", "grad_vae",
                 "grad_disc", "logits_real", "logits_fake")
 PLOTTED = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan", "disc")  # loss.png's panels
+FEW_POINTS = 5  # loss.png labels each point of a curve shorter than this
 # The collapse watch: a symptom must last this many log intervals in a row (one bad interval is noise) ...
 COLLAPSE_INTERVALS = 3
 LOGIT_MARGIN = 0.01  # ... the discriminator's mean logits on real tiles and on reconstructions this close, or
@@ -49,15 +51,12 @@ class Logger:
     def info(self, msg):
         if self.rank == 0:
             line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-            print(line, flush=True)
+            tqdm.write(line)  # above train.py's progress bar when it shows one; a plain print otherwise
+            sys.stdout.flush()
             append_line(self.dir, line)
 
     def write_csv(self):
-        fields = list(self.rows[0]) if self.rows else []
-        with open(self.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        save_csv(self.rows, self.csv, list(self.rows[0]) if self.rows else [])  # atomic: never half a table
 
     def step(self, step, terms, last=False):
         """One training step's loss terms: averaged over ranks and checked every step (so no checkpoint is
@@ -128,27 +127,32 @@ class CollapseWatch:
 
 @contextmanager
 def errors_to_log(run_dir):
-    """A CytoSynError that stops a run (bad input, a non-finite loss) is also written at the end of
-    run_dir/log.txt, beside the run's history (rank 0), then goes on to the user; not when the run never
-    claimed the folder (another run's, or not writable): that log is not this run's."""
+    """A CytoSynError that stops a run (bad input, a non-finite loss, a full disk) or an interruption (Ctrl-C,
+    SIGTERM) is also written at the end of run_dir/log.txt, beside the run's history (rank 0), as the user reads
+    it, then goes on to the user; not when the run never claimed the folder (another run's, or not writable):
+    that log is not this run's. On a disk too full for that line too, the user alone reads it."""
     try:
         yield
-    except CytoSynError as err:
+    except (CytoSynError, Interrupted) as err:
         if os.environ.get("RANK", "0") == "0" and claimed(run_dir):
-            append_line(run_dir, f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {os.path.basename(sys.argv[0])}: error: "
-                                 f"{error_line(err)}")
+            kind = "" if isinstance(err, Interrupted) else "error: "
+            try:
+                append_line(run_dir, f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {os.path.basename(sys.argv[0])}: "
+                                     f"{kind}{error_line(err)}")
+            except (DiskFull, OSError):
+                pass
         raise
 
 
 def append_line(run_dir, line):
     """One line at the end of run_dir/log.txt (also the error that stops a run)."""
-    with open(os.path.join(run_dir, "log.txt"), "a") as f:
-        f.write(line + "\n")
+    append_to(os.path.join(run_dir, "log.txt"), line)
 
 
 def plot_losses(rows, path):
     """One panel per loss term the run computes (a term whose network is off is not logged, so not
-    plotted), against the step."""
+    plotted), against the step from 0. A short run's few points are drawn as dots, each with its value
+    (a curve of one or two points says little, and matplotlib would zoom its axis to a point)."""
     keys = [k for k in PLOTTED if rows and k in rows[0]]
     if not keys:
         return
@@ -156,11 +160,18 @@ def plot_losses(rows, path):
     fig = Figure(figsize=(3.2 * len(keys), 2.6), layout="constrained")
     steps = [int(r["step"]) for r in rows]
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
-        ax.plot(steps, [float(r[key]) for r in rows], color="tab:blue", marker="." if len(rows) < 30 else None)
+        values = [float(r[key]) for r in rows]
+        ax.plot(steps, values, color="tab:blue", marker="o" if len(rows) < FEW_POINTS else "." if len(rows) < 30
+                else None, markersize=4)
+        if len(rows) < FEW_POINTS:
+            for step, value in zip(steps, values):
+                ax.annotate(f"{value:.3g}", (step, value), textcoords="offset points", xytext=(0, 5), ha="center")
+        ax.set_xlim(0, max(steps) * 1.05)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=80)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=80)
 
 
 def save_training_grid(real, fake, path):
@@ -168,7 +179,8 @@ def save_training_grid(real, fake, path):
     CLS features (uint8 (N, H, W, 3)) below."""
     fake = torch.as_tensor(fake).permute(0, 3, 1, 2)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_image(torch.cat([real.cpu(), fake]).float() / 255, path, nrow=len(real), padding=0)
+    with atomic(path) as tmp:
+        save_image(torch.cat([real.cpu(), fake]).float() / 255, tmp, nrow=len(real), padding=0)
 
 
 def save_rows(rows, path, padding=0):

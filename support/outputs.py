@@ -1,7 +1,9 @@
 """Output folders that never mix or lose results: every file written atomically, outputs kept out of
 inputs, and a folder's settings recorded so that a rerun with other settings is refused, not mixed in.
 
-    atomic(path)                    write to a temporary name, then rename: a kill never leaves half a file
+    atomic(path)                    write to a temporary name, then rename: a kill never leaves half a file, a
+                                    full disk no temporary file and one line (support.cli.DiskFull)
+    append_to(path, line)           a line at the end of a log; a full disk: one line
     save_png / save_json / save_csv / save_npy   the kinds of file the tools write, through atomic()
     check_output_folder(out, ...)   refuse an output folder that is, or is inside, an input folder
     claim_output_folder(out, ...)   that check, then the folder made, checked writable and locked for the run
@@ -19,32 +21,52 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image
 
-from support.cli import InputError, OutputConflict
+from support.cli import InputError, OutputConflict, disk_full
 
+PNG_OVERHEAD = 1024  # a PNG's chunks around its pixels: it is at most its raw pixels and this
+NPY_HEADER = 128  # bytes before a .npy file's data (numpy pads its header to a multiple of 64)
 LOCK_FILE = ".lock"  # OUT/.lock: flock'ed by the run writing OUT; it says which process that is
 _CLAIMED = {}  # real path of each folder this process holds -> its open lock file (held until the process ends)
 
 
 @contextmanager
-def atomic(path):
+def atomic(path, size=0, bound="about"):
     """`with atomic(path) as tmp:` write tmp; on success it replaces path in one rename (a reader, or a resumed
-    run, sees the old file or the new one, never half of one); on an error tmp is removed. No fsync: these are
-    tiles, features and reports written by the thousand; checkpoints, the one thing a node crash must not
-    empty, are synced by their own writer (support/checkpoints.py)."""
+    run, sees the old file or the new one, never half of one); on any error, an interruption included, tmp is
+    removed, and a write the disk refused (full, quota, file-size limit) becomes a DiskFull naming the file and
+    the bytes it needed (`size`, the whole file's, known `bound`, if the writer knows it; else what tmp had
+    reached). No fsync: these are tiles, features and reports written by the thousand; checkpoints, the one
+    thing a node crash must not empty, are synced by their own writer (support/checkpoints.py)."""
     path = str(path)
     base, ext = os.path.splitext(path)
     tmp = f"{base}.tmp{ext}"  # keeps the extension: writers that choose their format by it still can
     try:
         yield tmp
         os.replace(tmp, path)
-    finally:
+    except BaseException as err:
+        full = disk_full(err, path, tmp, size, bound)
         if os.path.exists(tmp):
             os.remove(tmp)
+        if full:
+            raise full from None
+        raise
+
+
+def append_to(path, line):
+    """One line at the end of a text file (a log); a disk that refuses it is a DiskFull naming the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as err:
+        full = disk_full(err, path, needed=len(line.encode()) + 1)
+        if full:
+            raise full from None
+        raise
 
 
 def save_png(array, path):
     """A lossless PNG of a uint8 (H, W, 3) array."""
-    with atomic(path) as tmp:
+    with atomic(path, array.nbytes + PNG_OVERHEAD, "at most") as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
@@ -69,7 +91,7 @@ def read_csv(path):
 
 
 def save_npy(array, path):
-    with atomic(path) as tmp:
+    with atomic(path, array.nbytes + NPY_HEADER) as tmp:
         np.save(tmp, array)
 
 

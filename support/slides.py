@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from support.cli import InputError, MissingInput
+from support.outputs import atomic
 from support.tiles import IMAGE_EXTENSIONS, RESIZE_KERNELS, SLIDE_EXTENSIONS
 
 # Plain images given as slides are large by design; Pillow's decompression-bomb guard (about 89 Mpx)
@@ -331,15 +332,14 @@ def write_coords(path, coords, geo, slide_id):
     attributes TRIDENT writes (patch_size, patch_size_level0, level0_magnification,
     target_magnification), CLAM's patch_level, and ours (mpp, slide_mpp, name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    with atomic(path, coords.nbytes, "at least") as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("coords", data=coords)
         f["coords"].attrs.update({
             "patch_size": geo.size, "patch_size_level0": round(geo.step), "patch_level": geo.level,
             "level0_magnification": round(TARGET_MAGNIFICATION_MPP / geo.slide_mpp, 3),
             "target_magnification": round(TARGET_MAGNIFICATION_MPP / geo.mpp, 3),
             "mpp": geo.mpp, "slide_mpp": geo.slide_mpp, "name": slide_id, "overlap": 0})
-    tmp.replace(path)
 
 
 def read_coords(path, slide, slide_id):
@@ -435,4 +435,5 @@ def save_tiling_preview(path, slide, tissue, step, rows):
     for k, (label, colour) in enumerate(legend.items()):
         draw.text((4, 4 + 12 * k), label, fill=colour)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, compress_level=1)
+    with atomic(path) as tmp:
+        image.save(tmp, compress_level=1)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from sit import SiT_models, build_sit
-from support.cli import InputError, MissingInput, NonFinite, OutputConflict, comma_list, run
+from support.cli import ArgumentParser, InputError, MissingInput, NonFinite, OutputConflict, comma_list, run
 from vae import build_vae, convert_diffusers_state_dict, vae_models
 
 EXPORT_FORMAT = "cytosyn-export"
@@ -410,7 +410,7 @@ def init_from(paths, nets):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m support.weights", description=__doc__[__doc__.index("Every file"):],
+    p = ArgumentParser(prog="python -m support.weights", description=__doc__[__doc__.index("Every file"):],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="unpickle IN fully (only a file you trust) and write a weights-only OUT")

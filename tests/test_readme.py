@@ -8,14 +8,14 @@ The README also stays short (at most 3,000 words), links every page of docs/, an
 names functions that exist where it says.
 """
 import argparse
-import contextlib
 import importlib
-import io
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+
+from support.cli import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE_COMMANDS = {"support.weights"}  # tools run as `python -m MODULE`
@@ -70,12 +70,10 @@ def missing_flags(parser, argv):
 
 def parse_error(parser, argv):
     """None if the parser accepts argv (flags, values, required arguments), else argparse's message."""
-    err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err):
-            parser.parse_args(argv)
-    except SystemExit:  # argparse's way to refuse a command line
-        return err.getvalue().strip().splitlines()[-1]
+        parser.parse_args(argv)
+    except InputError as err:  # support.cli.ArgumentParser's way to refuse a command line
+        return str(err)
     return None
 
 

@@ -491,9 +491,6 @@ def test_a_folder_without_slides_says_so(tmp_path, capsys, files):
     ("--max-tiles-per-slide", "0", "[1, 1000000000]"), ("--val-in", "1", "[0, 1)"),
     ("--val-out-slides", "-0.1", "[0, 1)"), ("--seed", "-1", "[0, 2147483647]"),
     ("--slide-processes", "0", "[1, 1024]")])
-def test_numbers_are_checked_when_parsed(tmp_path, capsys, flag, value, bounds):
-    with pytest.raises(SystemExit) as exit_:
-        tiling.parse_args(["--slides", str(tmp_path), "--out", str(tmp_path / "out"), flag, value])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument {flag}" in err and bounds in err
+def test_numbers_are_checked_when_parsed(tmp_path, one_line_error, flag, value, bounds):
+    line = one_line_error(tiling.main, ["--slides", str(tmp_path), "--out", str(tmp_path / "out"), flag, value])
+    assert f"argument {flag}" in line and bounds in line
