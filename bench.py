@@ -58,7 +58,7 @@ from support.cli import (
     resolve_precision,
     run,
 )
-from support.outputs import read_csv
+from support.outputs import append_to, read_csv
 from support.perf import PhaseFlops, PhaseTimer, device_name, peak_flops, peak_memory_gb
 from support.slides import SlideError, SlideTileReader, open_slide, read_tile_at, sort_folder
 from support.tiles import RESIZE_KERNELS, TILE_SIZE
@@ -72,8 +72,7 @@ def record(name, result, out):
                                        for k, v in line.items() if k != "bench"), flush=True)
     if out:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "bench.jsonl"), "a") as f:
-            f.write(json.dumps(line, default=str) + "\n")
+        append_to(os.path.join(out, "bench.jsonl"), json.dumps(line, default=str))
     return line
 
 

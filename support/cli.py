@@ -190,11 +190,11 @@ def run(main, argv=None):
         err = err if isinstance(err, Interrupted) else Interrupted()
         newline = "\n" if sys.stderr.isatty() else ""  # off the line of the terminal's ^C, or of a progress bar
         line, status = error_line(err), err.status
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch and h5py wrap the OSError
         if full_disk_reason(err) is None:
             raise
-        line, status = (f"error: could not write {err.filename or 'a file'}: {full_disk_reason(err)}; free space "
-                        f"on its disk, then {RERUN}"), 1
+        line, status = (f"error: could not write {getattr(err, 'filename', None) or 'a file'}: "
+                        f"{full_disk_reason(err)}; free space on its disk, then {RERUN}"), 1
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

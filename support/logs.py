@@ -211,4 +211,5 @@ def plot_fd_vs_steps(curves, path, title):
     ax.set_title(f"{title} against sampling steps")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=100)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=100)

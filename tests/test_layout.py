@@ -269,6 +269,7 @@ MEANINGS = {
     "--extractors": "the feature spaces the numbers are measured in",
     "--max-steps": "optimizer steps of a run",
     "--n": "images generated per conditioning",
+    "--num-guidance": "training tiles that guide the benchmark's samples",
     "--work-dir": "bench.py's scratch folder",
 }
 # One idea, one spelling: a flag that matches an idea's pattern must be that idea's flag (or one of them).
