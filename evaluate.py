@@ -45,7 +45,6 @@ recomputes nothing finished. Left out: multi-GPU feature extraction, KID, --ood 
 import functools
 import os
 import re
-import sys
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -71,10 +70,17 @@ from support.cli import (
     processes,
     run,
 )
-from support.data import list_images, read_manifest_rows
+from support.data import check_listed_tiles, list_images, read_manifest_rows
 from support.outputs import check_output_folder, claim_output_folder, read_csv, save_csv, save_npy
 from support.reports import BASELINE, VAL_SETS, run_info, run_name, write_comparison, write_reports
-from support.tile_features import Preprocess, check_one_size, extract_features, resize_record, score_extractors
+from support.tile_features import (
+    Preprocess,
+    check_one_size,
+    extract_features,
+    note_resizes,
+    resize_record,
+    score_extractors,
+)
 from support.tiles import TILE_MPP
 
 PAPER_EXTRACTORS = ["h-optimus-0", "virchow2", "uni2-h", "fid-inception"]  # Table 2's four, pytorch-fid's Inception
@@ -97,6 +103,7 @@ def manifest_rows(tiles):
         raise InputError(f"{path} has no 'split' column; write it with tiling.py")
     for row in rows:
         row["file"], row["path"] = row[column], str(Path(tiles) / row[column])
+    check_listed_tiles(path, [r["file"] for r in rows], [r["path"] for r in rows])  # before anything runs
     return rows
 
 
@@ -139,6 +146,10 @@ def read_pairs(args, train):
     table = read_csv(args.pairs)
     if not table or not {"generated", "guidance"} <= set(table[0]):
         raise InputError(f"--pairs {args.pairs}: needs the columns generated,guidance and a row per generated tile")
+    unused = [c for c in table[0] if c not in ("generated", "guidance")]
+    if unused:
+        print(f"note: --pairs {args.pairs}: column(s) {', '.join(unused)} not used (only generated,guidance are read)",
+              flush=True)
     generated = [os.path.relpath(p, args.generated) for p in list_images(args.generated)]
     generated_set, train_by_file = set(generated), {os.path.normpath(r["file"]): r for r in train}
     pairs, repeats = {}, 0
@@ -251,6 +262,7 @@ def cohort_tiles(name, path):
     if manifest.is_file() and manifest.suffix == ".csv":
         column, rows = read_manifest_rows(manifest, split=None)
         tiles = [dict(path=str(manifest.parent / r[column]), slide=r.get("slide_id")) for r in rows]
+        check_listed_tiles(manifest, [r[column] for r in rows], [t["path"] for t in tiles])
     elif path.is_dir():
         tiles = [dict(path=p, slide=None) for p in list_images(path)]
     else:
@@ -346,9 +358,12 @@ def score_extractor(name, args, cohorts, device):
     preps = {s: Preprocess(getattr(args, f"jpeg_{s}"), args.crop, args.resize_kernel, args.resize_to_input)
              for s in ("val", "guidance", "generated")}
 
+    seen = {}  # each set's tile size and resize, for the note on sets of different sizes
+
     def measure(folder, kind):  # -> (stems, features, how they reached the extractor's input size)
         size = check_one_size(folder, [Path(p) for p in list_images(folder)], preps[kind])
-        return *feats(folder, prep=preps[kind]), resize_record(size, spec, preps[kind])
+        seen[os.path.relpath(folder, args.out)] = size, resize_record(size, spec, preps[kind])
+        return *feats(folder, prep=preps[kind]), seen[os.path.relpath(folder, args.out)][1]
 
     rows = []
     for cohort in cohorts:
@@ -379,6 +394,7 @@ def score_extractor(name, args, cohorts, device):
                 add("cosine_shuffled", mean, std, n_pairs=n)
             for val, (_, real, _) in refs.items():
                 score_set(adder(label, val, len(gen), **settings), real, gen, guide, args, device)
+    note_resizes(name, seen, preps["val"])
     return rows
 
 
@@ -406,11 +422,7 @@ def set_sizes(args, guidance, vals):
     if not sets["generated"]:
         raise MissingInput(f"--generated {args.generated}: no tiles (PNG, JPEG or TIFF) inside")
     prep = Preprocess(crop=args.crop, resize_to_input=args.resize_to_input)
-    sizes = {k: check_one_size(f"{k} tiles", files, prep) for k, files in sets.items()}
-    if len(set(sizes.values())) > 1 and args.crop is None:
-        print(f"WARNING: tiles of different sizes ({sizes}) and no --crop: each set is resized to the extractor's "
-              f"input on its own (the paper centre-crops 256 px tiles to 224: --crop 224)", file=sys.stderr)
-    return sizes
+    return {k: check_one_size(f"{k} tiles", files, prep) for k, files in sets.items()}  # each extractor notes them
 
 
 def main(argv=None):

@@ -19,7 +19,7 @@ from timm.layers import SwiGLUPacked
 
 from features import ENCODERS, H0_MINI_MEAN, H0_MINI_STD, encoder_features, load_encoder
 from support.cli import InputError, Unavailable
-from support.hub import create_timm_model, hub_failure, reachable
+from support.hub import WITHOUT_WEIGHTS, create_timm_model, hub_failure, reachable
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # timm's inception_v3.tv_in1k takes [-1, 1] inputs
@@ -138,13 +138,13 @@ def fid_inception(pretrained=True, seed=0):
         folder = os.path.join(torch.hub.get_dir(), "checkpoints")  # where torch.hub keeps what it downloads
         if not os.path.exists(os.path.join(folder, os.path.basename(url))) and not reachable(url):
             raise Unavailable(f"fid-inception: pytorch-fid's FID weights are not in {folder} and {url} does not answer "
-                              f"(offline?): download it on a machine with access into that folder (TORCH_HOME); or "
-                              f"use --random-weights to test the pipeline")
+                              f"(offline?): download that file on a machine with access and copy it into {folder} "
+                              f"(TORCH_HOME/hub/checkpoints)", WITHOUT_WEIGHTS)
         try:
             model = fid_module.InceptionV3([3], resize_input=True, normalize_input=True)
         except Exception as err:
-            raise Unavailable(f"fid-inception: could not fetch pytorch-fid's FID weights ({hub_failure(err)}); "
-                              f"or use --random-weights to test the pipeline") from err
+            raise Unavailable(f"fid-inception: could not fetch pytorch-fid's FID weights ({hub_failure(err)})",
+                              WITHOUT_WEIGHTS) from err
         return model.eval().requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -41,7 +41,7 @@ from support.cli import (
     processes,
     run,
 )
-from support.data import SlideTiles, decode_tile, find_tiles, tile_stem
+from support.data import SlideTiles, check_finite_rows, decode_tile, find_tiles, read_npy, tile_stem
 from support.hub import create_timm_model
 from support.outputs import atomic, save_npy
 from support.tiles import IMAGE_EXTENSIONS, TILE_SIZE
@@ -225,10 +225,11 @@ def import_pooled(path, out, dim=768):
             raise InputError(f"{path} holds {len(feats)} features but {len(names)} coords: which patch is which "
                              f"would be a guess; export the features and their coords together")
     else:
-        feats, names = np.load(path), None
+        feats, names = read_npy(path, "--pooled"), None
     if feats.ndim != 2 or feats.shape[1] not in (dim, 2 * dim):
         raise InputError(f"{path} has shape {feats.shape}: expected (N, {dim}) CLS or (N, {2 * dim}) CLS + mean "
                          f"patch H0-mini features")
+    check_finite_rows(feats, f"--pooled {path}")  # before anything is written
     names = names or [f"{i:06d}" for i in range(len(feats))]
     cls = np.ascontiguousarray(feats[:, :dim], dtype=np.float32)
     os.makedirs(out, exist_ok=True)

@@ -58,6 +58,7 @@ from support.tile_features import (
     Preprocess,
     check_one_size,
     extract_features,
+    note_resizes,
     resize_record,
     same_tiles,
     score_extractors,
@@ -216,11 +217,13 @@ def score_folders(name, args, preps, device):
                               identity=dict(extractor=name, spec=spec_record(spec), weights=weights),
                               batch_size=args.batch_size, workers=args.num_workers,
                               cache_dir=None if args.no_cache else args.cache_dir)
+    folders = {s: getattr(args, s) for s in SETS if getattr(args, s)}
+    sizes = {s: check_one_size(folder, [Path(p) for p in list_images(folder)], preps[s])
+             for s, folder in folders.items()}
+    resize = {s: resize_record(sizes[s], spec, preps[s]) for s in folders}
+    note_resizes(name, {s: (sizes[s], resize[s]) for s in folders}, preps["val"])
     val_stems, val = feats(args.val, prep=preps["val"])
     gen_stems, gen = feats(args.generated, prep=preps["generated"])
-    folders = {s: getattr(args, s) for s in SETS if getattr(args, s)}
-    resize = {s: resize_record(check_one_size(folder, [Path(p) for p in list_images(folder)], preps[s]), spec, preps[s])
-              for s, folder in folders.items()}
     base = dict(extractor=spec_record(spec), weights=weights, resize=resize, degenerate=args.degenerate,
                 precision="bf16" if bf16 else "fp32", device=str(device), val=str(args.val),
                 generated=str(args.generated), n_val=len(val), n_generated=len(gen), seed=args.seed,

@@ -55,6 +55,7 @@ from support.cli import (
     ArgumentParser,
     InputError,
     NonFinite,
+    Unavailable,
     add_device_args,
     add_sampling_args,
     autocast,
@@ -65,7 +66,7 @@ from support.cli import (
     resolve_precision,
     run,
 )
-from support.data import list_tile_args
+from support.data import check_finite_rows, list_tile_args
 from support.outputs import check_output_folder, claim_output_folder, record_settings, save_png
 from support.sampling import (
     ArraySource,
@@ -249,7 +250,7 @@ def conditioning_source(args, pipe):
         source = ArraySource(read_feature_array(args.features, "--features"), dim, f"--features {args.features}")
         read_cls_names(args.features, len(source.arr))  # features.py's names beside its cls.npy must fit it
         return source, None
-    if args.cond_mean and args.cond_mean[0].endswith(".npy"):
+    if npy_of(args.cond_mean):
         path = args.cond_mean[0]
         return MeanSource(ArraySource(read_feature_array(path, "--cond-mean"), dim, f"--cond-mean {path}")), None
     if args.cond_mean:
@@ -258,6 +259,11 @@ def conditioning_source(args, pipe):
         paths = list_tile_args(args.cond or args.interpolate, "--cond" if args.cond else "--interpolate")
         return TileSource(paths, size, mpp), None
     return None, None
+
+
+def npy_of(cond_mean):
+    """--cond-mean's feature array, when it names one (else it names tiles)."""
+    return cond_mean[0] if cond_mean and cond_mean[0].endswith(".npy") else None
 
 
 def output_settings(args, step):
@@ -277,6 +283,15 @@ def output_settings(args, step):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return write_samples(args)
+    except Unavailable as err:  # the encoder's hub weights: sample.py has no --random-weights, but takes features
+        err.then = err.then and ("or condition on CLS features computed where the weights are (features.py): "
+                                 "--features FILE.npy")
+        raise
+
+
+def write_samples(args):
     settings = SamplingSettings.from_args(args)
     with processes(args.device) as (rank, world, device):
         args.precision = resolve_precision(args.precision, device)
@@ -284,6 +299,9 @@ def main(argv=None):
         check_output_folder(args.out, {"--cond": args.cond, "--features": args.features and [args.features],
                                        "--interpolate": args.interpolate, "--cond-mean": args.cond_mean,
                                        "--restain": args.restain, "--style": args.style and [args.style]})
+        for flag, path in (("--features", args.features), ("--cond-mean", npy_of(args.cond_mean))):
+            if path:  # read and checked (format, NaN rows) before any model is built
+                check_finite_rows(read_feature_array(path, flag), f"{flag} {path}")
         pipe = load_pipeline(args.ckpt, device, args.sit_weights, args.vae_weights, args.precision, args.compile)
         source, content = conditioning_source(args, pipe)
         jobs, grid_rows = plan_jobs(source, args.n, args.num_samples, bool(args.interpolate), content)

@@ -45,6 +45,7 @@ from support.cli import (
     DiskFull,
     InputError,
     Interrupted,
+    Unavailable,
     add_device_args,
     add_sampling_args,
     add_workers_arg,
@@ -224,8 +225,11 @@ def build_models(args, device, world, feature_dim_=None):
     if world > 1:
         sit.bn = synced_batchnorm(sit.bn)  # the EMA keeps a plain BatchNorm2d (same state-dict names)
     disc = None if args.no_gan else NLayerDiscriminator().to(device)
-    lpips = None if args.no_lpips else LPIPS(pretrained, args.lpips_heads,
-                                             args.lpips_vgg_range_quirk).to(device)
+    try:
+        lpips = None if args.no_lpips else LPIPS(pretrained, args.lpips_heads, args.lpips_vgg_range_quirk).to(device)
+    except Unavailable as err:
+        err.then = "or train without it: --no-lpips (no LPIPS term) or --random-weights (a pipeline check)"
+        raise
     # NOTE: bf16 autocast where REPA-E uses fp16 (no loss scaler needed, same speed on A100/H100).
     bf16 = resolve_precision(args.precision, device) == "bf16" and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()

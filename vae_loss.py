@@ -32,6 +32,7 @@ LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
 # timm VGG16 feature taps 0..4 are the ReLUs before each max-pool: relu1_2 ... relu5_3.
 VGG16_TIMM_NAME = "vgg16.tv_in1k"
+VGG16_ACCESS = "public weights (torchvision's ImageNet VGG16, as timm hosts them)"
 VGG16_TAPS = (0, 1, 2, 3, 4)
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
 UNIFORM = "uniform"  # heads= value for 1/C per channel (not the calibrated LPIPS)
@@ -87,8 +88,12 @@ class LPIPS(nn.Module):
         super().__init__()
         import timm  # imported here so that the discriminator alone needs no timm
 
-        self.vgg = timm.create_model(VGG16_TIMM_NAME, pretrained=pretrained, features_only=True,
-                                     out_indices=VGG16_TAPS)
+        taps = dict(features_only=True, out_indices=VGG16_TAPS)
+        if pretrained:  # one attempt at the hub; offline, the local cache or one line saying how to fetch it
+            from support.hub import create_timm_model
+            self.vgg = create_timm_model("LPIPS's VGG16", VGG16_TIMM_NAME, None, taps, True, 0, VGG16_ACCESS)
+        else:
+            self.vgg = timm.create_model(VGG16_TIMM_NAME, pretrained=False, **taps)
         assert tuple(self.vgg.feature_info.channels()) == VGG16_CHANNELS
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)

@@ -17,16 +17,14 @@ crafted pickle cannot run code here.
 """
 import os
 import random
-import re
 import zipfile
 
 import numpy as np
 import torch
 
 from support.cli import InputError, MissingInput, OutputConflict, disk_full
-from support.weights import CHECKSUM_SUFFIX, check_finite_weights, init_from, load_file, write_checksum
+from support.weights import CHECKPOINT, CHECKSUM_SUFFIX, check_finite_weights, init_from, load_file, write_checksum
 
-CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")
 RESUME_KEYS = ("config", "step", "sit", "sit_ema", "vae", "vae_ema", "opt_sit", "opt_vae", "rng")
 
 

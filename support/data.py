@@ -25,10 +25,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-from support.cli import InputError, MissingInput
+from support.cli import InputError, MissingInput, NonFinite
 from support.tiles import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
 
 SLIDE_COLUMNS = ("slide_file", "x", "y", "level", "scale", "size")  # where a manifest row lies in its slide
+CHECKED_ROWS = 100_000  # a manifest's tiles checked for existence up front (a stat each: well under a second)
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+ROWS_AT_ONCE = 65_536  # rows of a feature array checked for finiteness at a time (a memory-mapped 100k x 768)
 MAX_TILE_PX = 2048  # a larger image is a slide or a region, not a tile (CytoSyn's are 224 px)
 
 
@@ -37,7 +40,23 @@ def manifest_tile_paths(path):
     The tile column is `file` (tiling.py) or `path`, relative to the manifest's folder or absolute."""
     column, rows = read_manifest_rows(path)
     base = os.path.dirname(os.path.abspath(path))
-    return [os.path.join(base, r[column]) for r in rows]
+    paths = [os.path.join(base, r[column]) for r in rows]
+    check_listed_tiles(path, [r[column] for r in rows], paths)
+    return paths
+
+
+def check_listed_tiles(manifest, written, paths):
+    """A manifest's tiles are there, checked before any model is built: a manifest moved away from its tiles
+    would otherwise fail in the first batch. Every row up to CHECKED_ROWS, else that many spread over the list
+    (the first and the last among them); a missing tile gets one line that says how the path was read."""
+    step = max(1, len(paths) // CHECKED_ROWS)
+    checked = sorted({*range(0, len(paths), step), len(paths) - 1})
+    missing = [i for i in checked if not os.path.exists(paths[i])]
+    if missing:
+        i = missing[0]
+        raise MissingInput(f"{manifest}: tile {written[i]} ({paths[i]}): no such file; paths in {manifest} are "
+                           f"relative to its folder: keep the manifest beside its tiles, or write absolute paths "
+                           f"({len(missing)} of the {len(checked)} rows checked are missing)")
 
 
 def read_manifest_rows(path, split="train"):
@@ -182,6 +201,8 @@ def open_tile(src, name=None, decode=True):
         raise TileError(f"{name} is a whole-slide file, not a tile: cut it into tiles with tiling.py")
     try:
         im = Image.open(src)
+    except FileNotFoundError:
+        raise TileError(f"{name}: no such file") from None
     except Image.DecompressionBombError as err:
         raise TileError(f"{name} is a huge image ({err}), a whole slide rather than a tile: cut it into tiles "
                         f"with tiling.py") from err
@@ -253,13 +274,45 @@ def list_images(folder, recursive=True):
     return found
 
 
+def read_npy(path, what, mmap=True):
+    """A .npy array file -> the array (memory-mapped, weights-only: no pickled objects); else one line naming
+    `what` and saying what the file is: missing, not a .npy file (text, a pickle, another format), or an array
+    of Python objects."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise MissingInput(f"{what} {path}: no such file") from None
+    except (ValueError, OSError) as err:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if not head.startswith(NPY_MAGIC):  # numpy's "pickled data" is any file that is not a .npy
+            kind = ("an empty file" if not head else "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head)
+                    else f"another format, beginning {head[:8]!r}")
+            raise InputError(f"{what} {path} is not a NumPy .npy array file (it holds {kind}); write the array "
+                             f"with numpy.save") from None
+        raise InputError(f"{what} {path} is a .npy file but not an array of numbers ({str(err).splitlines()[0]}); "
+                         f"write a float array with numpy.save") from None
+
+
+def check_finite_rows(arr, what):
+    """Refuse an (N, D) feature array with NaN or inf in any row, naming the rows (0-based), before any model
+    runs: a non-finite conditioning is found otherwise only after sampling, as black tiles."""
+    arr = arr.reshape(1, -1) if arr.ndim < 2 else arr.reshape(len(arr), -1)  # a vector: one row
+    bad = np.concatenate([np.flatnonzero(~np.isfinite(arr[i:i + ROWS_AT_ONCE]).all(1)) + i
+                          for i in range(0, len(arr), ROWS_AT_ONCE)] or [np.zeros(0, int)])
+    if len(bad):
+        shown = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
+        raise NonFinite(f"{what}: {len(bad)} of its {len(arr)} rows hold NaN or inf (rows {shown}, counting from "
+                        f"0); remove or recompute them")
+
+
 def load_features(features_dir, stem, tokens):
     """Precomputed H0-mini tokens of one tile -> float32 (1 + tokens, D): CLS, then patch tokens."""
     path = os.path.join(features_dir, stem + ".npy")
     if not os.path.exists(path):
         raise MissingInput(f"no precomputed features {path} for tile {stem}; compute them for every "
                                 f"training tile or drop --features")
-    feats = np.load(path)
+    feats = read_npy(path, "--tokens", mmap=False)
     if feats.ndim != 2 or feats.shape[0] != 1 + tokens:
         raise InputError(f"{path} has shape {feats.shape}; expected (1 + {tokens}, D): the CLS token then the "
                          f"patch tokens resized to the SiT's token grid for this --image-size")
@@ -270,7 +323,7 @@ def feature_dim(features_dir):
     first = next((f for f in sorted(os.listdir(features_dir)) if f.endswith(".npy")), None)
     if first is None:
         raise MissingInput(f"--features {features_dir} holds no .npy files")
-    return np.load(os.path.join(features_dir, first), mmap_mode="r").shape[1]
+    return read_npy(os.path.join(features_dir, first), "--tokens").shape[1]
 
 
 class TileFolder(Dataset):

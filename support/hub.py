@@ -24,6 +24,9 @@ from huggingface_hub import constants as hf_constants
 from support.cli import Unavailable
 
 PROBE_TIMEOUT_S = 3  # the one reachability check of a model hub (reachable)
+# How a tool runs without hub weights, in the one line that says they cannot load; a tool without the flag
+# (sample.py: --features) says its own (Unavailable.then).
+WITHOUT_WEIGHTS = "or test the pipeline without them, with seeded random weights: --random-weights"
 
 
 def hub_failure(err):
@@ -87,7 +90,7 @@ def create_timm_model(name, hub, arch, kwargs, pretrained, seed, access, hub_kwa
                        f"{hf_constants.HF_HUB_CACHE}")
             raise Unavailable(f"{name}: could not load {hub} ({why}); {access}; to use it offline, run `hf download "
                               f"{hub_repo(hub)}` on a machine with access and copy its HF_HOME "
-                              f"({hf_constants.HF_HOME}) here; or use random weights to test the pipeline") from err
+                              f"({hf_constants.HF_HOME}) here", WITHOUT_WEIGHTS) from err
         finally:
             hf_constants.HF_HUB_OFFLINE = before
     else:

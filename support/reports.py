@@ -231,6 +231,11 @@ def comparison(run_dirs):
     reports = [(str(d), read_report(d)) for d in run_dirs]  # all read first: a bad one writes nothing
     key = lambda r: (r["metric"], r["extractor"], r["val"])  # noqa: E731
     shared = set.intersection(*({key(r) for r in report["results"]} for _, report in reports))
+    if not shared:  # an empty table would say nothing: refused, naming what each run measured
+        measured = "; ".join(f"{run_dir}: {', '.join(sorted({r['extractor'] for r in report['results']})) or 'nothing'}"
+                             for run_dir, report in reports)
+        raise InputError(f"--compare: the runs share no column (metric, extractor and val set), so there is nothing to "
+                         f"compare; their extractors: {measured}. Score them with a common extractor (--extractors)")
     columns = sorted(shared, key=lambda c: (METRIC_ORDER.index(c[0]) if c[0] in METRIC_ORDER else len(METRIC_ORDER),
                                             c[1], str(c[2])))
     table = [dict(run=run_dir, row=label, values={key(r): r for r in report["results"]

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from support.cli import InputError
-from support.data import open_tile, read_tile_at_mpp, size_at_mpp
+from support.data import check_finite_rows, open_tile, read_npy, read_tile_at_mpp, size_at_mpp
 from support.logs import save_rows
 from support.tiles import TILE_MPP
 
@@ -58,6 +58,7 @@ class ArraySource:
             arr = arr[:, :dim]
         if arr.ndim != 2 or arr.shape[1] != dim or not len(arr):
             raise InputError(f"{what} has shape {arr.shape}; this model needs (N, {dim}) H0-mini CLS features, N >= 1")
+        check_finite_rows(arr, what)
         self.arr, self.names = arr, [f"{i:06d}" for i in range(len(arr))]
 
     def tile(self, i):
@@ -87,11 +88,9 @@ class MeanSource:
 
 
 def read_feature_array(path, flag):
-    """A .npy array, memory-mapped; a missing file or another format is an InputError naming the flag."""
-    try:
-        return np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as err:  # a missing file, or not a .npy array
-        raise InputError(f"{flag} {path}: cannot read it as a .npy array ({type(err).__name__}: {err})") from None
+    """A .npy array, memory-mapped; a missing file or another format is one line naming the flag (its rows are
+    checked finite by ArraySource, and by sample.py before it builds the model)."""
+    return read_npy(path, flag)
 
 
 def batch_conditioning(source, jobs, pipe):

@@ -4,6 +4,7 @@ cache on disk keyed by the folder's content, the extractor and the preprocessing
 
     Preprocess(jpeg, crop, kernel, resize_to_input)   what happens to a tile before an extractor sees it
     check_one_size / resize_record                     tiles of several sizes refused, or said how they were resized
+    note_resizes(extractor, sets, prep)                sets of different tile sizes: how each was resized, said
     extract_features(folder, spec, prep, get, ...)     (stems, (N, dim) float32), cached
     same_tiles(a, b)                                   two folders holding the same tiles (a degenerate comparison)
     score_extractors(names, score)                     every extractor, those not available here skipped with why
@@ -70,6 +71,21 @@ def resize_record(tile_size, spec, prep):
     if spec.resize_inside:
         return f"{size} -> {spec.input_size} px, {spec.kernel} inside the network (torch, not antialiased)"
     return f"{size} -> {spec.input_size} px, PIL {prep.kernel or spec.kernel} (antialiased when shrinking)"
+
+
+def note_resizes(extractor, sets, prep):
+    """Sets of tiles of different sizes (224 px real tiles, a model's 64 px ones) are each resized on their own to
+    the extractor's input, so they do not show the same field of view: one line per set on the console saying how
+    it was resized, and the flags that treat them alike. `sets`: {name: (its tile size, resize_record)}. Nothing
+    when the sizes agree, or when --crop or --resize-to-input already says how."""
+    if len({size for size, _ in sets.values()}) < 2 or prep.crop is not None or prep.resize_to_input:
+        return
+    for name, (size, record) in sets.items():
+        shown = f"{size[0]}x{size[1]} px" if isinstance(size, tuple) else size
+        print(f"note: {extractor}: {name} tiles ({shown}): {record}", file=sys.stderr, flush=True)
+    print(f"note: {extractor}: the sets' tiles differ in size, each resized on its own: --crop N centre-crops every "
+          f"set alike (the paper's 256 -> 224: --crop 224), --resize-to-input resizes each straight to the input",
+          file=sys.stderr, flush=True)
 
 
 def preprocessed_tile(path, prep, size, kernel):

@@ -37,6 +37,7 @@ DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_mod
 # A PatchGAN discriminator's tensors (vae_loss.NLayerDiscriminator; taming's, which REPA-E trains, has the same names).
 DISC_TENSOR = re.compile(r"^main\.\d+\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
 CHECKSUM_SUFFIX = ".sha256"  # CKPT.pt.sha256: train.py writes it with each checkpoint, every reader checks it
+CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")  # train.py's RUN/checkpoints/NNNNNNN.pt (support/checkpoints.py)
 UNCHECKED = set()  # files read without a checksum, each noted once
 SIT_CONFIG_KEYS = ("input_size", "in_channels", "cond_dim", "encoder_depth", "z_dim", "projector_dim",
                    "depth", "hidden_size", "patch_size", "num_heads")
@@ -50,6 +51,8 @@ def load_file(path, checked=True):
     """A torch.save'd file on the CPU, weights only (tensors and plain values: unpickling runs no code),
     memory-mapped (tensors are read as they are copied into the models, not all at once per rank); first
     checked against its PATH.sha256 when it has one (checked=False: a file this process just wrote)."""
+    if path.endswith(CHECKSUM_SUFFIX):
+        raise InputError(f"{path} is the sha256 sum of {path[:-len(CHECKSUM_SUFFIX)]}, not weights: give that file")
     if checked:
         verify_checksum(path)
     if not zipfile.is_zipfile(path):
@@ -170,6 +173,7 @@ def read_weights(path):
     """An export, a train.py checkpoint or a REPA-E one ({"model", "ema", "vae", "args"}) -> (layout,
     config, step, get): get("sit" | "sit_ema" | "vae" | "vae_ema") gives that state dict, or None."""
     if os.path.isdir(path):
+        run_folder_is_not_a_checkpoint(path)
         return ("export", *read_export(path))
     if not os.path.isfile(path):
         raise MissingInput(f"checkpoint {path} not found: pass a .pt file written by train.py "
@@ -183,6 +187,17 @@ def read_weights(path):
     keys = list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
     raise InputError(f"{path} is not a CytoSyn checkpoint (keys config/sit/sit_ema/vae) nor a REPA-E one "
                      f"(model/ema/vae); found {keys}")
+
+
+def run_folder_is_not_a_checkpoint(path):
+    """A train.py run folder (or its checkpoints/) given where a checkpoint goes: one line naming its latest."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    for folder in (os.path.join(path, "checkpoints"), path):
+        steps = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if CHECKPOINT.match(f))
+        if steps:
+            raise InputError(f"{path} is a train.py run folder, not a checkpoint or an export: give one of its "
+                             f"checkpoints, e.g. its latest, {os.path.join(folder, steps[-1])}")
 
 
 def pick(get, net, ema, path):
