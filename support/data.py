@@ -297,7 +297,7 @@ def read_npy(path, what, mmap=True):
 def check_finite_rows(arr, what):
     """Refuse an (N, D) feature array with NaN or inf in any row, naming the rows (0-based), before any model
     runs: a non-finite conditioning is found otherwise only after sampling, as black tiles."""
-    arr = arr.reshape(1, -1) if arr.ndim < 2 else arr.reshape(len(arr), -1)  # a vector: one row
+    arr = arr.reshape(1, -1) if arr.ndim < 2 else arr.reshape(len(arr), int(np.prod(arr.shape[1:])))  # a vector: a row
     bad = np.concatenate([np.flatnonzero(~np.isfinite(arr[i:i + ROWS_AT_ONCE]).all(1)) + i
                           for i in range(0, len(arr), ROWS_AT_ONCE)] or [np.zeros(0, int)])
     if len(bad):

@@ -53,6 +53,8 @@ def test_manifest_keeps_train_rows_only(tmp_path):
         writer = csv.DictWriter(f, ["slide_id", "file", "split"])
         writer.writeheader()
         writer.writerows({"slide_id": "s", "file": f"tiles/{n}.png", "split": s} for n, s in rows)
+    for name, _ in rows:
+        (tmp_path / "tiles" / f"{name}.png").write_bytes(b"")
     kind, files = data.find_tiles(str(tmp_path / "manifest.csv"))
     assert kind == "files" and files == [str(tmp_path / "tiles" / "a.png"), str(tmp_path / "tiles" / "d.png")]
 

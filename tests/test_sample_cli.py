@@ -350,10 +350,11 @@ def test_a_whole_slide_as_conditioning_points_to_tiling(ckpt, tmp_path, one_line
 
 
 def test_no_non_finite_image_is_written(ckpt, tmp_path, one_line_error):
-    """Image 000000 is finite and written; 000001's conditioning is inf: sampling stops before writing it."""
+    """Image 000000 is finite and written; 000001's conditioning is finite but so large that the network overflows:
+    sampling stops before writing it."""
     (tmp_path / "in").mkdir()
     feats = np.random.default_rng(0).normal(size=(2, 48)).astype(np.float32)
-    feats[1, 3] = np.inf
+    feats[1] = 3e38
     np.save(tmp_path / "in" / "f.npy", feats)
     message = one_line_error(sample.main, ["--ckpt", ckpt, "--features", str(tmp_path / "in" / "f.npy"), "--n", "1",
                                            "--out", str(tmp_path / "o"), "--num-sampling-steps", "2", "--batch-size",
