@@ -141,7 +141,8 @@ def test_fld_punishes_memorisation():
 def reference_mog_fit(train, centres, perm, max_epochs=50):
     """The authors' fit written out again from its description (not from fld.py): one cached distance
     matrix, Adam lr 0.5, an origin component at 0.81 x the squared distance to the training mean, clamp to
-    [-40, 40], and the early stop after epoch 5 on the largest of the last 5 epoch-to-epoch changes."""
+    [-40, 40], and the early stop of their code: after epoch index 5, once the mean loss is within 5e-4 of
+    each of the last 5 epoch means (itself included)."""
     x = train[perm]
     d = x.shape[1]
     sq = ((x[:, None, :] - centres[None]) ** 2).sum(-1)  # (N, M), exact, no cdist
@@ -163,7 +164,7 @@ def reference_mog_fit(train, centres, perm, max_epochs=50):
         with torch.no_grad():
             logvar.clamp_(-40, 40)
         means.append(loss.item())
-        if epoch + 1 > 5 and max(abs(a - b) for a, b in zip(means[-6:-1], means[-5:])) < 5e-4:
+        if epoch > 5 and max(abs(means[-1] - m) for m in means[-5:]) < 5e-4:
             break
     return logvar.detach(), len(means)
 
@@ -186,11 +187,14 @@ def test_fld_fit_equals_a_reference_of_the_early_stopped_fit():
 
 
 def test_fld_early_stop_rule():
+    """Jiralerspong et al.'s rule: from the 7th epoch on, stop once the last mean loss is within 5e-4 of
+    each of the 4 before it; steady small steps that add up to more do not stop the fit."""
     from fld import converged
     flat = [1.0, 0.5, 0.4, 0.3] + [0.2] * 6
-    assert not converged(flat[:5]) and not converged(flat[:9]) and converged(flat)
-    assert not converged([1.0] * 5)  # never before epoch 6
-    assert not converged([0.2] * 5 + [0.2 + 6e-4])
+    assert not converged(flat[:8]) and converged(flat[:9])
+    assert not converged([1.0] * 6) and converged([1.0] * 7)  # never before the 7th epoch
+    assert not converged([0.2] * 6 + [0.2 + 6e-4])
+    assert not converged([1.0 - 2e-4 * i for i in range(12)])  # each change 2e-4, 8e-4 over the window
 
 
 def test_fld_ignores_dims_that_are_constant_on_the_test_set():
