@@ -309,29 +309,33 @@ def write_ood(args, name, plan):
 # -------- Scores -------------------------------------------------------------------------------------
 def shuffled_cosine(real_stems, real, gen_stems, gen, seed):
     """The paired cosine with the pairing shuffled (each generated tile against another guidance tile):
-    the chance level the paired cosine must beat."""
+    the chance level the paired cosine must beat -> (mean, std, n pairs, the order: real row i stands in for
+    real row order[i])."""
     order = np.random.default_rng(seed).permutation(len(real))
     for i in range(len(order) if len(order) > 1 else 0):
         if order[i] == i:  # a tile paired with itself: swap with the next, so that no pairing is the true one
             j = (i + 1) % len(order)
             order[i], order[j] = order[j], order[i]
-    return M.paired_cosine(real_stems, real[order], gen_stems, gen)
+    return *M.paired_cosine(real_stems, real[order], gen_stems, gen), order
 
 
 def score_set(add, real, gen, train, args, device, with_fld=True):
-    """FD, its bootstrap, precision / recall and FLD of one (real, generated) pair of feature sets."""
+    """FD, its bootstrap, precision / recall and FLD of one (real, generated) pair of feature sets; the rows
+    a bootstrap or FLD drew are recorded in DIR/subsets, named by the row's settings.subsets."""
     stats = M.feature_stats(real)
     add("fd", M.fd(stats, M.feature_stats(gen)))
     if len(gen) >= 4 and args.bootstrap_draws:
         size = args.bootstrap_num_generated or len(gen) // 2
-        mean, std, _ = M.bootstrap_fd(stats, gen, args.bootstrap_draws, size, args.seed)
-        add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=size)
+        mean, std, _, drawn = M.bootstrap_fd(stats, gen, args.bootstrap_draws, size, args.seed)
+        add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=size,
+            subsets=M.save_subsets(args.out, bootstrap=drawn))
     precision, recall = M.precision_recall(real, gen, args.k, device)
     add("precision", precision, k=args.k)
     add("recall", recall, k=args.k)
     if with_fld:
         out = fld(train, real, gen, args.fld_num_generated, FLD_EPOCHS, args.seed, device)
-        add("fld", out["fld"], **out)
+        subsets = M.save_subsets(args.out, **out.pop("subsets"))
+        add("fld", out["fld"], **out, subsets=subsets)
 
 
 def score_extractor(name, args, cohorts, device):
@@ -374,9 +378,10 @@ def score_extractor(name, args, cohorts, device):
             if gen_run.paired:  # cosine rows: val is the cohort (None: --tiles' guidance)
                 add, gen_stems = adder(label, cohort.name, len(gen), **settings), gen_run.names or gen_stems
                 mean, std, n = M.paired_cosine(guide_stems, guide, gen_stems, gen)
-                add("cosine", mean, std, n_pairs=n)
-                mean, std, n = shuffled_cosine(guide_stems, guide, gen_stems, gen, args.seed)
-                add("cosine_shuffled", mean, std, n_pairs=n)
+                add("cosine", mean, std, n_pairs=n, n_val=None)  # no val set: generated vs guidance tiles
+                mean, std, n, order = shuffled_cosine(guide_stems, guide, gen_stems, gen, args.seed)
+                add("cosine_shuffled", mean, std, n_pairs=n, n_val=None,
+                    subsets=M.save_subsets(args.out, order=order))
             for val, (_, real, _) in refs.items():
                 score_set(adder(label, val, len(gen), **settings), real, gen, guide, args, device)
     return rows

@@ -49,7 +49,7 @@ class IsotropicMoG:
     def __init__(self, centres):
         self.centres, (self.m, self.d) = centres, centres.shape
         self.logvar = torch.zeros(self.m, device=centres.device)
-        self.epoch_losses = []
+        self.epoch_losses, self.order = [], None
 
     def _log_normal(self, sq_dist, logvar):  # log N(x | c, exp(logvar) I) from |x - c|^2
         return -0.5 * sq_dist / logvar.exp() - 0.5 * self.d * (logvar + math.log(2 * math.pi))
@@ -66,8 +66,10 @@ class IsotropicMoG:
         return total / (len(x) * self.d)
 
     def fit(self, x, epochs=FLD_EPOCHS, generator=None):
-        """Fit the log-variances to maximise the likelihood of x (the training features); stops early."""
-        x = x[torch.randperm(len(x), generator=generator).to(x.device)]
+        """Fit the log-variances to maximise the likelihood of x (the training features), in batches of x's
+        rows in a seeded order (kept in self.order); stops early."""
+        self.order = torch.randperm(len(x), generator=generator).to(x.device)
+        x = x[self.order]
         nearest = torch.stack([self._sq_dist(x[i:j]).min(0).values for i, j in row_chunks(len(x), self.m)])
         logvar = ((nearest.min(0).values + 1e-3) / self.d).log().requires_grad_()  # at its nearest point
         # As in Jiralerspong et al.'s code, one extra wide component (unweighted, own variance) at the
@@ -100,12 +102,17 @@ def fld(train, test, gen, gen_size=FLD_GEN_SIZE, epochs=FLD_EPOCHS, seed=0, devi
     """FLD = 100 (NLL_test - NLL_baseline); gap = 100 (NLL_train - NLL_test), very negative = memorised.
 
     The MoG is centred on (at most gen_size) generated samples with its variances fit on train; the
-    baseline MoG is centred on min(n_gen, n_train / 2) training samples and fit on the rest."""
+    baseline MoG is centred on min(n_gen, n_train / 2) training samples and fit on the rest. "subsets"
+    holds the rows each step used, so the number can be recomputed: the generated rows (the centres),
+    the training rows in the order of the fit's batches, and the baseline's centres and fit rows (in
+    that order), all as indices into gen and train."""
     g = torch.Generator().manual_seed(seed)
     train, test, gen = (torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)
                         for a in (train, test, gen))
+    picked = torch.arange(len(gen))
     if len(gen) > gen_size:
-        gen = gen[torch.randperm(len(gen), generator=g)[:gen_size].to(device)]
+        picked = torch.randperm(len(gen), generator=g)[:gen_size]
+        gen = gen[picked.to(device)]
     # NOTE: dims constant on the test set (std 0: dead ReLU channels, tiny sets) are dropped; Jiralerspong
     # et al.'s code divides by that 0 and returns NaN.
     mean, std = test.mean(0), test.std(0)
@@ -116,6 +123,9 @@ def fld(train, test, gen, gen_size=FLD_GEN_SIZE, epochs=FLD_EPOCHS, seed=0, devi
     perm, split = torch.randperm(len(train), generator=g).to(device), min(len(gen), len(train) // 2)
     base = IsotropicMoG(train[perm[:split]]).fit(train[perm[split:]], epochs, g)
     baseline = base.nll(test)
+    subsets = dict(generated=picked, fit_order=mog.order, baseline_centres=perm[:split],
+                   baseline_fit_order=perm[split:][base.order.to(device)])
     return dict(fld=100 * (nll_test - baseline), fld_gap=100 * (nll_train - nll_test), nll_test=nll_test,
                 nll_train=nll_train, nll_baseline=baseline, n_gen=len(gen), n_dims=int(keep.sum()),
-                fit_epochs=len(mog.epoch_losses), baseline_fit_epochs=len(base.epoch_losses))
+                fit_epochs=len(mog.epoch_losses), baseline_fit_epochs=len(base.epoch_losses),
+                subsets={k: v.cpu().numpy() for k, v in subsets.items()})

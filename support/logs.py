@@ -183,7 +183,8 @@ def save_rows(rows, path, padding=0):
 
 
 def plot_fd_vs_steps(curves, path, title):
-    """Figure 4: FD against the number of sampling steps (log axis), one line per sampler."""
+    """Figure 4: FD against the number of sampling steps (log axis), one line per sampler -> what the figure
+    shows, read back from its axes (title, axis labels, legend, each line's points), for the JSON beside it."""
     from matplotlib.figure import Figure  # imported when a plot is drawn
     fig = Figure(figsize=(5.5, 3.6), layout="constrained")
     ax = fig.subplots()
@@ -199,4 +200,9 @@ def plot_fd_vs_steps(curves, path, title):
     ax.set_title(f"{title} against sampling steps")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path, dpi=100)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    return dict(title=ax.get_title(), xlabel=ax.get_xlabel(), ylabel=ax.get_ylabel(),
+                legend=[t.get_text() for t in ax.get_legend().get_texts()],
+                lines={line.get_label(): [[float(x), float(y)] for x, y in zip(line.get_xdata(), line.get_ydata())]
+                       for line in ax.get_lines()})
