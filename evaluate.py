@@ -17,7 +17,11 @@
    the guidance tile that conditioned it (and a shuffled pairing, its chance level), the bootstrap of FD
    (50 draws of half the samples, Table 5), and the "guidance vs val" baseline row (Table 2).
 4. DIR/report.md laid out like Table 2 (val-in / val-out in each cell), DIR/report.json with every setting
-   next to every number; several --num-sampling-steps / --sampler: DIR/fd_vs_steps.png (Figure 4).
+   next to every number; several --num-sampling-steps / --sampler: DIR/fd_vs_steps.png (Figure 4) and
+   DIR/fd_vs_steps.json (its numbers, its val set, and what its axes show). Every random subset a number was
+   computed on (the bootstrap's draws, FLD's generated rows, fit order and baseline split, the shuffled
+   pairing) is kept in DIR/subsets/<digest>.npz, named by the row's settings.subsets: each number can be
+   recomputed from the features alone.
 
 --ood NAME=PATH (repeatable; §4.2, Table 3): a tiling output (all its manifest rows) or a folder of tiles,
 split with --seed into a guidance half and a reference half: by slide where the manifest has slide_id (each

@@ -2,7 +2,8 @@
 
     write_reports(rows, skipped, args, argv, info)   DIR/report.md (Table 2's layout, Table 3 for each --ood
                                                      cohort, Figure 4's numbers) and DIR/report.json (every
-                                                     setting next to every number)
+                                                     setting next to every number); Figure 4 as
+                                                     fd_vs_steps.png and fd_vs_steps.json (the data behind it)
     write_comparison(run_dirs, out)                  OUT/compare.md and OUT/compare.json: a row per run, a
                                                      column per metric / extractor / val set all runs share,
                                                      marked * where its numbers were measured differently

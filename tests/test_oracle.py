@@ -28,7 +28,7 @@ import evaluate
 import extractors
 
 torch.set_num_threads(1)
-pytestmark = pytest.mark.filterwarnings("ignore")  # a few tiles in 3 dims; pytorch-fid's sqrtm on SciPy
+pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")  # pytorch-fid on SciPy 1.17
 
 # -------- The known features: a tile's set in its pixels, and each set's own mean and scale ----------------
 TILE, DIM = 64, 3
@@ -166,14 +166,14 @@ def runs(ckpt_64px, tmp_path_factory):
 
 
 # -------- The oracle: every metric from its definition, sharing no code with the project ------------------------
-def frechet(real, gen):
+def fid_fd(real, gen):
     """pytorch-fid's FD of the two sets' Gaussians (float64 means and np.cov covariances, as pytorch-fid takes them)."""
     real, gen = real.astype(np.float64), gen.astype(np.float64)
     return float(calculate_frechet_distance(real.mean(0), np.cov(real, rowvar=False), gen.mean(0),
                                             np.cov(gen, rowvar=False)))
 
 
-def precision_recall(real, gen):
+def prdc_pr(real, gen):
     """prdc's improved precision and recall (Kynkäänniemi et al. 2019). prdc counts a sample inside a k-NN ball
     with `<` (prdc/prdc.py, compute_prdc), the paper and the code under test with `<=`: the two differ only
     where a distance equals a radius exactly, which continuous features never give."""
@@ -181,18 +181,18 @@ def precision_recall(real, gen):
     return float(scores["precision"]), float(scores["recall"])
 
 
-def cosines(real, gen):
+def numpy_cosines(real, gen):
     """Cosine of each row of gen with the same row of real -> (mean, std (ddof 0), n)."""
     a, b = real.astype(np.float64), gen.astype(np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return float(cos.mean()), float(cos.std()), len(cos)
 
 
-def bootstrap(real, gen, drawn):
+def bootstrap_by_definition(real, gen, drawn):
     """Table 5 (§5): FD of the full real set against each drawn half of the generated set -> mean, std (ddof 1).
     The draws are the run's, recorded as a (draws, N) mask; each must be a half of the generated set."""
     assert drawn.shape == (DRAWS, len(gen)) and drawn.dtype == bool and (drawn.sum(1) == len(gen) // 2).all()
-    values = [frechet(real, gen[row]) for row in drawn]
+    values = [fid_fd(real, gen[row]) for row in drawn]
     return float(np.mean(values)), float(np.std(values, ddof=1)), values
 
 
@@ -212,7 +212,7 @@ def mog_nll(x, centres, logvar):
     return float(-logsumexp(log_normal(sq, logvar, x.shape[1]) - np.log(len(centres))).mean() / x.shape[1])
 
 
-def fit_mog(x, centres):
+def fit_logvars(x, centres):
     """Jiralerspong et al.'s fit of the per-component log-variances to x, rows in the recorded order, written from
     their definition in float64 with the gradient by hand: Adam (lr 0.5, betas 0.9 / 0.999, eps 1e-8), batches
     of 10k, at most 50 epochs; initial log((min squared distance to a training point + 1e-3) / D); an extra
@@ -244,7 +244,7 @@ def fit_mog(x, centres):
     return params[:m], len(losses)
 
 
-def fld(train, test, gen, subsets):
+def fld_by_definition(train, test, gen, subsets):
     """FLD (Jiralerspong et al. 2023) from the rows the run recorded, each checked against the definition: every
     set standardised with the test set's mean and std; the MoG centred on <= FLD_NUM_GENERATED generated
     samples, fit on the training set; the baseline centred on min(n_gen, n_train / 2) training samples and fit
@@ -258,8 +258,8 @@ def fld(train, test, gen, subsets):
     mean, std = test.astype(np.float64).mean(0), test.astype(np.float64).std(0, ddof=1)
     keep = std > 0  # the code's NOTE: dims constant on the test set are dropped (none are here)
     train, test, gen = ((x.astype(np.float64)[:, keep] - mean[keep]) / std[keep] for x in (train, test, gen))
-    logvar, epochs = fit_mog(train[order], gen[picked])
-    logvar_b, epochs_b = fit_mog(train[order_b], train[centres_b])
+    logvar, epochs = fit_logvars(train[order], gen[picked])
+    logvar_b, epochs_b = fit_logvars(train[order_b], train[centres_b])
     nll_test, nll_train = mog_nll(test, gen[picked], logvar), mog_nll(train, gen[picked], logvar)
     nll_baseline = mog_nll(test, train[centres_b], logvar_b)
     return dict(fld=100 * (nll_test - nll_baseline), fld_gap=100 * (nll_train - nll_test), nll_test=nll_test,
@@ -296,7 +296,8 @@ def cohorts_of_a(runs):
     assert len({r["file"] for r in guidance}) == NUM_GUIDANCE and {r["file"] for r in guidance} <= {
         r["file"] for r in train}
     for tss in "AB":  # the training rows are half A, half B: so is the guidance set
-        assert sum(r["tss"] == tss for r in guidance) == NUM_GUIDANCE * sum(r["tss"] == tss for r in train) // 16
+        share = sum(r["tss"] == tss for r in train) / len(train)
+        assert sum(r["tss"] == tss for r in guidance) == NUM_GUIDANCE * share
     guide = features_of([tiling / r["file"] for r in guidance])
     vals = {v: features_of([tiling / r["file"] for r in runs["manifest"] if r["split"] == v]) for v in COUNTS
             if v != "train"}
@@ -358,25 +359,25 @@ def expected(run_dir, report, cohorts, sampled_runs):
                 echo = dict(num_sampling_steps=steps, cfg_scale=CFG, guidance_interval=list(WINDOW))
             for val, real in cohort["refs"].items():
                 counts = dict(base, **echo, n_val=len(real), n_generated=len(gen))
-                want[label, val, "fd"] = dict(value=frechet(real, gen), std=None, settings=counts)
+                want[label, val, "fd"] = dict(value=fid_fd(real, gen), std=None, settings=counts)
                 drawn = load_subsets(run_dir, rows[label, val, "fd_bootstrap"])["bootstrap"]
-                mean, std, _ = bootstrap(real, gen, drawn)
+                mean, std, _ = bootstrap_by_definition(real, gen, drawn)
                 want[label, val, "fd_bootstrap"] = dict(value=mean, std=std, settings=dict(
                     counts, draws=DRAWS, size=len(gen) // 2))
-                precision, recall = precision_recall(real, gen)
+                precision, recall = prdc_pr(real, gen)
                 want[label, val, "precision"] = dict(value=precision, std=None, settings=dict(counts, k=K))
                 want[label, val, "recall"] = dict(value=recall, std=None, settings=dict(counts, k=K))
                 if train is not None:
-                    out = fld(train, real, gen, load_subsets(run_dir, rows[label, val, "fld"]))
+                    out = fld_by_definition(train, real, gen, load_subsets(run_dir, rows[label, val, "fld"]))
                     want[label, val, "fld"] = dict(value=out["fld"], std=None, settings=dict(counts, **out))
             if train is not None:
                 gen_rows, guide_rows = map(list, zip(*cohort["pairs"][label]))
                 counts = dict(base, **echo, n_generated=len(gen), n_pairs=len(gen_rows))
-                mean, std, _ = cosines(guide[guide_rows], gen[gen_rows])
+                mean, std, _ = numpy_cosines(guide[guide_rows], gen[gen_rows])
                 want[label, cohort["name"], "cosine"] = dict(value=mean, std=std, settings=counts)
                 order = load_subsets(run_dir, rows[label, cohort["name"], "cosine_shuffled"])["order"]
                 assert sorted(order) == list(range(len(guide))) and (order != np.arange(len(guide))).all()
-                mean, std, _ = cosines(guide[order][guide_rows], gen[gen_rows])  # guidance row i -> row order[i]
+                mean, std, _ = numpy_cosines(guide[order][guide_rows], gen[gen_rows])  # guidance row i -> row order[i]
                 want[label, cohort["name"], "cosine_shuffled"] = dict(value=mean, std=std, settings=counts)
     return want
 
@@ -651,14 +652,15 @@ def test_every_number_of_metrics_json_equals_its_recomputation(runs, tmp_path, m
     counts = dict(extractor=spec, n_val=len(real), n_generated=len(gen), seed=SEED)
     used = np.load(out / rows["fd"]["settings"]["subsets"])["generated"]
     assert used.shape == (len(gen),) and used.sum() == budget  # the budget: 9 distinct generated tiles
-    mean, std, values = bootstrap(real, gen, np.load(out / rows["fd_bootstrap"]["settings"]["subsets"])["bootstrap"])
-    precision, recall = precision_recall(real, gen)
-    out_fld = fld(train, real, gen, dict(np.load(out / rows["fld"]["settings"]["subsets"])))
+    drawn = np.load(out / rows["fd_bootstrap"]["settings"]["subsets"])["bootstrap"]
+    mean, std, values = bootstrap_by_definition(real, gen, drawn)
+    precision, recall = prdc_pr(real, gen)
+    out_fld = fld_by_definition(train, real, gen, dict(np.load(out / rows["fld"]["settings"]["subsets"])))
     fld_settings = dict(counts, n_guidance=len(train), epochs=50, **out_fld)
-    want = dict(fd=(frechet(real, gen[used]), None, dict(counts, n_generated_used=budget)),
+    want = dict(fd=(fid_fd(real, gen[used]), None, dict(counts, n_generated_used=budget)),
                 fd_bootstrap=(mean, std, dict(counts, draws=DRAWS, size=len(gen) // 2, values=values)),
                 precision=(precision, None, dict(counts, k=K)), recall=(recall, None, dict(counts, k=K)),
-                cosine=(*cosines(real, gen)[:2], dict(counts, n_pairs=len(gen))),
+                cosine=(*numpy_cosines(real, gen)[:2], dict(counts, n_pairs=len(gen))),
                 fld=(out_fld["fld"], None, fld_settings), fld_gap=(out_fld["fld_gap"], None, fld_settings))
     paths = {}
     for i, r in enumerate(report["results"]):
