@@ -132,8 +132,8 @@ def bootstrap_fd(real_stats, generated, draws=50, size=None, seed=0):
     """FD of `draws` random subsets of `size` generated samples (no replacement; paper §5: 50 x 50k of
     100k) against the full real set -> (mean, std (ddof=1), values)."""
     size = size or len(generated) // 2
-    if not 2 <= size < len(generated):
-        raise InputError(f"bootstrap size must be in [2, {len(generated)}) generated samples, got {size}")
+    if not 2 <= size <= len(generated):  # size = all of them: every draw is the whole set, FD itself (std 0)
+        raise InputError(f"bootstrap size must be in [2, {len(generated)}] generated samples, got {size}")
     rng = np.random.default_rng(seed)
     values = [fd(real_stats, feature_stats(generated[np.sort(rng.choice(len(generated), size, replace=False))]))
               for _ in range(draws)]

@@ -88,7 +88,7 @@ def test_bootstrap_draws_distinct_subsets():
     mean, std, values = M.bootstrap_fd(real, fake, draws=5, size=200, seed=0)
     assert len(set(values)) == 5 and std > 0 and mean == pytest.approx(np.mean(values))
     with pytest.raises(ValueError, match="bootstrap size"):
-        M.bootstrap_fd(real, fake, draws=2, size=400)
+        M.bootstrap_fd(real, fake, draws=2, size=401)
 
 
 # ---------------------------------------------------------------------------------- P / R, cosine
