@@ -312,7 +312,7 @@ def build_parser():
     p.add_argument("--val", type=Path, required=True, help="real held-out tiles (the val set; FLD's test set)")
     p.add_argument("--generated", type=Path, required=True, help="generated tiles")
     p.add_argument("--guidance", type=Path, help="training tiles, those the generator conditioned on (FLD's train set)")
-    p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=["inception"],
+    p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=["fid-inception"],
                    help=f"comma-separated: {', '.join(EXTRACTORS)}")
     p.add_argument("--metrics", type=comma_list(METRICS), default=["fd", "pr"],
                    help=f"comma-separated: {', '.join(METRICS)}")
