@@ -463,7 +463,8 @@ def wait_for(path, poll=5.0):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", help="checkpoint from train.py: sample its tiles and score them")
+    p.add_argument("--ckpt", help="checkpoint from train.py (or what sample.py --ckpt takes): sample its tiles and "
+                                  "score them")
     p.add_argument("--generated", type=Path, help="score the tiles of this folder (another model's), sampling nothing")
     p.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR", help="one table of finished runs' reports")
     p.add_argument("--tiles", help="tiling.py's output folder (manifest.csv inside)")

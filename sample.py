@@ -32,7 +32,9 @@ in. No non-finite image is ever written. From Python, with the released pipeline
     images = pipe(h0_mini_embeds=feats.mean(0, keepdims=True), num_images_per_prompt=8)["images"]  # --cond-mean
     images = pipe(h0_mini_embeds=style_cls, restain_from=[content_pil], strength=0.5)["images"]   # --restain
 
-Left out: PixCell-style multi-tile conditioning, metrics (metrics.py), loading weights from the hub.
+Left out: PixCell-style multi-tile conditioning, metrics (metrics.py). --ckpt also takes an export on the hub,
+hf-hub:ORG/REPO[@REVISION] (support/hub.py); `python -m support.weights export --format diffusers` writes one that
+diffusers loads as LazySlide loads CytoSyn, with the same images.
 """
 import argparse
 import os
@@ -354,7 +356,8 @@ def build_parser():
                                             f"{TILE_MPP} µm/px (20x); they are centre-cropped to 224 px, not resized "
                                             "(see --cond-mpp).")
     p.add_argument("--ckpt", required=True, help="train.py checkpoint, export folder (python -m support.weights "
-                                                 "export) or REPA-E checkpoint; carries its model config")
+                                                 "export), REPA-E checkpoint, or an export on the hub: "
+                                                 "hf-hub:ORG/REPO[@REVISION]; carries its model config")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--cond", nargs="+", metavar="TILE", help="conditioning tiles (files or folders)")
     what.add_argument("--features", metavar="FILE.npy", help="precomputed (N, 768) H0-mini CLS features")

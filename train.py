@@ -408,8 +408,9 @@ def build_parser():
     p.add_argument("--out", default="results/cytosyn", help="the run's folder: checkpoints, logs, samples")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in --out, or from the given file")
-    p.add_argument("--init-from", nargs="+", metavar="PATH", help="start a new run from these weights: an export, a "
-                   "train.py or REPA-E checkpoint, a diffusers VAE, a discriminator (REPA-E's -discriminator-ckpt.pt)")
+    p.add_argument("--init-from", nargs="+", metavar="PATH", help="start a new run from these weights: an export (also "
+                   "hf-hub:ORG/REPO), a train.py or REPA-E checkpoint, a diffusers VAE, a discriminator (REPA-E's "
+                   "-discriminator-ckpt.pt)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--tracker", choices=TRACKERS, default=None, help="also send metrics.csv's numbers, the sample "
                    "grids and the settings to TensorBoard (OUT/tensorboard) or Weights & Biases (docs/training.md)")

@@ -25,6 +25,7 @@ from importlib import metadata
 
 from safetensors.torch import save_file
 
+from support.cli import InputError
 from vae import convert_diffusers_state_dict, to_diffusers_state_dict, vae_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, whose sources are shipped
@@ -45,7 +46,7 @@ def renamed_prefixes(sd, table, reverse=False):
     for key, value in sd.items():
         old, new = next(((old, new) for old, new in rows if key.startswith(old)), (None, None))
         if old is None:
-            raise KeyError(f"tensor {key} fits no row of the name table {rows}")
+            raise InputError(f"tensor {key} fits no row of the name table {rows}: not an export of this code's")
         out[new + key[len(old):]] = value
     return out
 

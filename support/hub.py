@@ -128,24 +128,27 @@ def hub_weights(path):
                           f"with access and copy its HF_HOME ({hf_constants.HF_HOME}) here") from err
 
 
-def push_export(folder, repo, card, dry_run=None, private=False):
-    """An export folder and its model card (README.md) -> one commit to the hub repository ORG/REPO, created if
-    new; dry_run=DIR: the same files written to DIR (new or empty) and nothing uploaded -> where they went."""
+def push_export(folder, repo, written, dry_run=None, private=False):
+    """An export folder, with `written` ({name: text}: its model card README.md, ...) added or put in place of the
+    folder's files of that name -> one commit to the hub repository ORG/REPO, created if new; dry_run=DIR: the
+    same files written to DIR (new or empty) and nothing uploaded -> where they went."""
     if not REPO_ID.fullmatch(repo):
         raise InputError(f"push {repo}: name the hub repository as ORG/REPO")
     files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
-    files = [name for name in files if name != "README.md"]  # the card replaces any README the folder has
+    files = [name for name in files if name not in written]
     if dry_run is not None:
         if os.path.exists(dry_run) and (not os.path.isdir(dry_run) or os.listdir(dry_run)):
             raise OutputConflict(f"--dry-run {dry_run} already exists and is not an empty folder: choose another")
-        for name in files:
+        for name in files + list(written):
             os.makedirs(os.path.dirname(os.path.join(dry_run, name)), exist_ok=True)
-            shutil.copyfile(os.path.join(folder, name), os.path.join(dry_run, name))
-        with open(os.path.join(dry_run, "README.md"), "w") as f:
-            f.write(card)
+            if name in written:
+                with open(os.path.join(dry_run, name), "w") as f:
+                    f.write(written[name])
+            else:
+                shutil.copyfile(os.path.join(folder, name), os.path.join(dry_run, name))
         return dry_run
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name)) for name in files]
-    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=written[name].encode() if name in written
+                                     else os.path.join(folder, name)) for name in files + list(written)]
     try:
         api = HfApi()
         api.create_repo(repo, private=private, exist_ok=True)

@@ -13,9 +13,7 @@ fresh sums on corrupt weights. Non-finite weights are refused.
     python -m support.weights convert IN.pt OUT.pt     # unpickles IN fully: only files you trust
     python -m support.weights export CKPT OUT_DIR [--sit-weights ema,raw] [--vae-weights ema,raw]
     python -m support.weights export CKPT OUT_DIR --format diffusers   # the release's layout (diffusers)
-    python -m support.weights push OUT_DIR ORG/REPO [--report report.json] [--dry-run DIR]
-
---ckpt, --init-from and load_models also take an export on the Hugging Face hub: hf-hub:ORG/REPO[@REVISION].
+    python -m support.weights push OUT_DIR ORG/REPO [--report report.json] [--dry-run DIR]   # hf-hub:ORG/REPO
 """
 import argparse
 import hashlib
@@ -166,11 +164,8 @@ def read_export(folder):
                 sha256(file) != entry["sha256"]:
             raise InputError(f"{file} is missing or does not match the sha256 in {folder}/config.json: the file is "
                              f"corrupt or was changed; export it again")
-        try:
-            return our_names(load_safetensors(file), entry.get("names"))
-        except KeyError as err:
-            raise InputError(f"{file}: {err.args[0]}; export it again") from None
-    return meta["config"], meta.get("step"), get
+        return our_names(load_safetensors(file), entry.get("names"))
+    return {**meta.get("training", {}), **meta["config"]}, meta.get("step"), get  # an export of it keeps both
 
 
 def repae_config(ckpt, path):
@@ -193,7 +188,7 @@ def repae_config(ckpt, path):
 def read_weights(path):
     """An export, a train.py checkpoint or a REPA-E one ({"model", "ema", "vae", "args"}) -> (layout,
     config, step, get): get("sit" | "sit_ema" | "vae" | "vae_ema") gives that state dict, or None. An export on
-    the Hugging Face hub is named hf-hub:ORG/REPO[@REVISION] (read through huggingface_hub's cache)."""
+    the hub is hf-hub:ORG/REPO[@REVISION], read through huggingface_hub's cache."""
     path = hub_weights(path)
     if os.path.isdir(path):
         return ("export", *read_export(path))
@@ -481,12 +476,14 @@ def build_parser():
 
 def push(source, repo, report=None, dry_run=None, private=False):
     """Every file of an export checked against its sha256, then it and its model card uploaded (dry_run: written
-    to that folder) -> where they went."""
+    to that folder) -> where they went. The config.json uploaded names its source file, not its folder here."""
     _, _, get = read_export(source)
     meta = export_meta(source)
     for name in meta["files"]:
         get(name)
-    return push_export(source, repo, model_card(meta, repo, report), dry_run, private)
+    public = json.dumps({**meta, "source": os.path.basename(meta["source"])}, indent=1)
+    return push_export(source, repo, {"README.md": model_card(meta, repo, report), "config.json": public}, dry_run,
+                       private)
 
 
 def main(argv=None):

@@ -78,7 +78,8 @@ def card_checkpoint(ckpt, tmp_path):
 
 
 def test_push_dry_run_writes_the_export_and_its_card_and_uploads_nothing(ckpt, tmp_path, monkeypatch):
-    weights.main(["export", str(card_checkpoint(ckpt, tmp_path)), str(tmp_path / "export"), "--format", "diffusers"])
+    weights.main(["export", str(card_checkpoint(ckpt, tmp_path)), str(tmp_path / "ours")])
+    weights.main(["export", str(tmp_path / "ours"), str(tmp_path / "export"), "--format", "diffusers"])  # kept on
     report = {"date": "2026-12-01", "results": [
         {"row": "CytoSyn (sde, 250 steps)", "extractor": "uni2-h", "val": "val_out", "metric": "fd", "value": 15.125,
          "std": None, "settings": {}},
@@ -91,7 +92,10 @@ def test_push_dry_run_writes_the_export_and_its_card_and_uploads_nothing(ckpt, t
     exported = sorted(p.relative_to(tmp_path / "export") for p in (tmp_path / "export").rglob("*") if p.is_file())
     uploaded = sorted(p.relative_to(tmp_path / "upload") for p in (tmp_path / "upload").rglob("*") if p.is_file())
     assert [str(p) for p in uploaded] == sorted(["README.md"] + [str(p) for p in exported])
-    assert all((tmp_path / "upload" / p).read_bytes() == (tmp_path / "export" / p).read_bytes() for p in exported)
+    assert all((tmp_path / "upload" / p).read_bytes() == (tmp_path / "export" / p).read_bytes() for p in exported
+               if p.name != "config.json" or p.parent.name)  # the weights, the code, the components' configs
+    here, public = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("export", "upload"))
+    assert public == {**here, "source": "ours"} and str(tmp_path) not in json.dumps(public)
     card = ModelCard.load(tmp_path / "upload" / "README.md")  # huggingface_hub's own parser of the front matter
     assert card.data.library_name == "diffusers" and "histopathology" in card.data.tags
     raw = (tmp_path / "upload" / "README.md").read_text()
