@@ -6,16 +6,20 @@ numbers, resumes the same run and receives evaluate.py's benchmark; a missing pa
 import csv
 import io
 import json
+import shutil
 import sys
 import types
 
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import evaluate
 import train
 from support import trackers
+from support.logs import Logger
+from test_evaluate import argv, tiling_output
 from test_train import tiny_args
 
 GRIDS = ["--sample-every", "2", "--grid-tiles", "2", "--num-sampling-steps", "2"]
@@ -43,7 +47,6 @@ def a_report(folder):
 
 
 def test_tensorboard_events_equal_metrics_csv_across_a_resume(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = tmp_path / "run"
     train.train(tiny_args(run, "--max-steps", "2", "--ckpt-every", "1", "--tracker", "tensorboard", *GRIDS))
     (run / "checkpoints" / "0000002.pt").unlink()  # as if killed after logging step 2, before its checkpoint:
@@ -111,6 +114,8 @@ def test_wandb_gets_every_number_resumes_its_run_and_takes_the_benchmark(tmp_pat
     train.train(tiny_args(run, "--max-steps", "3", "--ckpt-every", "3", "--tracker", "wandb", "--resume", *GRIDS))
     assert fake.inits[1]["id"] == "run42" and fake.inits[1]["resume"] == "allow" and fake.inits[1]["mode"] == "online"
     assert fake.finished == 2
+    Logger(str(tmp_path), rank=1, tracker="wandb", settings={"x": 1})  # the other ranks send nothing
+    assert len(fake.inits) == 2
     rows = csv_rows(run)
     scalars = [(step, data) for step, data in fake.logs if "train/samples" not in data]
     assert scalars == [(int(r["step"]), {f"train/{k}": float(v) for k, v in r.items() if k != "step"}) for r in rows]
@@ -143,3 +148,21 @@ def test_evaluate_finds_the_run_folder_of_its_checkpoint(tmp_path, monkeypatch):
     assert evaluate.parse_args(["--ckpt", "hf-hub:my-lab/cytosyn", *base, "--tracker-run", "r"]).tracker_run == "r"
     with pytest.raises(evaluate.InputError, match="--tracker logs a checkpoint's benchmark"):
         evaluate.parse_args(["--generated", str(tmp_path), *base])
+
+
+@pytest.mark.filterwarnings("ignore:FD from")  # a handful of tiles in 48 dims: expected here
+def test_evaluate_logs_its_report_to_the_checkpoints_training_run(ckpt, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copyfile(ckpt, run / "checkpoints" / "0000100.pt")  # conftest's, as if train.py had written it there
+    tiles = tiling_output(tmp_path / "tiling", {"train": 4, "val_in": 3, "val_out": 3}, size=224)
+    assert evaluate.main(argv(str(run / "checkpoints" / "0000100.pt"), tiles, tmp_path / "bench", "--num-guidance", "3",
+                              "--sampler", "ode,sde", "--num-sampling-steps", "1", "--tracker", "tensorboard")) == 0
+    results = json.loads((tmp_path / "bench" / "report.json").read_text())["results"]
+    events = EventAccumulator(str(run / trackers.TENSORBOARD_DIR), size_guidance={"scalars": 0, "images": 0}).Reload()
+    assert len(events.Tags()["scalars"]) == len(results) + sum(r["std"] is not None for r in results)
+    for result in results:  # every number of the report, at the checkpoint's step
+        assert [(e.step, e.value) for e in events.Scalars(f"benchmark/{trackers.tag_of(result)}")] == \
+            [(100, float(np.float32(result["value"])))]
+    assert [e.step for e in events.Images("benchmark/fd_vs_steps")] == [100]
+
