@@ -9,10 +9,12 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
 
+import sample
 from support import hub, weights
 from test_sample_cli import pngs, run
 
@@ -61,12 +63,25 @@ def test_an_export_in_the_hub_cache_samples_offline_by_name(offline_cache, ckpt,
     layout, found, _ = weights.init_sources(f"hf-hub:{REPO}")  # train.py --init-from
     ck = torch.load(ckpt, weights_only=True)
     assert all(torch.equal(found["sit"][k], v) for k, v in ck["sit_ema"].items())
-    line = one_line_error(__import__("sample").main, ["--ckpt", "hf-hub:cytosyn-test/absent", "--num-samples", "1",
+    line = one_line_error(sample.main, ["--ckpt", "hf-hub:cytosyn-test/absent", "--num-samples", "1",
                                                       "--out", str(tmp_path / "absent"), "--device", "cpu"])
     assert "hf-hub:cytosyn-test/absent: could not fetch cytosyn-test/absent (offline" in line
     assert str(tmp_path / "cache") in line and not (tmp_path / "absent").exists()
     with pytest.raises(weights.InputError, match="hf-hub:ORG/REPO"):
         weights.load_models("hf-hub:not a repo")
+
+
+def test_lazyslides_call_loads_the_hub_export_offline(offline_cache, tmp_path, monkeypatch):
+    """DiffusionPipeline.from_pretrained(REPO, custom_pipeline=REPO, trust_remote_code=True), from the cache."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.utils import dynamic_modules_utils
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 before the first import
+    pipe = diffusers.DiffusionPipeline.from_pretrained(REPO, custom_pipeline=REPO, trust_remote_code=True,
+                                                       cache_dir=str(tmp_path / "cache"))
+    keywords = dict(num_images_per_prompt=1, num_inference_steps=2, seed=2)
+    ours = sample.load_pipeline(f"hf-hub:{REPO}", device="cpu")(**keywords)["images"]
+    assert np.array_equal(np.asarray(pipe(**keywords)["images"][0]), np.asarray(ours[0]))
 
 
 def card_checkpoint(ckpt, tmp_path):
