@@ -133,6 +133,7 @@ TABLE = {
     # the weights tool: the API's export()
     ("python -m support.weights export", "--sit-weights"): [list(keyword(weights.export, "sit_weights"))],
     ("python -m support.weights export", "--vae-weights"): [list(keyword(weights.export, "vae_weights"))],
+    ("python -m support.weights export", "--format"): [keyword(weights.export, "layout"), weights.EXPORT_LAYOUTS[0]],
     # demo.py: what the README says the first run does
     ("demo.py", "--max-steps"): [doc("README.md", r"python demo\.py\s+# tile, train (\d+) steps", int)],
     ("demo.py", "--n"): [doc("README.md", r"generates (\d+) tiles from each of", int)],
