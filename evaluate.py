@@ -80,6 +80,7 @@ from support.outputs import check_output_folder, claim_output_folder, read_csv, 
 from support.reports import BASELINE, VAL_SETS, run_info, run_name, write_comparison, write_reports
 from support.tile_features import Preprocess, check_one_size, extract_features, resize_record, score_extractors
 from support.tiles import TILE_MPP
+from support.trackers import TRACKERS, log_benchmark, require, tracker_run
 
 PAPER_EXTRACTORS = ["h-optimus-0", "virchow2", "uni2-h", "fid-inception"]  # Table 2's four, pytorch-fid's Inception
 
@@ -458,6 +459,8 @@ def main(argv=None):
             return 0
         rows, skipped = score_extractors(args.extractors, lambda name: score_extractor(name, args, cohorts, device))
     write_reports(rows, skipped, args, argv, info)
+    if args.tracker:  # the numbers and Figure 4 into the training run's TensorBoard / W&B, at the checkpoint's step
+        log_benchmark(args.tracker, args.tracker_run, args.out, args.ckpt)
     return 1 if skipped and not rows else 0
 
 
@@ -469,7 +472,8 @@ def wait_for(path, poll=5.0):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", help="checkpoint from train.py: sample its tiles and score them")
+    p.add_argument("--ckpt", help="checkpoint from train.py (or what sample.py --ckpt takes): sample its tiles and "
+                                  "score them")
     p.add_argument("--generated", type=Path, help="score the tiles of this folder (another model's), sampling nothing")
     p.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR", help="one table of finished runs' reports")
     p.add_argument("--tiles", help="tiling.py's output folder (manifest.csv inside)")
@@ -490,6 +494,10 @@ def build_parser():
     p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=PAPER_EXTRACTORS,
                    help=f"comma-separated: {', '.join(EXTRACTORS)}")
     M.add_metric_args(p)
+    p.add_argument("--tracker", choices=TRACKERS, default=None, help="also log the numbers and Figure 4 to the "
+                   "training run's TensorBoard or Weights & Biases run (with --ckpt)")
+    p.add_argument("--tracker-run", metavar="RUN_DIR", help="--tracker: the train.py --out folder (default: the one "
+                   "--ckpt lies in, RUN_DIR/checkpoints/)")
     return p
 
 
@@ -513,6 +521,12 @@ def parse_args(argv=None):
     if args.ood and not args.ckpt:
         raise InputError("--ood samples from each cohort's guidance half: it needs --ckpt")
     args.ood = parse_ood(args.ood)
+    if args.tracker_run and not args.tracker or args.tracker and not args.ckpt:
+        raise InputError("--tracker logs a checkpoint's benchmark (--ckpt) to its training run; --tracker-run goes "
+                         "with --tracker")
+    if args.tracker:
+        args.tracker_run = tracker_run(args.ckpt, args.tracker_run)
+        require(args.tracker)
     return args
 
 

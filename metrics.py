@@ -134,8 +134,8 @@ def bootstrap_fd(real_stats, generated, draws=50, size=None, seed=0):
     100k) against the full real set -> (mean, std (ddof=1), values, the draws as a (draws, N) bool mask:
     row i marks the generated samples of draw i)."""
     size = size or len(generated) // 2
-    if not 2 <= size < len(generated):
-        raise InputError(f"bootstrap size must be in [2, {len(generated)}) generated samples, got {size}")
+    if not 2 <= size <= len(generated):  # size = all of them: every draw is the whole set, FD itself (std 0)
+        raise InputError(f"bootstrap size must be in [2, {len(generated)}] generated samples, got {size}")
     rng = np.random.default_rng(seed)
     subsets = np.zeros((draws, len(generated)), bool)
     for row in subsets:
@@ -337,7 +337,7 @@ def build_parser():
     p.add_argument("--val", type=Path, required=True, help="real held-out tiles (the val set; FLD's test set)")
     p.add_argument("--generated", type=Path, required=True, help="generated tiles")
     p.add_argument("--guidance", type=Path, help="training tiles, those the generator conditioned on (FLD's train set)")
-    p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=["inception"],
+    p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=["fid-inception"],
                    help=f"comma-separated: {', '.join(EXTRACTORS)}")
     p.add_argument("--metrics", type=comma_list(METRICS), default=["fd", "pr"],
                    help=f"comma-separated: {', '.join(METRICS)}")

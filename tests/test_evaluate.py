@@ -78,6 +78,20 @@ def test_benchmark_end_to_end_every_row_extractor_and_setting(ckpt, tmp_path):
     files = os.listdir(out / "generated" / "sde-3")
     assert len(files) == 8 + 2 and {".lock", "settings.json"} <= set(files)
     assert json.loads((out / "generated" / "sde-3" / "settings.json").read_text())["sit_weights"] == "raw"
+    # one value per setting: what sample.py recorded beside its tiles (settings.json), what report.json says of the
+    # run and of each row, and the flag's default when it was not given
+    parser = E.build_parser()
+    for sampler, steps in (("ode", 2), ("sde", 3)):
+        recorded = json.loads((out / "generated" / f"{sampler}-{steps}" / "settings.json").read_text())
+        row = next(r for r in rows if r["row"] == E.run_name(sampler, steps))["settings"]
+        assert (recorded["sampler"], recorded["num_sampling_steps"]) == (row["sampler"], row["num_sampling_steps"])
+        for key in ("cfg_scale", "sit_weights", "vae_weights"):
+            assert recorded[key] == row[key] == report["settings"][key], key
+        assert [recorded["guidance_low"], recorded["guidance_high"]] == row["guidance_interval"] == \
+            [report["settings"]["guidance_low"], report["settings"]["guidance_high"]] == \
+            [parser.get_default("guidance_low"), parser.get_default("guidance_high")]
+        assert recorded["seed"] == row["seed"] == report["settings"]["seed"] == parser.get_default("seed")
+        assert recorded["cfg_scale"] == parser.get_default("cfg_scale")
     assert set(report["fd_vs_steps"]) == {"ode", "sde"} and (out / "fd_vs_steps.png").exists()
     text = (out / "report.md").read_text()
     assert "| guidance vs val |" in text and " / " in text and "Figure 4" in text

@@ -270,6 +270,7 @@ MEANINGS = {
     "--max-steps": "optimizer steps of a run",
     "--n": "images generated per conditioning",
     "--work-dir": "bench.py's scratch folder",
+    "--tracker": "where the run's numbers also go, live: tensorboard or wandb",
 }
 # One idea, one spelling: a flag that matches an idea's pattern must be that idea's flag (or one of them).
 IDEAS = {

@@ -89,7 +89,7 @@ def test_bootstrap_draws_distinct_subsets():
     assert len(set(values)) == 5 and std > 0 and mean == pytest.approx(np.mean(values))
     assert drawn.shape == (5, 400) and (drawn.sum(1) == 200).all() and len({d.tobytes() for d in drawn}) == 5
     with pytest.raises(ValueError, match="bootstrap size"):
-        M.bootstrap_fd(real, fake, draws=2, size=400)
+        M.bootstrap_fd(real, fake, draws=2, size=401)
 
 
 # ---------------------------------------------------------------------------------- P / R, cosine
