@@ -17,7 +17,11 @@
    the guidance tile that conditioned it (and a shuffled pairing, its chance level), the bootstrap of FD
    (50 draws of half the samples, Table 5), and the "guidance vs val" baseline row (Table 2).
 4. DIR/report.md laid out like Table 2 (val-in / val-out in each cell), DIR/report.json with every setting
-   next to every number; several --num-sampling-steps / --sampler: DIR/fd_vs_steps.png (Figure 4).
+   next to every number; several --num-sampling-steps / --sampler: DIR/fd_vs_steps.png (Figure 4) and
+   DIR/fd_vs_steps.json (its numbers, its val set, and what its axes show). Every random subset a number was
+   computed on (the bootstrap's draws, FLD's generated rows, fit order and baseline split, the shuffled
+   pairing) is kept in DIR/subsets/<digest>.npz, named by the row's settings.subsets: each number can be
+   recomputed from the features alone.
 
 --ood NAME=PATH (repeatable; §4.2, Table 3): a tiling output (all its manifest rows) or a folder of tiles,
 split with --seed into a guidance half and a reference half: by slide where the manifest has slide_id (each
@@ -82,6 +86,7 @@ from support.tile_features import (
     score_extractors,
 )
 from support.tiles import TILE_MPP
+from support.trackers import TRACKERS, log_benchmark, require, tracker_run
 
 PAPER_EXTRACTORS = ["h-optimus-0", "virchow2", "uni2-h", "fid-inception"]  # Table 2's four, pytorch-fid's Inception
 
@@ -321,29 +326,33 @@ def write_ood(args, name, plan):
 # -------- Scores -------------------------------------------------------------------------------------
 def shuffled_cosine(real_stems, real, gen_stems, gen, seed):
     """The paired cosine with the pairing shuffled (each generated tile against another guidance tile):
-    the chance level the paired cosine must beat."""
+    the chance level the paired cosine must beat -> (mean, std, n pairs, the order: real row i stands in for
+    real row order[i])."""
     order = np.random.default_rng(seed).permutation(len(real))
     for i in range(len(order) if len(order) > 1 else 0):
         if order[i] == i:  # a tile paired with itself: swap with the next, so that no pairing is the true one
             j = (i + 1) % len(order)
             order[i], order[j] = order[j], order[i]
-    return M.paired_cosine(real_stems, real[order], gen_stems, gen)
+    return *M.paired_cosine(real_stems, real[order], gen_stems, gen), order
 
 
 def score_set(add, real, gen, train, args, device, with_fld=True):
-    """FD, its bootstrap, precision / recall and FLD of one (real, generated) pair of feature sets."""
+    """FD, its bootstrap, precision / recall and FLD of one (real, generated) pair of feature sets; the rows
+    a bootstrap or FLD drew are recorded in DIR/subsets, named by the row's settings.subsets."""
     stats = M.feature_stats(real)
     add("fd", M.fd(stats, M.feature_stats(gen)))
     if len(gen) >= 4 and args.bootstrap_draws:
         size = args.bootstrap_num_generated or len(gen) // 2
-        mean, std, _ = M.bootstrap_fd(stats, gen, args.bootstrap_draws, size, args.seed)
-        add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=size)
+        mean, std, _, drawn = M.bootstrap_fd(stats, gen, args.bootstrap_draws, size, args.seed)
+        add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=size,
+            subsets=M.save_subsets(args.out, bootstrap=drawn))
     precision, recall = M.precision_recall(real, gen, args.k, device)
     add("precision", precision, k=args.k)
     add("recall", recall, k=args.k)
     if with_fld:
         out = fld(train, real, gen, args.fld_num_generated, FLD_EPOCHS, args.seed, device)
-        add("fld", out["fld"], **out)
+        subsets = M.save_subsets(args.out, **out.pop("subsets"))
+        add("fld", out["fld"], **out, subsets=subsets)
 
 
 def score_extractor(name, args, cohorts, device):
@@ -389,9 +398,10 @@ def score_extractor(name, args, cohorts, device):
             if gen_run.paired:  # cosine rows: val is the cohort (None: --tiles' guidance)
                 add, gen_stems = adder(label, cohort.name, len(gen), **settings), gen_run.names or gen_stems
                 mean, std, n = M.paired_cosine(guide_stems, guide, gen_stems, gen)
-                add("cosine", mean, std, n_pairs=n)
-                mean, std, n = shuffled_cosine(guide_stems, guide, gen_stems, gen, args.seed)
-                add("cosine_shuffled", mean, std, n_pairs=n)
+                add("cosine", mean, std, n_pairs=n, n_val=None)  # no val set: generated vs guidance tiles
+                mean, std, n, order = shuffled_cosine(guide_stems, guide, gen_stems, gen, args.seed)
+                add("cosine_shuffled", mean, std, n_pairs=n, n_val=None,
+                    subsets=M.save_subsets(args.out, order=order))
             for val, (_, real, _) in refs.items():
                 score_set(adder(label, val, len(gen), **settings), real, gen, guide, args, device)
     note_resizes(name, seen, preps["val"])
@@ -461,6 +471,8 @@ def main(argv=None):
             return 0
         rows, skipped = score_extractors(args.extractors, lambda name: score_extractor(name, args, cohorts, device))
     write_reports(rows, skipped, args, argv, info)
+    if args.tracker:  # the numbers and Figure 4 into the training run's TensorBoard / W&B, at the checkpoint's step
+        log_benchmark(args.tracker, args.tracker_run, args.out, args.ckpt)
     return 1 if skipped and not rows else 0
 
 
@@ -472,7 +484,8 @@ def wait_for(path, poll=5.0):
 
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", help="checkpoint from train.py: sample its tiles and score them")
+    p.add_argument("--ckpt", help="checkpoint from train.py (or what sample.py --ckpt takes): sample its tiles and "
+                                  "score them")
     p.add_argument("--generated", type=Path, help="score the tiles of this folder (another model's), sampling nothing")
     p.add_argument("--compare", nargs="+", type=Path, metavar="RUN_DIR", help="one table of finished runs' reports")
     p.add_argument("--tiles", help="tiling.py's output folder (manifest.csv inside)")
@@ -493,6 +506,10 @@ def build_parser():
     p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=PAPER_EXTRACTORS,
                    help=f"comma-separated: {', '.join(EXTRACTORS)}")
     M.add_metric_args(p)
+    p.add_argument("--tracker", choices=TRACKERS, default=None, help="also log the numbers and Figure 4 to the "
+                   "training run's TensorBoard or Weights & Biases run (with --ckpt)")
+    p.add_argument("--tracker-run", metavar="RUN_DIR", help="--tracker: the train.py --out folder (default: the one "
+                   "--ckpt lies in, RUN_DIR/checkpoints/)")
     return p
 
 
@@ -516,6 +533,12 @@ def parse_args(argv=None):
     if args.ood and not args.ckpt:
         raise InputError("--ood samples from each cohort's guidance half: it needs --ckpt")
     args.ood = parse_ood(args.ood)
+    if args.tracker_run and not args.tracker or args.tracker and not args.ckpt:
+        raise InputError("--tracker logs a checkpoint's benchmark (--ckpt) to its training run; --tracker-run goes "
+                         "with --tracker")
+    if args.tracker:
+        args.tracker_run = tracker_run(args.ckpt, args.tracker_run)
+        require(args.tracker)
     return args
 
 

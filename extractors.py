@@ -54,9 +54,12 @@ EXTRACTORS = {
                                    "bilinear", dim=2048, backend="pytorch-fid", bf16_ok=False, resize_inside=True,
                                    access="pytorch-fid downloads its FID weights from github.com on first use"),
     # timm's torchvision Inception is another network than the paper's (fid-inception): its FD is
-    # comparable with itself, not with Table 2.
+    # comparable with itself, not with Table 2. Its constants are timm's pretrained configuration's.
     "inception": ExtractorSpec("inception_v3.tv_in1k", "inception_v3", dict(num_classes=0), 299,
-                               "bilinear", INCEPTION_MEAN, INCEPTION_STD, "head", 2048, bf16_ok=False),
+                               "bicubic", INCEPTION_MEAN, INCEPTION_STD, "head", 2048, bf16_ok=False),
+    # NOTE: timm's configuration of these weights says 518 px; the tiles are 224 px and FD in DINOv2's space is
+    # computed at 224 px (Stein et al. 2023), so the network is built for 224 (timm resamples its position
+    # embeddings on load).
     "dinov2": ExtractorSpec("vit_base_patch14_dinov2.lvd142m", "vit_base_patch14_dinov2",
                             dict(img_size=224, num_classes=0), dim=768),
     "h-optimus-0": ExtractorSpec(
@@ -68,7 +71,7 @@ EXTRACTORS = {
         dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
              mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8,
              dynamic_img_size=True, **_SWIGLU),
-        dim=1536, access=GATED.format("MahmoodLab/UNI2-h")),
+        kernel="bilinear", dim=1536, access=GATED.format("MahmoodLab/UNI2-h")),  # the card's Resize: bilinear
     "virchow2": ExtractorSpec(
         "hf-hub:paige-ai/Virchow2", "vit_huge_patch14_224",
         dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
@@ -77,7 +80,7 @@ EXTRACTORS = {
     "uni": ExtractorSpec(
         "hf-hub:MahmoodLab/uni", "vit_large_patch16_224",
         dict(img_size=224, init_values=1e-5, dynamic_img_size=True, num_classes=0),
-        dim=1024, access=GATED.format("MahmoodLab/UNI")),
+        kernel="bilinear", dim=1024, access=GATED.format("MahmoodLab/UNI")),  # the card's Resize: bilinear
     # NOTE: Phikon-v2 is a transformers Dinov2Model, not a timm model, and no weight mapping onto timm's
     # ViT-L/16 has been checked here; it stays unavailable rather than approximated.
     "phikon-v2": ExtractorSpec("owkin/phikon-v2", None, dim=1024, backend="none", access="needs "

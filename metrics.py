@@ -25,6 +25,7 @@ extractors.py; tiles to features, preprocessed and cached: support/tile_features
 the C_T test; multi-GPU extraction.
 """
 import functools
+import hashlib
 import os
 import re
 import sys
@@ -52,7 +53,7 @@ from support.cli import (
     run,
 )
 from support.data import list_images
-from support.outputs import save_json
+from support.outputs import atomic, save_json
 from support.reports import versions
 from support.tile_features import (
     Preprocess,
@@ -141,15 +142,33 @@ def fd(stats1, stats2):
 
 def bootstrap_fd(real_stats, generated, draws=50, size=None, seed=0):
     """FD of `draws` random subsets of `size` generated samples (no replacement; paper §5: 50 x 50k of
-    100k) against the full real set -> (mean, std (ddof=1), values)."""
+    100k) against the full real set -> (mean, std (ddof=1), values, the draws as a (draws, N) bool mask:
+    row i marks the generated samples of draw i)."""
     size = size or len(generated) // 2
-    if not 2 <= size < len(generated):
-        raise InputError(f"bootstrap size must be in [2, {len(generated)}) generated samples, got {size}")
+    if not 2 <= size <= len(generated):  # size = all of them: every draw is the whole set, FD itself (std 0)
+        raise InputError(f"bootstrap size must be in [2, {len(generated)}] generated samples, got {size}")
     rng = np.random.default_rng(seed)
-    values = [fd(real_stats, feature_stats(generated[np.sort(rng.choice(len(generated), size, replace=False))]))
-              for _ in range(draws)]
+    subsets = np.zeros((draws, len(generated)), bool)
+    for row in subsets:
+        row[rng.choice(len(generated), size, replace=False)] = True
+    values = [fd(real_stats, feature_stats(generated[row])) for row in subsets]
     std = float(np.std(values, ddof=1)) if draws > 1 else 0.0
-    return float(np.mean(values)), std, values
+    return float(np.mean(values)), std, values, subsets
+
+
+def save_subsets(out, **arrays):
+    """The samples a number was computed on (a bootstrap's draws, FLD's rows, FD's generated budget), as
+    OUT/subsets/<digest>.npz, named by its content: rows that drew the same subsets share one file.
+    -> its path relative to OUT, for the row's settings."""
+    digest = hashlib.sha1()
+    for name, array in sorted(arrays.items()):
+        digest.update(f"{name} {array.dtype} {array.shape}\n".encode() + np.ascontiguousarray(array).tobytes())
+    name = f"subsets/{digest.hexdigest()[:16]}.npz"
+    if not os.path.exists(os.path.join(out, name)):
+        os.makedirs(os.path.join(out, "subsets"), exist_ok=True)
+        with atomic(os.path.join(out, name)) as tmp:
+            np.savez_compressed(tmp, **arrays)
+    return name
 
 
 # -------- Improved precision / recall, cosine similarity ---------------------------------------
@@ -235,13 +254,18 @@ def score_folders(name, args, preps, device):
 
     rng = np.random.default_rng(args.seed)
     if "fd" in args.metrics:
-        sub = gen if not args.fd_num_generated or len(gen) <= args.fd_num_generated else \
-            gen[np.sort(rng.choice(len(gen), args.fd_num_generated, replace=False))]
-        add("fd", fd(feature_stats(val), feature_stats(sub)), n_generated_used=len(sub))
+        if not args.fd_num_generated or len(gen) <= args.fd_num_generated:
+            add("fd", fd(feature_stats(val), feature_stats(gen)), n_generated_used=len(gen))
+        else:  # the budget: a seeded subset, recorded (OUT/subsets, a (N,) mask of the rows used)
+            used = np.zeros(len(gen), bool)
+            used[rng.choice(len(gen), args.fd_num_generated, replace=False)] = True
+            add("fd", fd(feature_stats(val), feature_stats(gen[used])), n_generated_used=int(used.sum()),
+                subsets=save_subsets(args.out, generated=used))
     if "bootstrap" in args.metrics and args.bootstrap_draws:
         size = args.bootstrap_num_generated or len(gen) // 2
-        mean, std, values = bootstrap_fd(feature_stats(val), gen, args.bootstrap_draws, size, args.seed)
-        add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=size, values=values)
+        mean, std, values, drawn = bootstrap_fd(feature_stats(val), gen, args.bootstrap_draws, size, args.seed)
+        add("fd_bootstrap", mean, std, draws=args.bootstrap_draws, size=size, values=values,
+            subsets=save_subsets(args.out, bootstrap=drawn))
     if "pr" in args.metrics:
         p, r = precision_recall(val, gen, args.k, device)
         add("precision", p, k=args.k)
@@ -252,7 +276,8 @@ def score_folders(name, args, preps, device):
     if "fld" in args.metrics:
         _, guidance = feats(args.guidance, prep=preps["guidance"])
         out = fld(guidance, val, gen, args.fld_num_generated, FLD_EPOCHS, args.seed, device)
-        extra = dict(guidance=str(args.guidance), n_guidance=len(guidance), epochs=FLD_EPOCHS, **out)
+        subsets = save_subsets(args.out, **out.pop("subsets"))
+        extra = dict(guidance=str(args.guidance), n_guidance=len(guidance), epochs=FLD_EPOCHS, **out, subsets=subsets)
         add("fld", out["fld"], **extra)
         add("fld_gap", out["fld_gap"], **extra)
     return rows
@@ -325,7 +350,7 @@ def build_parser():
     p.add_argument("--val", type=Path, required=True, help="real held-out tiles (the val set; FLD's test set)")
     p.add_argument("--generated", type=Path, required=True, help="generated tiles")
     p.add_argument("--guidance", type=Path, help="training tiles, those the generator conditioned on (FLD's train set)")
-    p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=["inception"],
+    p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=["fid-inception"],
                    help=f"comma-separated: {', '.join(EXTRACTORS)}")
     p.add_argument("--metrics", type=comma_list(METRICS), default=["fd", "pr"],
                    help=f"comma-separated: {', '.join(METRICS)}")

@@ -32,7 +32,9 @@ in. No non-finite image is ever written. From Python, with the released pipeline
     images = pipe(h0_mini_embeds=feats.mean(0, keepdims=True), num_images_per_prompt=8)["images"]  # --cond-mean
     images = pipe(h0_mini_embeds=style_cls, restain_from=[content_pil], strength=0.5)["images"]   # --restain
 
-Left out: PixCell-style multi-tile conditioning, metrics (metrics.py), loading weights from the hub.
+Left out: PixCell-style multi-tile conditioning, metrics (metrics.py). --ckpt also takes an export on the hub,
+hf-hub:ORG/REPO[@REVISION] (support/hub.py); `python -m support.weights export --format diffusers` writes one that
+diffusers loads as LazySlide loads CytoSyn, with the same images.
 """
 import os
 from dataclasses import asdict, dataclass
@@ -67,6 +69,7 @@ from support.cli import (
     run,
 )
 from support.data import check_finite_rows, list_tile_args
+from support.hub import hub_weights
 from support.outputs import check_output_folder, claim_output_folder, record_settings, save_png
 from support.sampling import (
     ArraySource,
@@ -83,6 +86,7 @@ from support.sampling import (
 from support.stain import score_restained
 from support.tiles import TILE_MPP
 from support.weights import load_models
+from vae import to_pixels
 
 SAMPLES_PER_TILE, STRENGTH = 5, 0.5              # --n's and --strength's defaults
 # The released pipeline's keyword for a setting where it differs (as LazySlide calls it).
@@ -169,7 +173,7 @@ class Pipeline:
         check_finite(x, noise_ids, "latents")
         images = self.vae.decode(self.sit.denormalize(x.float()))  # (B, 3, H, W), about [-1, 1]
         check_finite(images, noise_ids, "decoded pixels")
-        return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return to_pixels(images).cpu().numpy()
 
     def encode_tiles(self, tiles):
         """uint8 tiles (B, 3, S, S) -> their CLS features (B, D), from the checkpoint's encoder."""
@@ -302,6 +306,7 @@ def write_samples(args):
         for flag, path in (("--features", args.features), ("--cond-mean", npy_of(args.cond_mean))):
             if path:  # read and checked (format, NaN rows) before any model is built
                 check_finite_rows(read_feature_array(path, flag), f"{flag} {path}")
+        args.ckpt = hub_weights(args.ckpt)  # hf-hub:ORG/REPO: its snapshot's folder, so settings.json names the commit
         pipe = load_pipeline(args.ckpt, device, args.sit_weights, args.vae_weights, args.precision, args.compile)
         source, content = conditioning_source(args, pipe)
         jobs, grid_rows = plan_jobs(source, args.n, args.num_samples, bool(args.interpolate), content)
@@ -369,7 +374,8 @@ def build_parser():
                                             f"{TILE_MPP} µm/px (20x); they are centre-cropped to 224 px, not resized "
                                             "(see --cond-mpp).")
     p.add_argument("--ckpt", required=True, help="train.py checkpoint, export folder (python -m support.weights "
-                                                 "export) or REPA-E checkpoint; carries its model config")
+                                                 "export), REPA-E checkpoint, or an export on the hub: "
+                                                 "hf-hub:ORG/REPO[@REVISION]; carries its model config")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--cond", nargs="+", metavar="TILE", help="conditioning tiles (files or folders)")
     what.add_argument("--features", metavar="FILE.npy", help="precomputed (N, 768) H0-mini CLS features")

@@ -59,6 +59,7 @@ from support.data import feature_dim, find_tiles, first_tiles, training_batches
 from support.logs import Logger, errors_to_log, save_training_grid
 from support.outputs import claim_output_folder
 from support.tiles import TILE_SIZE
+from support.trackers import TRACKERS, require
 from vae import build_vae, vae_models
 from vae_loss import LPIPS, NLayerDiscriminator, add_lpips_args, hinge_d_loss, hinge_g_loss
 
@@ -300,7 +301,8 @@ def train(args):
             nets = build_models(args, device, world, feature_dim(args.tokens) if args.tokens else None)
             return nets, build_optimizers(args, nets), {**vars(args), **nets.sit.config, "world_size": world}
         nets, opts, config, start_step, lines = start_or_resume(args, rank, world, device, build)
-        log = Logger(args.out, rank, start_step, world, args.log_every, args.global_batch_size, device)
+        log = Logger(args.out, rank, start_step, world, args.log_every, args.global_batch_size, device, args.tracker,
+                     config)
         for line in [f"{world} process(es) on {device.type}, {local_batch} tiles per process", *lines]:
             log.info(line)
         log.info(f"SiT {args.model}: {sum(p.numel() for p in nets.sit.parameters()) / 1e6:.2f} M parameters; "
@@ -340,7 +342,9 @@ def train(args):
                     log.info(f"saved {path}")
                 if sampling and rank == 0:
                     samples = grid_pipe.generate(fixed_cond, list(range(len(fixed_cond))), grid_settings)
-                    save_training_grid(fixed, samples, os.path.join(args.out, "samples", f"{step:07d}.png"))
+                    grid = os.path.join(args.out, "samples", f"{step:07d}.png")
+                    save_training_grid(fixed, samples, grid)
+                    log.image("samples", grid, step)
                 if world > 1 and (saving or sampling):
                     dist.barrier()  # the other ranks wait for rank 0's files
                 bar.update()
@@ -349,6 +353,7 @@ def train(args):
         finally:
             bar.close()
         log.info(f"done: {step} steps")
+        log.close()
         return nets
 
 
@@ -379,6 +384,8 @@ def parse_args(argv=None):
     if args.init_from and args.resume:
         raise InputError("--init-from starts a new run, --resume continues one: pass one of them")
     check_guidance(args)
+    if args.tracker:
+        require(args.tracker)  # a missing package is said now, before the run starts
     return args
 
 
@@ -433,9 +440,12 @@ def build_parser():
     p.add_argument("--out", default="results/cytosyn", help="the run's folder: checkpoints, logs, samples")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the latest checkpoint in --out, or from the given file")
-    p.add_argument("--init-from", nargs="+", metavar="PATH", help="start a new run from these weights: an export, a "
-                   "train.py or REPA-E checkpoint, a diffusers VAE, a discriminator (REPA-E's -discriminator-ckpt.pt)")
+    p.add_argument("--init-from", nargs="+", metavar="PATH", help="start a new run from these weights: an export (also "
+                   "hf-hub:ORG/REPO), a train.py or REPA-E checkpoint, a diffusers VAE, a discriminator (REPA-E's "
+                   "-discriminator-ckpt.pt)")
     p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--tracker", choices=TRACKERS, default=None, help="also send metrics.csv's numbers, the sample "
+                   "grids and the settings to TensorBoard (OUT/tensorboard) or Weights & Biases (docs/training.md)")
     p.add_argument("--log-every", type=number_in(int, 1, 10 ** 10), default=100)
     p.add_argument("--ckpt-every", type=number_in(int, 1, 10 ** 10), default=50_000)
     p.add_argument("--sample-every", type=number_in(int, 0, 10 ** 10), default=10_000, help="0: no sample grids")

@@ -220,32 +220,61 @@ class AutoencoderKL(nn.Module):
         return posterior, z, self.decode(z)
 
 
-def convert_diffusers_state_dict(sd):
-    """Rename a diffusers `AutoencoderKL` state dict to the LDM names used here.
+def to_pixels(images):
+    """Decoded images (B, 3, H, W), about [-1, 1] -> uint8 (B, H, W, 3): the inverse of uint8 / 127.5 - 1, clamped."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
-    diffusers numbers the decoder's up_blocks from the lowest resolution (up_blocks.0 == up.3 for
-    f8d4), calls the 1x1 skip `conv_shortcut`, and stores attention projections as Linear layers
-    (C, C) where LDM has 1x1 convolutions (C, C, 1, 1)."""
+
+# diffusers `AutoencoderKL` names -> the LDM names used here, as substring replacements applied in this order: one
+# table, read left to right by convert_diffusers_state_dict and right to left by to_diffusers_state_dict. Besides
+# names, diffusers numbers the decoder's up_blocks from the lowest resolution (up_blocks.0 == up.3 for f8d4) and
+# stores the attention projections as Linear layers (C, C) where LDM has 1x1 convolutions (C, C, 1, 1).
+DIFFUSERS_NAMES = (("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2."),
+                   ("mid_block.attentions.0.", "mid.attn_1."), (".resnets.", ".block."),
+                   (".conv_shortcut.", ".nin_shortcut."), ("downsamplers.0.", "downsample."),
+                   ("upsamplers.0.", "upsample."),
+                   ("attn_1.group_norm.", "attn_1.norm."), ("attn_1.to_q.", "attn_1.q."), ("attn_1.to_k.", "attn_1.k."),
+                   ("attn_1.to_v.", "attn_1.v."), ("attn_1.to_out.0.", "attn_1.proj_out."),
+                   ("conv_norm_out.", "norm_out."), ("encoder.down_blocks.", "encoder.down."))
+# Files saved by diffusers before 0.14 use older attention names (read only; exports use the current ones).
+DIFFUSERS_OLD_NAMES = (("attn_1.query.", "attn_1.q."), ("attn_1.key.", "attn_1.k."), ("attn_1.value.", "attn_1.v."),
+                       ("attn_1.proj_attn.", "attn_1.proj_out."))
+
+
+def renamed(key, table):
+    for old, new in table:
+        key = key.replace(old, new)
+    return key
+
+
+def flip_up_blocks(key, old, new, num_up):
+    """decoder.{old}.i. -> decoder.{new}.(num_up - 1 - i).: the decoder's levels counted from the other end."""
+    if not key.startswith(f"decoder.{old}."):
+        return key
+    i = int(key.split(".")[2])
+    return key.replace(f"decoder.{old}.{i}.", f"decoder.{new}.{num_up - 1 - i}.", 1)
+
+
+def convert_diffusers_state_dict(sd):
+    """Rename a diffusers `AutoencoderKL` state dict to the LDM names used here (DIFFUSERS_NAMES)."""
     num_up = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks.")), default=-1)
-    renames = [("mid_block.resnets.0.", "mid.block_1."), ("mid_block.resnets.1.", "mid.block_2."),
-               ("mid_block.attentions.0.", "mid.attn_1."), (".resnets.", ".block."),
-               (".conv_shortcut.", ".nin_shortcut."), ("downsamplers.0.", "downsample."),
-               ("upsamplers.0.", "upsample."),
-               ("attn_1.group_norm.", "attn_1.norm."), ("attn_1.to_q.", "attn_1.q."), ("attn_1.to_k.", "attn_1.k."),
-               ("attn_1.to_v.", "attn_1.v."), ("attn_1.to_out.0.", "attn_1.proj_out."),
-               # files saved by diffusers before 0.14 use its older attention names
-               ("attn_1.query.", "attn_1.q."), ("attn_1.key.", "attn_1.k."), ("attn_1.value.", "attn_1.v."),
-               ("attn_1.proj_attn.", "attn_1.proj_out."),
-               ("conv_norm_out.", "norm_out."), ("encoder.down_blocks.", "encoder.down.")]
     out = {}
     for key, value in sd.items():
-        new = key
-        for old, repl in renames:
-            new = new.replace(old, repl)
-        if new.startswith("decoder.up_blocks."):
-            i = int(new.split(".")[2])
-            new = new.replace(f"decoder.up_blocks.{i}.", f"decoder.up.{num_up - 1 - i}.", 1)
+        new = flip_up_blocks(renamed(key, DIFFUSERS_NAMES + DIFFUSERS_OLD_NAMES), "up_blocks", "up", num_up)
         if ".attn_1." in new and new.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
+        out[new] = value
+    return out
+
+
+def to_diffusers_state_dict(sd):
+    """Our (LDM-named) state dict -> diffusers `AutoencoderKL`'s: DIFFUSERS_NAMES read right to left."""
+    num_up = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("decoder.up.")), default=-1)
+    back = tuple((new, old) for old, new in reversed(DIFFUSERS_NAMES))
+    out = {}
+    for key, value in sd.items():
+        new = renamed(flip_up_blocks(key, "up", "up_blocks", num_up), back)
+        if ".attentions.0." in new and new.endswith(".weight") and value.ndim == 4:
+            value = value[:, :, 0, 0]  # 1x1 conv (C, C, 1, 1) -> Linear (C, C)
         out[new] = value
     return out

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 INF = float("inf")
 SAMPLERS = ("sde", "ode", "heun")  # sampler.py: Euler-Maruyama (the paper's), Euler, Heun
+PAPER_STEPS = 250  # Euler-Maruyama steps of the paper's samples (CytoSyn §4.1)
 
 
 # -------- Errors: helpers raise these; run() turns them into one line ------------------------------------
@@ -272,7 +273,7 @@ MAX_STEPS = number_in(int, 1, 10 ** 10)
 SAMPLES_PER_COND = number_in(int, 1, 10_000)
 
 
-def add_sampling_args(p, several=False, sampler="sde", steps=250):
+def add_sampling_args(p, several=False, sampler="sde", steps=PAPER_STEPS):
     """The sampler and its guidance, as sample.py, evaluate.py, train.py (its sample grids), bench.py and
     demo.py take them. several=True: comma-separated lists of samplers and step counts (Figure 4)."""
     kind = comma_list(SAMPLERS) if several else None
@@ -283,7 +284,9 @@ def add_sampling_args(p, several=False, sampler="sde", steps=250):
     steps_type, unit = number_in(*SAMPLING_RANGES["num_sampling_steps"]), number_in(*SAMPLING_RANGES["guidance_low"])
     p.add_argument("--num-sampling-steps", type=comma_list(kind=steps_type) if several else steps_type,
                    default=[steps] if several else steps,
-                   help=f"sampling steps (paper: 250){'; several: comma-separated, Figure 4' if several else ''}")
+                   help=(f"sampling steps (paper: {PAPER_STEPS})" if steps == PAPER_STEPS else
+                         f"sampling steps (default {steps}; the paper samples with {PAPER_STEPS})")
+                   + ("; several: comma-separated, Figure 4" if several else ""))
     p.add_argument("--cfg-scale", type=number_in(*SAMPLING_RANGES["cfg_scale"]), default=2.5,
                    help="classifier-free guidance scale (paper: 2.5)")
     p.add_argument("--guidance-low", type=unit, default=0.0, help="guide where t >= this (t = 1: noise)")

@@ -1,8 +1,7 @@
 """What a run shows its user: log.txt, metrics.csv and loss.png of a training run (rank 0 writes them, as
 DiT's logger), a WARNING when the run looks collapsed (CollapseWatch), and the picture grids of train.py and
-sample.py (torchvision's make_grid).
-
-Left out: TensorBoard and Weights & Biases (a CSV reads into either).
+sample.py (torchvision's make_grid). With a tracker (train.py --tracker), rank 0 also sends metrics.csv's rows and
+the sample grids to TensorBoard or Weights & Biases (support/trackers.py).
 """
 import csv
 import math
@@ -21,6 +20,7 @@ from support.checkpoints import latest_checkpoint
 from support.cli import CytoSynError, DiskFull, Interrupted, NonFinite, error_line
 from support.outputs import append_to, atomic, claimed, save_csv
 from support.perf import peak_memory_gb
+from support.trackers import open_tracker
 
 # What train_step returns that is averaged over ranks, checked for finiteness every step and logged.
 LOGGED_TERMS = ("diffusion", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan", "disc", "grad_sit", "grad_vae",
@@ -37,7 +37,8 @@ WATCHED_GRADS = ("grad_sit", "grad_vae", "grad_disc")
 class Logger:
     """Rank 0 writes a text log, a CSV (one row per --log-every steps) and the loss curves."""
 
-    def __init__(self, run_dir, rank, resume_step=0, world=1, log_every=1, images_per_step=1, device=None):
+    def __init__(self, run_dir, rank, resume_step=0, world=1, log_every=1, images_per_step=1, device=None,
+                 tracker=None, settings=None):
         self.rank, self.dir, self.rows = rank, run_dir, []
         self.world, self.log_every, self.images_per_step, self.device = world, log_every, images_per_step, device
         self.window, self.sums, self.t0 = 0, None, time.perf_counter()
@@ -47,6 +48,7 @@ class Logger:
             with open(self.csv, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
             self.write_csv()
+        self.tracker = open_tracker(tracker, run_dir, settings, resume_step) if rank == 0 else None
 
     def info(self, msg):
         if self.rank == 0:
@@ -89,8 +91,19 @@ class Logger:
             return
         self.rows.append(row)
         self.write_csv()
+        if self.tracker:
+            self.tracker.scalars("train", row, row["step"])
         self.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         plot_losses(self.rows, os.path.join(self.dir, "loss.png"))
+
+    def image(self, name, path, step):
+        """A picture the run wrote (a sample grid), also to the tracker."""
+        if self.tracker:
+            self.tracker.images({f"train/{name}": path}, step)
+
+    def close(self):
+        if self.tracker:
+            self.tracker.close()
 
 
 class CollapseWatch:
@@ -195,7 +208,8 @@ def save_rows(rows, path, padding=0):
 
 
 def plot_fd_vs_steps(curves, path, title):
-    """Figure 4: FD against the number of sampling steps (log axis), one line per sampler."""
+    """Figure 4: FD against the number of sampling steps (log axis), one line per sampler -> what the figure
+    shows, read back from its axes (title, axis labels, legend, each line's points), for the JSON beside it."""
     from matplotlib.figure import Figure  # imported when a plot is drawn
     fig = Figure(figsize=(5.5, 3.6), layout="constrained")
     ax = fig.subplots()
@@ -213,3 +227,7 @@ def plot_fd_vs_steps(curves, path, title):
     ax.legend()
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=100)
+    return dict(title=ax.get_title(), xlabel=ax.get_xlabel(), ylabel=ax.get_ylabel(),
+                legend=[t.get_text() for t in ax.get_legend().get_texts()],
+                lines={line.get_label(): [[float(x), float(y)] for x, y in zip(line.get_xdata(), line.get_ydata())]
+                       for line in ax.get_lines()})

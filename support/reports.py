@@ -2,7 +2,8 @@
 
     write_reports(rows, skipped, args, argv, info)   DIR/report.md (Table 2's layout, Table 3 for each --ood
                                                      cohort, Figure 4's numbers) and DIR/report.json (every
-                                                     setting next to every number)
+                                                     setting next to every number); Figure 4 as
+                                                     fd_vs_steps.png and fd_vs_steps.json (the data behind it)
     write_comparison(run_dirs, out)                  OUT/compare.md and OUT/compare.json: a row per run, a
                                                      column per metric / extractor / val set all runs share,
                                                      marked * where its numbers were measured differently
@@ -152,9 +153,8 @@ def run_info(args, guidance, pairing, ood, tile_sizes):
         tile_sizes=tile_sizes)
 
 
-def fd_vs_steps(rows, args, extractor):
-    """Figure 4's numbers: {sampler: [(steps, FD)]} on the last val set, for one extractor."""
-    val = args.val_sets[-1]
+def fd_vs_steps(rows, args, extractor, val):
+    """Figure 4's numbers: {sampler: [(steps, FD)]} against one val set, for one extractor."""
     return {s: [(n, next(r["value"] for r in rows if (r["row"], r["extractor"], r["metric"], r["val"]) ==
                          (run_name(s, n), extractor, "fd", val))) for n in args.num_sampling_steps]
             for s in args.sampler}
@@ -184,9 +184,12 @@ def write_reports(rows, skipped, args, argv, info):
         lines += table3(rows, name, beside, labels, scored)
     text, figure = "\n".join(lines), None
     if scored and not args.generated and (len(args.num_sampling_steps) > 1 or len(args.sampler) > 1):
-        figure = fd_vs_steps(rows, args, scored[0])
-        title = f"FD ({scored[0]}, {args.val_sets[-1]})"
-        plot_fd_vs_steps(figure, args.out / "fd_vs_steps.png", title)
+        val = args.val_sets[-1]  # the last val set: val_out, the paper's Figure 4
+        figure = fd_vs_steps(rows, args, scored[0], val)
+        title = f"FD ({scored[0]}, {val})"
+        drawn = plot_fd_vs_steps(figure, args.out / "fd_vs_steps.png", title)
+        save_json(dict(extractor=scored[0], val=val, metric="fd", title=title, curves=figure, plot=drawn),
+                  args.out / "fd_vs_steps.json")  # the numbers behind the PNG, and what it shows
         text += fd_vs_steps_table(figure, title)
     for s in skipped:
         text += f"\nskipped: {s['error']}\n"

@@ -6,13 +6,15 @@ take the style tile's stain? Two comparisons, each of the result against both ti
 
 SSIM as Wang et al. (2004, Eq. 13), with their 11 x 11 circular-symmetric Gaussian window (sigma 1.5, §III-C),
 K1 = 0.01, K2 = 0.03 and L = 255, on the grey level (ITU-R BT.601 luma, PIL's "L" conversion, unrounded),
-averaged over the positions where the whole window fits (no padding). Colour statistics: the optical density
-OD = -log10((I + 1) / 256) of each RGB channel (Beer-Lambert: stain absorbs, so OD adds up across stains; the +1
-keeps black finite), its mean and standard deviation (population, ddof 0) over the tile: six numbers, compared
-by Euclidean distance.
+averaged over the positions where the whole window fits (no padding): scikit-image's structural_similarity with
+gaussian_weights=True and population covariances gives the same number. Colour statistics: the optical density of
+each RGB channel, OD = -log10(I / 255) (Beer-Lambert: stain absorbs, so OD adds up across stains; I is floored at
+1e-6 of white, so black is finite: OD 6), its mean and standard deviation (population, ddof 0) over the tile: six
+numbers, compared by Euclidean distance.
 
 stain_balance (demo.py picks its pinkest and most purple tiles with it) deconvolves the OD onto Ruifrok and
-Johnston's fixed H and E vectors. Left out: multi-scale SSIM; stain-vector estimates per slide (Macenko, Vahadane).
+Johnston's (2001) haematoxylin, eosin and DAB vectors, as scikit-image's rgb2hed computes it. Left out:
+multi-scale SSIM; stain-vector estimates per slide (Macenko, Vahadane).
 """
 import numpy as np
 import torch
@@ -24,8 +26,10 @@ from support.outputs import save_json
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004, §III-C
 SSIM_K1, SSIM_K2, GREY_RANGE = 0.01, 0.03, 255.0
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
-_H, _E = torch.tensor([0.65, 0.70, 0.29], dtype=torch.float64), torch.tensor([0.07, 0.99, 0.11], dtype=torch.float64)
-HE_STAINS = torch.stack([v / v.norm() for v in (_H, _E, torch.linalg.cross(_H, _E))])  # Ruifrok and Johnston's OD rows
+OD_FLOOR = 1e-6  # transmitted light is floored at this share of white: black's optical density is 6, not infinite
+# Ruifrok and Johnston (2001), Table 1, normalised: the optical density of haematoxylin, eosin and DAB, one row each
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 WHITE = 210  # a grey level above this is glass, not stain
 
 
@@ -54,7 +58,9 @@ def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
 def ssim(a, b):
     """Mean SSIM of two grey-level images (H, W) in [0, 255] (Eq. 13 of Wang et al. 2004; the local means,
     variances and covariance weighted by the Gaussian window, Eq. 14-16). 1 for identical images."""
-    x, y = (torch.as_tensor(im, dtype=torch.float64)[None, None] for im in (a, b))  # (1, 1, H, W)
+    x, y = (im.double() if torch.is_tensor(im) else torch.from_numpy(np.array(im, dtype=np.float64))  # any strides
+            for im in (a, b))
+    x, y = x[None, None], y[None, None]  # (1, 1, H, W)
     if x.shape != y.shape or min(x.shape[-2:]) < SSIM_WINDOW:
         raise InputError(f"SSIM compares two images of one size, at least {SSIM_WINDOW} px: got "
                          f"{tuple(x.shape[-2:])} and {tuple(y.shape[-2:])}")
@@ -72,8 +78,14 @@ def ssim(a, b):
 
 
 def optical_density(image):
-    """RGB uint8 -> (H W, 3) float64: OD = -log10((I + 1) / 256) of every pixel and channel."""
-    return -torch.log10((as_rgb(image) + 1) / 256).flatten(0, 1)
+    """RGB uint8 -> (H W, 3) float64: OD = -log10(I / 255) of every pixel and channel, I floored at OD_FLOOR."""
+    return -torch.log10((as_rgb(image) / 255).clamp(min=OD_FLOOR)).flatten(0, 1)
+
+
+def stain_concentrations(image):
+    """RGB uint8 -> (H W, 3) float64: haematoxylin, eosin and DAB per pixel (Ruifrok and Johnston 2001), in
+    scikit-image's units (the OD divided by the floor's, 6, then deconvolved, and clipped at 0)."""
+    return ((optical_density(image) / -np.log10(OD_FLOOR)) @ HED_FROM_RGB).clamp(min=0)
 
 
 def optical_density_stats(image):
@@ -85,7 +97,7 @@ def optical_density_stats(image):
 def stain_balance(image):
     """(mean haematoxylin minus mean eosin, share of white pixels) of an H&E tile: colour deconvolution of the
     optical density onto the H and E stain vectors (Ruifrok and Johnston 2001); > 0: more purple than pink."""
-    concentrations = optical_density(image) @ torch.linalg.inv(HE_STAINS)  # (H W, 3): H, E, residual
+    concentrations = stain_concentrations(image)  # (H W, 3): H, E, DAB
     white = (as_rgb(image).mean(-1) > WHITE).double().mean().item()
     return (concentrations[:, 0].mean() - concentrations[:, 1].mean()).item(), white
 

@@ -12,6 +12,8 @@ fresh sums on corrupt weights. Non-finite weights are refused.
 
     python -m support.weights convert IN.pt OUT.pt     # unpickles IN fully: only files you trust
     python -m support.weights export CKPT OUT_DIR [--sit-weights ema,raw] [--vae-weights ema,raw]
+    python -m support.weights export CKPT OUT_DIR --format diffusers   # the release's layout (diffusers)
+    python -m support.weights push OUT_DIR ORG/REPO [--report report.json] [--dry-run DIR]   # hf-hub:ORG/REPO
 """
 import argparse
 import hashlib
@@ -30,9 +32,13 @@ from safetensors.torch import save_file as save_safetensors
 
 from sit import SiT_models, build_sit
 from support.cli import ArgumentParser, InputError, MissingInput, NonFinite, OutputConflict, comma_list, run
+from support.diffusers_format import our_names, write_diffusers
+from support.hub import hub_weights, push_export
+from support.model_card import model_card
 from vae import build_vae, convert_diffusers_state_dict, vae_models
 
 EXPORT_FORMAT = "cytosyn-export"
+EXPORT_LAYOUTS = ("cytosyn", "diffusers")  # this project's folder; the release's, support/diffusers_format.py
 DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # A PatchGAN discriminator's tensors (vae_loss.NLayerDiscriminator; taming's, which REPA-E trains, has the same names).
 DISC_TENSOR = re.compile(r"^main\.\d+\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
@@ -41,6 +47,11 @@ CHECKPOINT = re.compile(r"^(\d{7,})\.pt$")  # train.py's RUN/checkpoints/NNNNNNN
 UNCHECKED = set()  # files read without a checksum, each noted once
 SIT_CONFIG_KEYS = ("input_size", "in_channels", "cond_dim", "encoder_depth", "z_dim", "projector_dim",
                    "depth", "hidden_size", "patch_size", "num_heads")
+# The training settings of a train.py checkpoint that its exports keep (a model card shows them): no paths.
+TRAINING_KEYS = ("global_batch_size", "world_size", "max_steps", "lr", "vae_lr", "disc_lr", "adam_beta1", "adam_beta2",
+                 "weight_decay", "max_grad_norm", "ema_decay", "proj_sit_weight", "proj_vae_weight", "l1_weight",
+                 "lpips_weight", "kl_weight", "gan_weight", "no_gan", "no_lpips", "cond_dropout", "precision",
+                 "random_weights")
 
 
 class UnsafeCheckpoint(InputError):
@@ -129,27 +140,35 @@ def verify_checksum(path):
                          f"or copy it again")
 
 
-def read_export(folder):
-    """An export folder -> (config, step, get): get(name) reads and checks one .safetensors file, or None."""
+def export_meta(folder):
+    """An export folder's config.json (this project's record of it, in either layout), or None."""
     try:
         with open(os.path.join(folder, "config.json")) as f:
             meta = json.load(f)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{folder} is not a CytoSyn export (config.json: {type(err).__name__}: {err})") from err
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise InputError(f"{folder}/config.json is not a CytoSyn export's (format {EXPORT_FORMAT!r}); make one "
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT else None
+
+
+def read_export(folder):
+    """An export folder (either layout) -> (config, step, get): get(name) reads and checks one .safetensors file,
+    in our tensor names, or None."""
+    meta = export_meta(folder)
+    if meta is None:
+        raise InputError(f"{folder} is not a CytoSyn export (no config.json with format {EXPORT_FORMAT!r}); make one "
                          f"with `python -m support.weights export CKPT {folder}`")
 
     def get(name):
         entry = meta["files"].get(name)
         if entry is None:
             return None
-        file = os.path.join(folder, os.path.basename(entry["file"]))
-        if not os.path.isfile(file) or sha256(file) != entry["sha256"]:
+        file = os.path.normpath(os.path.join(folder, entry["file"]))  # a file of the folder, never outside it
+        if os.path.relpath(file, folder).startswith(os.pardir) or not os.path.isfile(file) or \
+                sha256(file) != entry["sha256"]:
             raise InputError(f"{file} is missing or does not match the sha256 in {folder}/config.json: the file is "
                              f"corrupt or was changed; export it again")
-        return load_safetensors(file)
-    return meta["config"], meta.get("step"), get
+        return our_names(load_safetensors(file), entry.get("names"))
+    return {**meta.get("training", {}), **meta["config"]}, meta.get("step"), get  # an export of it keeps both
 
 
 def repae_config(ckpt, path):
@@ -171,7 +190,9 @@ def repae_config(ckpt, path):
 
 def read_weights(path):
     """An export, a train.py checkpoint or a REPA-E one ({"model", "ema", "vae", "args"}) -> (layout,
-    config, step, get): get("sit" | "sit_ema" | "vae" | "vae_ema") gives that state dict, or None."""
+    config, step, get): get("sit" | "sit_ema" | "vae" | "vae_ema") gives that state dict, or None. An export on
+    the hub is hf-hub:ORG/REPO[@REVISION], read through huggingface_hub's cache."""
+    path = hub_weights(path)
     if os.path.isdir(path):
         run_folder_is_not_a_checkpoint(path)
         return ("export", *read_export(path))
@@ -266,13 +287,17 @@ def vae_preset_from_state_dict(sd, path):
 
 
 # -- weights out: an export for sampling; a trusted pickle made weights-only ------------------------------
-def export(path, out, sit_weights=("ema",), vae_weights=("ema",)):
+def export(path, out, sit_weights=("ema",), vae_weights=("ema",), layout="cytosyn"):
     """Checkpoint (or export) -> OUT/{sit_ema,sit,vae_ema,vae}.safetensors and OUT/config.json, which
-    records the model config, the step, the source and every file's sha256. Everything is read and
-    checked before the first file is written."""
+    records the model config, the training settings, the step, the source and every file's sha256; layout
+    "diffusers": the release's folder instead (support/diffusers_format.py), one SiT and one VAE. Everything is read
+    and checked before the first file is written."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise OutputConflict(f"{out} already exists and is not an empty folder: choose another output folder")
-    layout, config, step, get = read_weights(path)
+    if layout == "diffusers" and (len(set(sit_weights)) > 1 or len(set(vae_weights)) > 1):
+        raise InputError("--format diffusers holds one SiT and one VAE, as the release: pass --sit-weights ema or raw "
+                         "and --vae-weights ema or raw")
+    layout_in, config, step, get = read_weights(path)
     weights = {}
     for net, kinds in (("sit", sit_weights), ("vae", vae_weights)):
         for kind in dict.fromkeys(kinds):  # "ema,ema" is ema once
@@ -285,19 +310,32 @@ def export(path, out, sit_weights=("ema",), vae_weights=("ema",)):
                                  f"{'raw' if kind == 'ema' else 'ema'}")
             weights[name] = {k: v.contiguous() for k, v in sd.items()}
             check_finite_weights(weights[name], f"{path}: {name}")
-    build_from(config, weights.get, path, "sit_ema" in weights, "vae_ema" in weights)  # the config fits the weights
-    return write_export(out, weights, config, step, os.path.abspath(path), layout)
+    sit, vae = build_from(config, weights.get, path, "sit_ema" in weights, "vae_ema" in weights)  # config fits them
+    config = {**config, **{k: v for k, v in sit.config.items() if k in SIT_CONFIG_KEYS},  # the SiT's every argument
+              "image_size": config.get("image_size", sit.input_size * vae.factor)}
+    return write_export(out, weights, config, step, os.path.abspath(path), layout_in, layout)
 
 
-def write_export(out, weights, config, step, source, layout):
-    """{name: state dict} -> OUT/<name>.safetensors, then OUT/config.json with their sha256."""
+def write_export(out, weights, config, step, source, source_layout, layout="cytosyn"):
+    """{name: state dict} -> OUT/<name>.safetensors (layout "diffusers": the release's folder), then OUT/config.json
+    with their sha256 and the training settings a model card shows (TRAINING_KEYS of a train.py checkpoint)."""
     keep = ("model", "vae", "encoder", "seed", "image_size", *SIT_CONFIG_KEYS)
-    meta = {"format": EXPORT_FORMAT, "source": source, "source_layout": layout, "step": step,
-            "config": {k: config[k] for k in keep if k in config}, "files": {}}
+    meta = {"format": EXPORT_FORMAT, "layout": layout, "source": source, "source_layout": source_layout,
+            "step": step, "config": {k: config[k] for k in keep if k in config},
+            "training": {k: config[k] for k in TRAINING_KEYS if k in config}}
     os.makedirs(out, exist_ok=True)
-    for name, sd in weights.items():
-        save_safetensors(sd, os.path.join(out, f"{name}.safetensors"))
-        meta["files"][name] = {"file": f"{name}.safetensors", "sha256": sha256(f"{out}/{name}.safetensors")}
+    if layout == "diffusers":
+        sit_name, vae_name = (next(n for n in weights if n.startswith(net)) for net in ("sit", "vae"))
+        written = write_diffusers(out, weights[sit_name], weights[vae_name],
+                                  {k: meta["config"][k] for k in SIT_CONFIG_KEYS}, config["vae"], config["image_size"])
+        files = {sit_name: written["sit"], vae_name: written["vae"]}
+    else:
+        files = {}
+        for name, sd in weights.items():
+            save_safetensors(sd, os.path.join(out, f"{name}.safetensors"))
+            files[name] = {"file": f"{name}.safetensors"}
+    meta["files"] = {name: {**entry, "sha256": sha256(os.path.join(out, entry["file"]))}
+                     for name, entry in files.items()}
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
@@ -358,9 +396,10 @@ def discriminator_only(obj):
 def init_sources(path):
     """-> (layout, {"sit": state dict or None, "vae": ..., "disc": ...}, notes): the EMA weights where there are
     some (a discriminator has none)."""
+    path = hub_weights(path)
     if not os.path.exists(path):
         raise MissingInput(f"--init-from {path}: no such file or folder")
-    file = diffusers_file(path)
+    file = None if export_meta(path) else diffusers_file(path)  # an export in diffusers' layout holds a vae/ too
     if file is not None:
         sd = load_safetensors(file) if file.endswith(".safetensors") else load_file(file)
         return "diffusers VAE", {"sit": None, "vae": convert_diffusers_state_dict(sd), "disc": None}, []
@@ -438,13 +477,38 @@ def build_parser():
                    help="which SiT weights: ema, raw or ema,raw")
     e.add_argument("--vae-weights", type=comma_list(("ema", "raw")), default=["ema"],
                    help="which VAE weights: ema, raw or ema,raw")
+    e.add_argument("--format", choices=EXPORT_LAYOUTS, default="cytosyn", help="cytosyn: this project's folder; "
+                   "diffusers: the release's (a diffusers custom pipeline: DiffusionPipeline.from_pretrained(OUT, "
+                   "custom_pipeline=OUT, trust_remote_code=True)), one SiT and one VAE")
+    u = sub.add_parser("push", help="publish an export on the Hugging Face hub with a generated model card")
+    u.add_argument("source", metavar="EXPORT", help="an export folder (either --format)")
+    u.add_argument("repo", metavar="ORG/REPO", help="the hub repository (created if new)")
+    u.add_argument("--report", metavar="REPORT_JSON", help="evaluate.py's OUT/report.json: its numbers go in the card")
+    u.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR; upload nothing")
+    u.add_argument("--private", action="store_true", help="create the repository private")
     return p
+
+
+def push(source, repo, report=None, dry_run=None, private=False):
+    """Every file of an export checked against its sha256, then it and its model card uploaded (dry_run: written
+    to that folder) -> where they went. The config.json uploaded names its source file, not its folder here."""
+    _, _, get = read_export(source)
+    meta = export_meta(source)
+    for name in meta["files"]:
+        get(name)
+    public = json.dumps({**meta, "source": os.path.basename(meta["source"])}, indent=1)
+    return push_export(source, repo, {"README.md": model_card(meta, repo, report), "config.json": public}, dry_run,
+                       private)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    convert(args.source, args.dest) if args.command == "convert" else export(args.source, args.dest, args.sit_weights,
-                                                                             args.vae_weights)
+    if args.command == "convert":
+        convert(args.source, args.dest)
+    elif args.command == "export":
+        export(args.source, args.dest, args.sit_weights, args.vae_weights, args.format)
+    else:
+        args.dest = push(args.source, args.repo, args.report, args.dry_run, args.private)
     print(f"wrote {args.dest}")
     return 0
 

@@ -41,6 +41,20 @@ def ckpt(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def ckpt_64px(tmp_path_factory):
+    """The same kind of checkpoint for 64 px tiles (an 8 x 8 latent): for the benchmark, which samples many."""
+    torch.manual_seed(0)
+    encoder = load_encoder("tiny", pretrained=False)
+    sit = perturbed(build_sit("SiT-T/2", input_size=8, cond_dim=encoder.embed_dim, z_dim=encoder.embed_dim), 1)
+    vae = perturbed(build_vae("tiny"), 2)
+    config = {"model": "SiT-T/2", "vae": "tiny", "encoder": "tiny", "image_size": 64, "seed": 0, **sit.config}
+    path = str(tmp_path_factory.mktemp("ckpt_64px") / "0000100.pt")
+    torch.save({"config": config, "step": 100, "sit": sit.state_dict(), "sit_ema": sit.state_dict(),
+                "vae": vae.state_dict(), "vae_ema": vae.state_dict()}, path)
+    return path
+
+
 @pytest.fixture
 def one_line_error(capsys):
     """run(main, argv) as a script's __main__ does -> the one error line it ends with on stderr (exit status 1,

@@ -12,30 +12,18 @@ from PIL import Image
 
 import evaluate as E
 import sample
-from conftest import perturbed
 from extractors import EXTRACTORS, spec_record
-from features import load_encoder
-from sit import build_sit
 from support.outputs import read_csv
 from support.tile_features import Preprocess, extract_features
-from vae import build_vae
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:FD from")  # a handful of tiles in 48 dims: expected here
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """64 px tiles (an 8 x 8 latent), unlike conftest's 224 px checkpoint: the benchmark samples many."""
-    torch.manual_seed(0)
-    encoder = load_encoder("tiny", pretrained=False)
-    sit = perturbed(build_sit("SiT-T/2", input_size=8, cond_dim=encoder.embed_dim, z_dim=encoder.embed_dim), 1)
-    vae = perturbed(build_vae("tiny"), 2)
-    config = {"model": "SiT-T/2", "vae": "tiny", "encoder": "tiny", "image_size": 64, "seed": 0, **sit.config}
-    path = str(tmp_path_factory.mktemp("ckpt") / "0000100.pt")
-    torch.save({"config": config, "step": 100, "sit": sit.state_dict(), "sit_ema": sit.state_dict(),
-                "vae": vae.state_dict(), "vae_ema": vae.state_dict()}, path)
-    return path
+def ckpt(ckpt_64px):
+    """64 px tiles (conftest's ckpt_64px), not 224 px: the benchmark samples many."""
+    return ckpt_64px
 
 
 def tiling_output(root, counts, size=64):
@@ -90,6 +78,20 @@ def test_benchmark_end_to_end_every_row_extractor_and_setting(ckpt, tmp_path):
     files = os.listdir(out / "generated" / "sde-3")
     assert len(files) == 8 + 2 and {".lock", "settings.json"} <= set(files)
     assert json.loads((out / "generated" / "sde-3" / "settings.json").read_text())["sit_weights"] == "raw"
+    # one value per setting: what sample.py recorded beside its tiles (settings.json), what report.json says of the
+    # run and of each row, and the flag's default when it was not given
+    parser = E.build_parser()
+    for sampler, steps in (("ode", 2), ("sde", 3)):
+        recorded = json.loads((out / "generated" / f"{sampler}-{steps}" / "settings.json").read_text())
+        row = next(r for r in rows if r["row"] == E.run_name(sampler, steps))["settings"]
+        assert (recorded["sampler"], recorded["num_sampling_steps"]) == (row["sampler"], row["num_sampling_steps"])
+        for key in ("cfg_scale", "sit_weights", "vae_weights"):
+            assert recorded[key] == row[key] == report["settings"][key], key
+        assert [recorded["guidance_low"], recorded["guidance_high"]] == row["guidance_interval"] == \
+            [report["settings"]["guidance_low"], report["settings"]["guidance_high"]] == \
+            [parser.get_default("guidance_low"), parser.get_default("guidance_high")]
+        assert recorded["seed"] == row["seed"] == report["settings"]["seed"] == parser.get_default("seed")
+        assert recorded["cfg_scale"] == parser.get_default("cfg_scale")
     assert set(report["fd_vs_steps"]) == {"ode", "sde"} and (out / "fd_vs_steps.png").exists()
     text = (out / "report.md").read_text()
     assert "| guidance vs val |" in text and " / " in text and "Figure 4" in text
@@ -225,6 +227,7 @@ def by_hand(out, guidance, references, runs, cohort_name, k=2, draws=3):
             want[label, val, "precision"], want[label, val, "recall"] = E.M.precision_recall(real, gen, k)
             if train is not None:
                 want[label, val, "fld"] = E.M.fld(train, real, gen, E.M.FLD_GEN_SIZE, E.M.FLD_EPOCHS, 0)
+                del want[label, val, "fld"]["subsets"]  # recorded in DIR/subsets, not in the row
     for label, folder in runs.items():
         gen_stems, gen = hand_features(out, folder)
         want[label, cohort_name, "cosine"] = E.M.paired_cosine(guide_stems, guide, gen_stems, gen)[:2]

@@ -271,6 +271,7 @@ MEANINGS = {
     "--n": "images generated per conditioning",
     "--num-guidance": "training tiles that guide the benchmark's samples",
     "--work-dir": "bench.py's scratch folder",
+    "--tracker": "where the run's numbers also go, live: tensorboard or wandb",
 }
 # One idea, one spelling: a flag that matches an idea's pattern must be that idea's flag (or one of them).
 IDEAS = {

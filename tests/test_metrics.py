@@ -85,10 +85,11 @@ def test_fd_with_fewer_samples_than_dims_is_finite_non_negative_and_warns():
 def test_bootstrap_draws_distinct_subsets():
     rng = np.random.default_rng(6)
     real, fake = M.feature_stats(correlated(rng, 500, 8)), correlated(rng, 400, 8, 0.2)
-    mean, std, values = M.bootstrap_fd(real, fake, draws=5, size=200, seed=0)
+    mean, std, values, drawn = M.bootstrap_fd(real, fake, draws=5, size=200, seed=0)
     assert len(set(values)) == 5 and std > 0 and mean == pytest.approx(np.mean(values))
+    assert drawn.shape == (5, 400) and (drawn.sum(1) == 200).all() and len({d.tobytes() for d in drawn}) == 5
     with pytest.raises(ValueError, match="bootstrap size"):
-        M.bootstrap_fd(real, fake, draws=2, size=400)
+        M.bootstrap_fd(real, fake, draws=2, size=401)
 
 
 # ---------------------------------------------------------------------------------- P / R, cosine
@@ -141,7 +142,8 @@ def test_fld_punishes_memorisation():
 def reference_mog_fit(train, centres, perm, max_epochs=50):
     """The authors' fit written out again from its description (not from fld.py): one cached distance
     matrix, Adam lr 0.5, an origin component at 0.81 x the squared distance to the training mean, clamp to
-    [-40, 40], and the early stop after epoch 5 on the largest of the last 5 epoch-to-epoch changes."""
+    [-40, 40], and the early stop of their code: after epoch index 5, once the mean loss is within 5e-4 of
+    each of the last 5 epoch means (itself included)."""
     x = train[perm]
     d = x.shape[1]
     sq = ((x[:, None, :] - centres[None]) ** 2).sum(-1)  # (N, M), exact, no cdist
@@ -163,7 +165,7 @@ def reference_mog_fit(train, centres, perm, max_epochs=50):
         with torch.no_grad():
             logvar.clamp_(-40, 40)
         means.append(loss.item())
-        if epoch + 1 > 5 and max(abs(a - b) for a, b in zip(means[-6:-1], means[-5:])) < 5e-4:
+        if epoch > 5 and max(abs(means[-1] - m) for m in means[-5:]) < 5e-4:
             break
     return logvar.detach(), len(means)
 
@@ -186,11 +188,14 @@ def test_fld_fit_equals_a_reference_of_the_early_stopped_fit():
 
 
 def test_fld_early_stop_rule():
+    """Jiralerspong et al.'s rule: from the 7th epoch on, stop once the last mean loss is within 5e-4 of
+    each of the 4 before it; steady small steps that add up to more do not stop the fit."""
     from fld import converged
     flat = [1.0, 0.5, 0.4, 0.3] + [0.2] * 6
-    assert not converged(flat[:5]) and not converged(flat[:9]) and converged(flat)
-    assert not converged([1.0] * 5)  # never before epoch 6
-    assert not converged([0.2] * 5 + [0.2 + 6e-4])
+    assert not converged(flat[:8]) and converged(flat[:9])
+    assert not converged([1.0] * 6) and converged([1.0] * 7)  # never before the 7th epoch
+    assert not converged([0.2] * 6 + [0.2 + 6e-4])
+    assert not converged([1.0 - 2e-4 * i for i in range(12)])  # each change 2e-4, 8e-4 over the window
 
 
 def test_fld_ignores_dims_that_are_constant_on_the_test_set():
@@ -412,11 +417,14 @@ def test_bootstrap_fd_values_are_the_fds_of_generated_subsets_known_by_hand():
     Generated [0, 1, 4], subsets of 2: {0, 1} -> (1 - 0.5)^2 + (sqrt 2 - sqrt 0.5)^2 = 0.75;
     {0, 4} -> (1 - 2)^2 + (sqrt 2 - sqrt 8)^2 = 3; {1, 4} -> (1 - 2.5)^2 + (sqrt 2 - sqrt 4.5)^2 = 2.75."""
     real, generated = np.array([[0.0], [2.0]]), np.array([[0.0], [1.0], [4.0]])
-    mean, std, values = M.bootstrap_fd(M.feature_stats(real), generated, draws=30, size=2, seed=0)
+    mean, std, values, drawn = M.bootstrap_fd(M.feature_stats(real), generated, draws=30, size=2, seed=0)
     by_hand = np.array([0.75, 3.0, 2.75])
     nearest = by_hand[np.abs(np.array(values)[:, None] - by_hand).argmin(1)]
     np.testing.assert_allclose(values, nearest, rtol=1e-9)  # each draw is a subset of the generated set
     assert set(nearest) == set(by_hand)  # 30 seeded draws meet all three subsets
+    assert drawn.shape == (30, 3) and (drawn.sum(1) == 2).all()  # the recorded draws: 2 of the 3 each
+    np.testing.assert_allclose(values, by_hand[[{(0, 1): 0, (0, 2): 1, (1, 2): 2}[tuple(np.flatnonzero(d))]
+                                                for d in drawn]], rtol=1e-9)  # each value is its draw's FD
     assert mean == pytest.approx(np.mean(values), rel=1e-12) and std == pytest.approx(np.std(values, ddof=1))
     assert M.bootstrap_fd(M.feature_stats(real), generated, draws=30, size=2, seed=0)[2] == values  # seeded
     assert M.bootstrap_fd(M.feature_stats(real), generated, draws=30, size=2, seed=1)[2] != values
@@ -428,7 +436,7 @@ def test_bootstrap_subsets_are_drawn_without_replacement_from_the_generated_set(
     rng = np.random.default_rng(13)
     real, generated = rng.standard_normal((40, 2)) * [1.0, 3.0], rng.standard_normal((6, 2)) + [2.0, 0.0]
     subsets = {s: reference_fd(real, generated[list(s)]) for s in combinations(range(6), 3)}
-    mean, std, values = M.bootstrap_fd(M.feature_stats(real), generated, draws=60, size=3, seed=4)
+    mean, std, values, _ = M.bootstrap_fd(M.feature_stats(real), generated, draws=60, size=3, seed=4)
     hits = [min(subsets, key=lambda s: abs(subsets[s] - v)) for v in values]
     np.testing.assert_allclose(values, [subsets[s] for s in hits], rtol=1e-8)
     assert len(set(hits)) >= 15  # uniform draws over the 20 subsets, not one subset again and again
@@ -444,7 +452,8 @@ def test_shuffled_cosine_is_the_cosine_of_a_derangement_known_by_hand():
     assert paired == (pytest.approx((1 + 2 ** -0.5) / 2), pytest.approx((1 - 2 ** -0.5) / 2), 2)
     for seed in range(4):  # two tiles: the one derangement swaps them, whatever the seed
         shuffled = evaluate.shuffled_cosine(["a", "b"], real, ["a_00", "b_00"], gen, seed)
-        assert shuffled == (pytest.approx(2 ** -0.5 / 2), pytest.approx(2 ** -0.5 / 2), 2)  # cos 0 and cos 45°
+        assert shuffled[:3] == (pytest.approx(2 ** -0.5 / 2), pytest.approx(2 ** -0.5 / 2), 2)  # cos 0 and 45°
+        assert list(shuffled[3]) == [1, 0]  # the order recorded: real row 0 stands in for row 1 and back
     real3 = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     gen3 = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0], [4.0, 0.0, 1.0]])  # each near its own tile, unequally
     cos = lambda i, j: real3[i] @ gen3[j] / np.linalg.norm(gen3[j])  # noqa: E731 (real rows are unit)
@@ -452,7 +461,7 @@ def test_shuffled_cosine_is_the_cosine_of_a_derangement_known_by_hand():
               round(np.mean([cos(2, 0), cos(0, 1), cos(1, 2)]), 12)}
     seen = set()
     for seed in range(8):  # three tiles: one of the two 3-cycles, never a tile against its own sample
-        mean, _, n = evaluate.shuffled_cosine(["x", "y", "z"], real3, ["x_00", "y_00", "z_00"], gen3, seed)
+        mean, _, n, _ = evaluate.shuffled_cosine(["x", "y", "z"], real3, ["x_00", "y_00", "z_00"], gen3, seed)
         assert n == 3 and round(mean, 12) in cycles
         seen.add(round(mean, 12))
     assert seen == cycles  # drawn at random by the seed, not one fixed shift (neighbours are alike in a slide)

@@ -378,7 +378,8 @@ def fresh_nets(tmp_path):
 def test_init_from_a_checkpoint_and_its_export_loads_the_ema_weights(trained, tmp_path):
     ckpt = torch.load(trained, weights_only=True)
     weights.export(str(trained), str(tmp_path / "export"))
-    for source in (trained, tmp_path / "export"):
+    weights.export(str(trained), str(tmp_path / "release"), layout="diffusers")  # the release's layout too
+    for source in (trained, tmp_path / "export", tmp_path / "release"):
         nets = fresh_nets(tmp_path)
         lines = weights.init_from(str(source), nets)
         assert "left at" in lines[1] and ", 0 left at initialisation" in lines[1], lines
