@@ -24,7 +24,7 @@ import argparse
 import copy
 import os
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from types import SimpleNamespace
 
 import torch
@@ -349,6 +349,8 @@ def train(args):
                     dist.barrier()  # the other ranks wait for rank 0's files
                 bar.update()
         except (DiskFull, KeyboardInterrupt) as err:
+            with suppress(Exception):  # what the tracker holds is written; the fault is what is told
+                log.close()
             raise where_it_stopped(err, args.out, step) from None
         finally:
             bar.close()
