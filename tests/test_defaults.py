@@ -140,6 +140,7 @@ TABLE = {
     ("demo.py", "--num-sampling-steps"): [doc("README.md", r"demo's checkpoint \(`sample.py --restain`[^)]*?, "
                                                            r"(\d+) SDE steps;", int)],  # the restaining run's too
     ("demo.py", "--out"): ["results/demo"],
+    ("demo.py", "--num-guidance"): [demo.GUIDANCE],  # the benchmark's guidance tiles (at most the training tiles)
 }
 # bench.py's own measuring settings (its batch sizes, step counts, sizes): no other home; each figure in
 # docs/performance.md states the command it came from. Its sampling flags follow the table above.
