@@ -213,7 +213,7 @@ def interrupt_when(cmd, ready, signum):
     deadline = time.time() + 240
     while not ready() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
+    assert proc.poll() is None, ("the run ended before it could be interrupted", proc.communicate()[1][-3000:])
     os.killpg(proc.pid, signum)
     proc.stdout_text, proc.stderr = proc.communicate(timeout=120)
     return proc
@@ -237,18 +237,23 @@ def test_ctrl_c_stops_training_in_one_line_and_resume_ends_on_the_straight_run(s
     assert same_weights(out / "checkpoints" / "0000006.pt", straight / "checkpoints" / "0000006.pt")
 
 
+def finished(folder):
+    """The images written so far (atomic() writes NAME.tmp.png first)."""
+    return sorted(p.name for p in Path(folder).glob("*.png") if ".tmp" not in p.name)
+
+
 def test_sigterm_stops_sampling_in_one_line_and_the_rerun_writes_the_straight_runs_images(ckpt, tmp_path):
-    argv = ["--ckpt", ckpt, "--num-samples", "8", "--num-sampling-steps", "30", "--batch-size", "1", "--device", "cpu"]
+    argv = ["--ckpt", ckpt, "--num-samples", "16", "--num-sampling-steps", "30", "--batch-size", "1", "--device", "cpu"]
     out, reference = tmp_path / "out", tmp_path / "straight"
     proc = interrupt_when([sys.executable, "sample.py", *argv, "--out", str(out)],
-                          lambda: len(list(out.glob("*.png"))) >= 2, signal.SIGTERM)
+                          lambda: len(finished(out)) >= 2, signal.SIGTERM)
     assert one_line(proc, 143) == "sample.py: interrupted (SIGTERM); rerun the same command: what is finished is kept"
-    done = sorted(p.name for p in out.glob("*.png"))
-    assert 2 <= len(done) < 8 and temporary_files(out) == []
+    done = finished(out)
+    assert 2 <= len(done) < 16 and temporary_files(out) == [], done
     assert tool("sample.py", *argv, "--out", out).returncode == 0
     assert tool("sample.py", *argv, "--out", reference).returncode == 0
     names = sorted(p.name for p in reference.glob("*.png"))
-    assert sorted(p.name for p in out.glob("*.png")) == names and len(names) == 8
+    assert sorted(p.name for p in out.glob("*.png")) == names and len(names) == 16
     assert all((out / n).read_bytes() == (reference / n).read_bytes() for n in names)
 
 
