@@ -86,6 +86,7 @@ class DiskFull(CytoSynError):
 
 
 def human_bytes(n):
+    """12146540 -> '12.1 MB' (decimal units, as df -H)."""
     for unit in ("bytes", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -266,6 +267,7 @@ SAMPLING_RANGES = {"num_sampling_steps": (int, 1, 10_000), "cfg_scale": (float, 
                    "guidance_low": (float, 0.0, 1.0), "guidance_high": (float, 0.0, 1.0), "seed": (int, 0, 2 ** 31 - 1)}
 SEED = number_in(*SAMPLING_RANGES["seed"])
 WORKERS = number_in(int, 0, 256)
+MAX_DEFAULT_WORKERS = 8  # the default's ceiling (features.py's and metrics.py's before it); more: --num-workers
 # Types shared by flags of the same name in several tools (tests/test_layout.py checks every shared name).
 BATCH_SIZE = number_in(int, 1, 65_536)
 IMAGE_SIZE = number_in(int, 16, 4096)
@@ -318,7 +320,7 @@ def add_device_args(p, precision=True):
                        help="auto: bf16 autocast on GPU, fp32 on the CPU")
 
 
-def default_workers(cap=8):
+def default_workers(cap=MAX_DEFAULT_WORKERS):
     """--num-workers' default: this process's share of the CPUs (available_cpus, split between torchrun's local
     ranks) less one for the process itself, at most `cap`: no more than the machine has (PyTorch warns, and
     the workers would only wait for each other), none on one CPU."""
@@ -328,8 +330,8 @@ def default_workers(cap=8):
 
 def add_workers_arg(p):
     default = default_workers()
-    p.add_argument("--num-workers", type=WORKERS, default=default,
-                   help=f"data-loader worker processes (default {default}: this machine's CPUs less one, at most 8)")
+    p.add_argument("--num-workers", type=WORKERS, default=default, help=f"data-loader worker processes (default "
+                   f"{default}: this machine's CPUs less one, at most {MAX_DEFAULT_WORKERS})")
 
 
 def resolve_precision(precision, device):
