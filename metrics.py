@@ -212,6 +212,31 @@ def paired_cosine(real_stems, real, gen_stems, generated):
     return float(cos.mean()), float(cos.std()), len(pairs)
 
 
+def row_cosines(a, b):
+    """Cosine similarity of each row of a with the same row of b -> (N,), in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def seam_scores(centre_synthetic, boundary_synthetic=None, centre_real=None, boundary_real=None):
+    """Do a region twin's windows show (sample.py --region)? Features of its tiles at the windows ("centre") and
+    across window boundaries ("boundary", support/region.py: seam_crops), and of the real region's tiles at the
+    same places -> fd_synthetic, FD(boundary tiles, centre tiles) of the twin; fd_real, the same for the real
+    region (the level that different places give without any seam); cosine_centre / cosine_boundary, the mean
+    paired cosine of twin and real tiles at the same place. Seams show as fd_synthetic above fd_real, and
+    cosine_boundary below cosine_centre. None where a set is missing or too small."""
+    def fd_of(a, b):
+        return None if a is None or b is None or min(len(a), len(b)) < 2 else \
+            fd(feature_stats(a), feature_stats(b))
+
+    def cosine(a, b):
+        return None if a is None or b is None else float(row_cosines(a, b).mean())
+    return dict(fd_synthetic=fd_of(boundary_synthetic, centre_synthetic), fd_real=fd_of(boundary_real, centre_real),
+                cosine_centre=cosine(centre_synthetic, centre_real), cosine_boundary=cosine(boundary_synthetic,
+                                                                                            boundary_real),
+                n_centre=len(centre_synthetic), n_boundary=0 if boundary_synthetic is None else len(boundary_synthetic))
+
+
 # -------- Command line -------------------------------------------------------------------------
 SETS = ("val", "generated", "guidance")  # the tile sets a comparison names, as evaluate.py names them
 
