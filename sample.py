@@ -344,7 +344,7 @@ def sample_region(args):
             args.region), at=args.at, size=args.size, cond_grid=args.cond_grid and os.path.abspath(args.cond_grid),
             slide_mpp=args.slide_mpp))
         real = None if args.region is None else region.read_region(plan)
-        cond = (torch.from_numpy(np.asarray(grid, np.float32)).flatten(0, 1) if grid is not None  # (K, D)
+        cond = (torch.from_numpy(np.array(grid, np.float32)).flatten(0, 1) if grid is not None  # (K, D)
                 else encode_crops(pipe, real, region.seam_crops(plan)[0], plan.tile, args.batch_size))  # windows
         print(f"{args.size[0]} x {args.size[1]} px twin in {args.out}: {plan.grid[0]} x {plan.grid[1]} windows of "
               f"{plan.tile} px, {args.sampler} {args.num_sampling_steps} steps, cfg {args.cfg_scale} on "

@@ -271,6 +271,7 @@ MEANINGS = {
     "--n": "images generated per conditioning",
     "--work-dir": "bench.py's scratch folder",
     "--tracker": "where the run's numbers also go, live: tensorboard or wandb",
+    "--slide-mpp": "µm per level-0 pixel of the slide(s), overriding their metadata",
 }
 # One idea, one spelling: a flag that matches an idea's pattern must be that idea's flag (or one of them).
 IDEAS = {
