@@ -5,6 +5,7 @@
     python bench.py fd                                   # our FD against the scipy.linalg.sqrtm formula
     python bench.py tiling [--slides SLIDES_DIR]         # tiles/s: tiler, whole run, a data worker (slides vs PNG)
     python bench.py weights                              # an export's size and load time
+    python bench.py region --size 2048                   # decoding a region twin's latent: time, peak memory
 
 Random weights throughout (the timings do not depend on them), so nothing needs the gated hub models.
 One report format: a line `bench <name>: key=value ...` on stdout, and the same record appended as one
@@ -435,9 +436,35 @@ def bench_weights(args):
 
 
 
+# -------- region: decoding a twin's latent (sample.py --region), in blended tiles or whole ------------
+def add_region_args(p):
+    p.add_argument("--vae", choices=list(vae_models), default="f8d4")
+    p.add_argument("--size", type=number_in(int, 8, 65_536), default=2048, help="the twin's side in pixels")
+    p.add_argument("--whole", action="store_true", help="decode the latent in one piece instead of in tiles")
+    add_device_args(p, precision=False)
+
+
+def bench_region(args):
+    """Decoding a size x size twin's latent as sample.py --region does (support/region.py: decode_tiled, tiles of
+    DECODE_TILE latent cells), or whole: seconds and the process's peak memory (GPU: its peak allocation)."""
+    from support.region import DECODE_OVERLAP, DECODE_TILE, decode_tiled
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    vae = build_vae(args.vae).to(device).eval()
+    pipe = Pipeline(build_sit("SiT-T/2").to(device).eval(), vae, device)  # its BatchNorm denormalises
+    z = torch.randn(1, vae.z_channels, args.size // vae.factor, args.size // vae.factor, device=device)
+    tile = z.shape[-1] if args.whole else DECODE_TILE
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        image = decode_tiled(lambda part: pipe.decode(part, [0]), z, vae.factor, tile, DECODE_OVERLAP)
+    decoding = "whole" if args.whole else f"tiles of {tile * vae.factor} px, {DECODE_OVERLAP * vae.factor} px overlap"
+    return dict(device=device_name(device), vae=args.vae, size=args.size, shape=list(image.shape), decoding=decoding,
+                decode_s=time.perf_counter() - t0, peak_mem_gb=peak_memory_gb(device))
+
+
 COMMANDS = {"train": (add_train_args, bench_train), "sample": (add_sample_args, bench_sample),
             "fd": (add_fd_args, bench_fd), "tiling": (add_tiling_args, bench_tiling),
-            "weights": (add_weights_args, bench_weights)}
+            "weights": (add_weights_args, bench_weights), "region": (add_region_args, bench_region)}
 
 
 def build_parser():

@@ -37,7 +37,7 @@ READ_KERNEL = "lanczos"  # tiling.py's default --resize-kernel, for slides not s
 # side by side (2x), the decoder's blending sums (float32 RGB + weight), the TIFF's smaller levels and the
 # float64 latent state and velocities of the sampler (about 10 copies of 4 channels at 1/64 of the pixels).
 BYTES_PER_PIXEL = 3 + 3 + 6 + 16 + 1 + 10 * 4 * 8 // 64
-DECODER_COPIES = 12  # float32 activations of the decoder's widest layer alive at once, measured (docs/regions.md)
+DECODER_COPIES = 4  # float32 activations of the decoder's full-resolution width alive at once (docs/regions.md)
 
 
 @dataclass
@@ -118,11 +118,11 @@ def available_bytes():
 
 
 def region_bytes(width, height, vae_config, factor):
-    """Host memory a W x H twin needs at its peak, roughly: BYTES_PER_PIXEL per pixel, and the decoder's
-    full-resolution activations (the width coming out of its last upsampling) on one decoding tile."""
+    """Host memory a W x H twin needs at its peak, roughly: BYTES_PER_PIXEL per pixel, and on one decoding tile the
+    decoder's full-resolution activations (the width out of its last upsampling) and its middle attention matrix."""
     side = min(DECODE_TILE * factor, max(width, height))
     channels = vae_config["ch"] * max(vae_config["ch_mult"][:2])
-    return width * height * BYTES_PER_PIXEL + DECODER_COPIES * 4 * channels * side * side
+    return width * height * BYTES_PER_PIXEL + 4 * (DECODER_COPIES * channels * side ** 2 + (side // factor) ** 4)
 
 
 def plan_region(slide, at, size, factor, window, vae_config, cond_grid_shape=None, slide_mpp=None):
