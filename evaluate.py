@@ -76,6 +76,7 @@ from support.cli import (
     run,
 )
 from support.data import list_images, read_manifest_rows
+from support.memorization import audit
 from support.outputs import check_output_folder, claim_output_folder, read_csv, save_csv, save_npy
 from support.reports import BASELINE, VAL_SETS, run_info, run_name, write_comparison, write_reports
 from support.tile_features import Preprocess, check_one_size, extract_features, resize_record, score_extractors
@@ -169,6 +170,15 @@ def read_pairs(args, train):
         count[guide] = count.get(guide, -1) + 1
         names.append(f"{index[guide]:06d}_{count[guide]:02d}" if guide else f"unpaired-{j:06d}")
     return guidance, dict(pairs=str(args.pairs), n_pairs=len(pairs), repeated_rows=repeats, names=names)
+
+
+def audit_tiles(args, guidance):
+    """--memorization's training tiles: the guidance tiles (they conditioned the samples), then training rows
+    stratified by TSS, up to --num-train in all."""
+    chosen = {r["path"] for r in guidance}
+    others = [r for r in manifest_rows(args.tiles) if r["split"] == "train" and r["path"] not in chosen]
+    n = min(len(others), args.num_train - len(guidance))
+    return guidance + (stratified(others, n, args.seed) if n > 0 else [])
 
 
 def link_folder(folder, named_paths):
@@ -389,6 +399,9 @@ def score_extractor(name, args, cohorts, device):
                     subsets=M.save_subsets(args.out, order=order))
             for val, (_, real, _) in refs.items():
                 score_set(adder(label, val, len(gen), **settings), real, gen, guide, args, device)
+    if args.memorization:  # each generated tile's nearest training tiles (support/memorization.py)
+        rows += audit(name, args, cohorts[0], measure, functools.partial(M.copy_distances, device=device),
+                      M.copying_test)
     return rows
 
 
@@ -442,6 +455,9 @@ def main(argv=None):
             link_tiles(args, guidance, vals)
             for name, plan in ood.items():
                 write_ood(args, name, plan)
+            if args.memorization:  # the training tiles of the audit (support/memorization.py)
+                link_folder(args.out / "train", [(f"{i:06d}", r["path"]) for i, r in enumerate(audit_tiles(args,
+                                                                                                         guidance))])
         cohorts = [Cohort(None, str(args.tiles), args.out / "guidance", {v: args.out / v for v in vals}, {})]
         cohorts += [Cohort(name, plan["path"], args.out / "ood" / name / "guidance",
                            {name: args.out / "ood" / name / "reference"}, {}) for name, plan in ood.items()]
@@ -493,6 +509,10 @@ def build_parser():
     p.add_argument("--sample-batch-size", type=BATCH_SIZE, default=32, help="sample.py's --batch-size")
     p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=PAPER_EXTRACTORS,
                    help=f"comma-separated: {', '.join(EXTRACTORS)}")
+    p.add_argument("--memorization", action="store_true", help="audit every generated tile against its nearest "
+                   "training tiles (DIR/memorization.md)")
+    p.add_argument("--num-train", type=number_in(int, 2, INF), default=1_000_000, help="--memorization: training "
+                   "tiles compared with, at most (the guidance tiles, then rows stratified by TSS)")
     M.add_metric_args(p)
     p.add_argument("--tracker", choices=TRACKERS, default=None, help="also log the numbers and Figure 4 to the "
                    "training run's TensorBoard or Weights & Biases run (with --ckpt)")
