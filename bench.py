@@ -6,6 +6,7 @@
     python bench.py tiling [--slides SLIDES_DIR]         # tiles/s: tiler, whole run, a data worker (slides vs PNG)
     python bench.py weights                              # an export's size and load time
     python bench.py region --size 2048                   # decoding a region twin's latent: time, peak memory
+    python bench.py nearest                              # the memorisation audit's exact nearest-neighbour search
 
 Random weights throughout (the timings do not depend on them), so nothing needs the gated hub models.
 One report format: a line `bench <name>: key=value ...` on stdout, and the same record appended as one
@@ -462,9 +463,32 @@ def bench_region(args):
                 decode_s=time.perf_counter() - t0, peak_mem_gb=peak_memory_gb(device))
 
 
+# -------- nearest: evaluate.py --memorization's exact search (metrics.nearest_neighbours) ---------------
+def add_nearest_args(p):
+    p.add_argument("--num-generated", type=number_in(int, 1, 10 ** 8), default=2000)
+    p.add_argument("--num-train", type=number_in(int, 2, 10 ** 9), default=100_000)
+    p.add_argument("--dim", type=number_in(int, 1, 65_536), default=1536, help="feature dimension (H-optimus-0: 1536)")
+    add_device_args(p, precision=False)
+
+
+def bench_nearest(args):
+    """Seconds of the exact search of --num-generated feature vectors among --num-train (50 neighbours each)."""
+    from metrics import COPY_NEIGHBOURS, nearest_neighbours
+    device, gen = pick_device(args.device), torch.Generator().manual_seed(0)
+    train, queries = (torch.randn(n, args.dim, generator=gen) for n in (args.num_train, args.num_generated))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    nearest_neighbours(queries, train, COPY_NEIGHBOURS, device)
+    sync()
+    seconds = time.perf_counter() - t0
+    return dict(device=device_name(device), num_generated=args.num_generated, num_train=args.num_train, dim=args.dim,
+                search_s=seconds, pairs_per_s=args.num_generated * args.num_train / seconds)
+
+
 COMMANDS = {"train": (add_train_args, bench_train), "sample": (add_sample_args, bench_sample),
             "fd": (add_fd_args, bench_fd), "tiling": (add_tiling_args, bench_tiling),
-            "weights": (add_weights_args, bench_weights), "region": (add_region_args, bench_region)}
+            "weights": (add_weights_args, bench_weights), "region": (add_region_args, bench_region),
+            "nearest": (add_nearest_args, bench_nearest)}
 
 
 def build_parser():

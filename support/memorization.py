@@ -10,7 +10,7 @@ d1 is below the 1st percentile of the held-out tiles' d1 (val-out's when the run
 
     tiles.csv                    every tile of every set: d1, d2, ratio, its nearest training tile, flagged
     histogram.png / .json        d1 and ratio of the three sets (the JSON holds the plotted bins and counts)
-    nearest_pairs[_RUN].png      the 16 nearest generated-training pairs side by side, with their distances
+    nearest_pairs[_RUN].png      the 16 nearest generated | training pairs, with their distances
     audit.json                   a row per set: counts, quantiles, shares flagged, Meehan et al.'s test
 
 and DIR/memorization.md, the report of every extractor audited. The training tiles (DIR/train) are the guidance
@@ -25,6 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from support.data import list_images, open_tile
 from support.outputs import atomic, save_csv, save_json
@@ -91,7 +92,8 @@ def plot_histograms(sets, record, path):
     from matplotlib.figure import Figure  # imported when a plot is drawn
 
     data = dict(record=record, panels={})
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    fig = Figure(figsize=(10, 3.6))
+    fig.subplots_adjust(left=0.08, right=0.99, bottom=0.14, top=0.88, wspace=0.25)
     for ax, key, line in zip(fig.subplots(1, 2), ("d1", "ratio"), (record["d1_threshold"], record["ratio_threshold"])):
         values = {label: found[key] for label, found in sets.items()}
         edges = np.histogram_bin_edges(np.concatenate(list(values.values())), HISTOGRAM_BINS)
@@ -109,25 +111,25 @@ def plot_histograms(sets, record, path):
     save_json(data, Path(path).with_suffix(".json"))
 
 
-def save_pairs(files, found, train_files, path):
-    """The PAIRS_SHOWN generated tiles nearest to a training tile, each beside that tile, with d1 and the ratio."""
-    from matplotlib.figure import Figure
-
+def save_pairs(files, found, train_files, path, gap=4, caption=14):
+    """The PAIRS_SHOWN generated tiles nearest to a training tile, each beside that tile (generated | training),
+    captioned with d1 and the ratio; PAIRS_PER_ROW pairs a row, on white."""
     order = np.argsort(found["d1"], kind="stable")[:PAIRS_SHOWN]
-    rows = -(-len(order) // PAIRS_PER_ROW)
-    fig = Figure(figsize=(2 * PAIRS_PER_ROW * 1.4, rows * 1.6), layout="constrained")
-    axes = fig.subplots(rows, 2 * PAIRS_PER_ROW, squeeze=False)
-    for ax in axes.flat:
-        ax.set_axis_off()
-    for k, i in enumerate(order):
+    pairs = [(np.asarray(open_tile(files[i])), np.asarray(open_tile(train_files[found["nearest"][i]])),
+              f"d1={found['d1'][i]:.3g}, ratio={found['ratio'][i]:.2f}") for i in order]
+    side = max(max(a.shape[0], a.shape[1], b.shape[0], b.shape[1]) for a, b, _ in pairs)
+    cell_w, cell_h = 2 * side + gap, side + caption
+    rows = -(-len(pairs) // PAIRS_PER_ROW)
+    canvas = Image.new("RGB", (PAIRS_PER_ROW * (cell_w + 2 * gap), rows * (cell_h + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (generated, train, text) in enumerate(pairs):
         row, col = divmod(k, PAIRS_PER_ROW)
-        for side, tile, title in ((0, files[i], f"d1 {found['d1'][i]:.3g}, r {found['ratio'][i]:.2f}"),
-                                  (1, train_files[found["nearest"][i]], "its nearest training tile")):
-            ax = axes[row, 2 * col + side]
-            ax.imshow(np.asarray(open_tile(tile)))
-            ax.set_title(title, fontsize=6)
+        x, y = col * (cell_w + 2 * gap), row * (cell_h + gap)
+        canvas.paste(Image.fromarray(generated), (x, y))
+        canvas.paste(Image.fromarray(train), (x + side + gap, y))
+        draw.text((x + 2, y + side + 1), text, fill="black")
     with atomic(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        canvas.save(tmp, format="PNG")
 
 
 # -------- The report -------------------------------------------------------------------------------

@@ -20,9 +20,13 @@ import evaluate as E
 import extractors
 import fld
 import metrics as M
+from conftest import perturbed
+from features import load_encoder
+from sit import build_sit
 from support.outputs import read_csv
 from support.slides import open_slide, read_tile_at, resolve_mpp, slide_geometry
 from support.tiles import RESIZE_KERNELS
+from vae import build_vae
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:FD from")
@@ -174,3 +178,27 @@ def test_the_copying_test_is_scipys_mann_whitney():
     out = M.copying_test(generated, heldout)
     assert out["nearer_share"] == pytest.approx((3 + 2.5 + 2.5 + 0) / 12)  # 0.1: 3; 0.2: 2 and a tie; 0.9: 0
     assert out["p_value"] == pytest.approx(scipy.stats.mannwhitneyu(generated, heldout, alternative="less").pvalue)
+
+
+def test_a_sampled_run_is_audited_in_the_benchmarks_extractor_space(planted, tmp_path):
+    """--ckpt: the benchmark's own samples, audited in the registry's "tiny" space against the guidance tiles and
+    more training rows up to --num-train; a random model's samples copy nothing."""
+    torch.manual_seed(0)
+    encoder = load_encoder("tiny", pretrained=False)
+    sit = perturbed(build_sit("SiT-T/2", input_size=8, cond_dim=encoder.embed_dim, z_dim=encoder.embed_dim), 1)
+    vae = perturbed(build_vae("tiny"), 2)
+    config = {"model": "SiT-T/2", "vae": "tiny", "encoder": "tiny", "image_size": 64, "seed": 0, **sit.config}
+    torch.save({"config": config, "step": 1, "sit": sit.state_dict(), "sit_ema": sit.state_dict(),
+                "vae": vae.state_dict(), "vae_ema": vae.state_dict()}, tmp_path / "c.pt")
+    out = tmp_path / "bench"
+    assert E.main(["--ckpt", str(tmp_path / "c.pt"), "--tiles", str(planted / "tiling"), "--out", str(out),
+                   "--num-guidance", "8", "--extractors", "tiny", "--random-weights", "--memorization",
+                   "--num-train", "20", "--num-sampling-steps", "2", "--device", "cpu", "--num-workers", "0",
+                   "--bootstrap-draws", "0", "--k", "2"]) == 0
+    record = json.loads((out / "memorization" / "tiny" / "audit.json").read_text())
+    assert record["n_train"] == 20  # the 8 guidance tiles and 12 more, --num-train in all
+    guidance = {p.resolve() for p in (out / "guidance").glob("*.png")}
+    assert guidance <= {p.resolve() for p in (out / "train").iterdir()}
+    sampled = {s["set"]: s for s in record["sets"]}[E.run_name("sde", 2)]
+    assert sampled["n"] == 8 and sampled["n_flagged"] == 0
+    assert (out / "memorization" / "tiny" / "nearest_pairs.png").is_file()
