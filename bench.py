@@ -50,6 +50,7 @@ from sit import SiT_models, build_sit
 from support.cli import (
     BATCH_SIZE,
     IMAGE_SIZE,
+    INF,
     SEED,
     Unavailable,
     add_device_args,
@@ -440,7 +441,7 @@ def bench_weights(args):
 # -------- region: decoding a twin's latent (sample.py --region), in blended tiles or whole ------------
 def add_region_args(p):
     p.add_argument("--vae", choices=list(vae_models), default="f8d4")
-    p.add_argument("--size", type=number_in(int, 8, 65_536), default=2048, help="the twin's side in pixels")
+    p.add_argument("--size", metavar="W[,H]", default="2048", help="the twin's size in pixels")
     p.add_argument("--whole", action="store_true", help="decode the latent in one piece instead of in tiles")
     add_device_args(p, precision=False)
 
@@ -448,41 +449,41 @@ def add_region_args(p):
 def bench_region(args):
     """Decoding a size x size twin's latent as sample.py --region does (support/region.py: decode_tiled, tiles of
     DECODE_TILE latent cells), or whole: seconds and the process's peak memory (GPU: its peak allocation)."""
-    from support.region import DECODE_OVERLAP, DECODE_TILE, decode_tiled
-    device = pick_device(args.device)
+    from support.region import DECODE_OVERLAP, DECODE_TILE, decode_tiled, parse_pair
+    device, (width, height) = pick_device(args.device), parse_pair(args.size, "--size")
     torch.manual_seed(0)
     vae = build_vae(args.vae).to(device).eval()
     pipe = Pipeline(build_sit("SiT-T/2").to(device).eval(), vae, device)  # its BatchNorm denormalises
-    z = torch.randn(1, vae.z_channels, args.size // vae.factor, args.size // vae.factor, device=device)
-    tile = z.shape[-1] if args.whole else DECODE_TILE
+    z = torch.randn(1, vae.z_channels, height // vae.factor, width // vae.factor, device=device)
+    tile = max(z.shape[-2:]) if args.whole else DECODE_TILE
     t0 = time.perf_counter()
     with torch.no_grad():
-        image = decode_tiled(lambda part: pipe.decode(part, [0]), z, vae.factor, tile, DECODE_OVERLAP)
+        decode_tiled(lambda part: pipe.decode(part, [0]), z, vae.factor, tile, DECODE_OVERLAP)
     decoding = "whole" if args.whole else f"tiles of {tile * vae.factor} px, {DECODE_OVERLAP * vae.factor} px overlap"
-    return dict(device=device_name(device), vae=args.vae, size=args.size, shape=list(image.shape), decoding=decoding,
+    return dict(device=device_name(device), vae=args.vae, size=[width, height], decoding=decoding,
                 decode_s=time.perf_counter() - t0, peak_mem_gb=peak_memory_gb(device))
 
 
 # -------- nearest: evaluate.py --memorization's exact search (metrics.nearest_neighbours) ---------------
 def add_nearest_args(p):
-    p.add_argument("--num-generated", type=number_in(int, 1, 10 ** 8), default=2000)
-    p.add_argument("--num-train", type=number_in(int, 2, 10 ** 9), default=100_000)
+    p.add_argument("--num-tiles", type=number_in(int, 1, 10 ** 8), default=2000, help="generated feature vectors")
+    p.add_argument("--num-train", type=number_in(int, 2, INF), default=100_000, help="training feature vectors")
     p.add_argument("--dim", type=number_in(int, 1, 65_536), default=1536, help="feature dimension (H-optimus-0: 1536)")
     add_device_args(p, precision=False)
 
 
 def bench_nearest(args):
-    """Seconds of the exact search of --num-generated feature vectors among --num-train (50 neighbours each)."""
+    """Seconds of the exact search of --num-tiles feature vectors among --num-train (50 neighbours each)."""
     from metrics import COPY_NEIGHBOURS, nearest_neighbours
     device, gen = pick_device(args.device), torch.Generator().manual_seed(0)
-    train, queries = (torch.randn(n, args.dim, generator=gen) for n in (args.num_train, args.num_generated))
+    train, queries = (torch.randn(n, args.dim, generator=gen) for n in (args.num_train, args.num_tiles))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     nearest_neighbours(queries, train, COPY_NEIGHBOURS, device)
     sync()
     seconds = time.perf_counter() - t0
-    return dict(device=device_name(device), num_generated=args.num_generated, num_train=args.num_train, dim=args.dim,
-                search_s=seconds, pairs_per_s=args.num_generated * args.num_train / seconds)
+    return dict(device=device_name(device), num_tiles=args.num_tiles, num_train=args.num_train, dim=args.dim,
+                search_s=seconds, pairs_per_s=args.num_tiles * args.num_train / seconds)
 
 
 COMMANDS = {"train": (add_train_args, bench_train), "sample": (add_sample_args, bench_sample),

@@ -6,6 +6,7 @@
     python evaluate.py ... --ood sparc=SPARC_TILING_OUT --num-ood 50000                   # + Table 3
     python evaluate.py --generated MODEL_TILES --pairs PAIRS.csv --tiles TILING_OUT --out DIR   # Table 4
     python evaluate.py --compare DIR_A DIR_B ... --out DIR                                # runs side by side
+    python evaluate.py ... --memorization                          # + does any generated tile copy a training tile?
 
 1. Guidance: --num-guidance training tiles of the manifest (paper: 100 k), stratified by TSS, linked as
    DIR/guidance/000000.png ... (DIR/guidance.csv); their CLS features (the checkpoint's H0-mini) in cls.npy.
@@ -42,6 +43,9 @@ paper does, else each set is resized to the extractor's input on its own; report
 --compare RUN_DIR ...: DIR/compare.md and .json, a row per run and label, a column per metric, extractor
 and val set that every run has, marked * (with a footnote) where its rows differ in a setting that changes
 the measurement (sampler, steps, cfg, guidance window, weights, preprocessing, extractor, sample counts).
+
+--memorization: each generated tile's nearest training tiles (DIR/train: the guidance tiles, then training rows
+up to --num-train), against val-in and val-out; DIR/memorization.md (support/memorization.py).
 
 Features are cached in DIR/features (keyed by content, extractor, weights and preprocessing): a rerun
 recomputes nothing finished. Left out: multi-GPU feature extraction, KID, --ood with --generated.
