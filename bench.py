@@ -468,7 +468,7 @@ def bench_region(args):
 def add_nearest_args(p):
     p.add_argument("--num-tiles", type=number_in(int, 1, 10 ** 8), default=2000, help="generated feature vectors")
     p.add_argument("--num-train", type=number_in(int, 2, INF), default=100_000, help="training feature vectors")
-    p.add_argument("--dim", type=number_in(int, 1, 65_536), default=1536, help="feature dimension (H-optimus-0: 1536)")
+    p.add_argument("--dims", type=number_in(int, 1, 10 ** 5), default=1536, help="feature dimension (H-optimus-0)")
     add_device_args(p, precision=False)
 
 
@@ -476,13 +476,13 @@ def bench_nearest(args):
     """Seconds of the exact search of --num-tiles feature vectors among --num-train (50 neighbours each)."""
     from metrics import COPY_NEIGHBOURS, nearest_neighbours
     device, gen = pick_device(args.device), torch.Generator().manual_seed(0)
-    train, queries = (torch.randn(n, args.dim, generator=gen) for n in (args.num_train, args.num_tiles))
+    train, queries = (torch.randn(n, args.dims, generator=gen) for n in (args.num_train, args.num_tiles))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     nearest_neighbours(queries, train, COPY_NEIGHBOURS, device)
     sync()
     seconds = time.perf_counter() - t0
-    return dict(device=device_name(device), num_tiles=args.num_tiles, num_train=args.num_train, dim=args.dim,
+    return dict(device=device_name(device), num_tiles=args.num_tiles, num_train=args.num_train, dims=args.dims,
                 search_s=seconds, pairs_per_s=args.num_tiles * args.num_train / seconds)
 
 

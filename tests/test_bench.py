@@ -105,6 +105,6 @@ def test_region_decodes_a_twin_in_tiles_and_whole():
 
 
 def test_nearest_times_the_audits_search():
-    record = bench.measure(["--out", "", "nearest", "--num-tiles", "30", "--num-train", "200", "--dim", "8",
+    record = bench.measure(["--out", "", "nearest", "--num-tiles", "30", "--num-train", "200", "--dims", "8",
                             "--device", "cpu"])
     assert record["num_tiles"] * record["num_train"] / record["search_s"] == pytest.approx(record["pairs_per_s"])

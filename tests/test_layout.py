@@ -274,6 +274,7 @@ MEANINGS = {
     "--slide-mpp": "µm per level-0 pixel of the slide(s), overriding their metadata",
     "--size": "a region twin's size in pixels at 0.5 µm/px, W or W,H",
     "--num-train": "training tiles (their features) each generated tile is compared with",
+    "--dims": "bench.py's feature dimension",
 }
 # One idea, one spelling: a flag that matches an idea's pattern must be that idea's flag (or one of them).
 IDEAS = {
