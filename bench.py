@@ -5,6 +5,8 @@
     python bench.py fd                                   # our FD against the scipy.linalg.sqrtm formula
     python bench.py tiling [--slides SLIDES_DIR]         # tiles/s: tiler, whole run, a data worker (slides vs PNG)
     python bench.py weights                              # an export's size and load time
+    python bench.py region --size 2048                   # decoding a region twin's latent: time, peak memory
+    python bench.py nearest                              # the memorisation audit's exact nearest-neighbour search
 
 Random weights throughout (the timings do not depend on them), so nothing needs the gated hub models.
 One report format: a line `bench <name>: key=value ...` on stdout, and the same record appended as one
@@ -48,6 +50,7 @@ from sit import SiT_models, build_sit
 from support.cli import (
     BATCH_SIZE,
     IMAGE_SIZE,
+    INF,
     SEED,
     ArgumentParser,
     Unavailable,
@@ -435,9 +438,58 @@ def bench_weights(args):
 
 
 
+# -------- region: decoding a twin's latent (sample.py --region), in blended tiles or whole ------------
+def add_region_args(p):
+    p.add_argument("--vae", choices=list(vae_models), default="f8d4")
+    p.add_argument("--size", metavar="W[,H]", default="2048", help="the twin's size in pixels")
+    p.add_argument("--whole", action="store_true", help="decode the latent in one piece instead of in tiles")
+    add_device_args(p, precision=False)
+
+
+def bench_region(args):
+    """Decoding a size x size twin's latent as sample.py --region does (support/region.py: decode_tiled, tiles of
+    DECODE_TILE latent cells), or whole: seconds and the process's peak memory (GPU: its peak allocation)."""
+    from support.region import DECODE_OVERLAP, DECODE_TILE, decode_tiled, parse_pair
+    device, (width, height) = pick_device(args.device), parse_pair(args.size, "--size")
+    torch.manual_seed(0)
+    vae = build_vae(args.vae).to(device).eval()
+    pipe = Pipeline(build_sit("SiT-T/2").to(device).eval(), vae, device)  # its BatchNorm denormalises
+    z = torch.randn(1, vae.z_channels, height // vae.factor, width // vae.factor, device=device)
+    tile = max(z.shape[-2:]) if args.whole else DECODE_TILE
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        decode_tiled(lambda part: pipe.decode(part, [0]), z, vae.factor, tile, DECODE_OVERLAP)
+    decoding = "whole" if args.whole else f"tiles of {tile * vae.factor} px, {DECODE_OVERLAP * vae.factor} px overlap"
+    return dict(device=device_name(device), vae=args.vae, size=[width, height], decoding=decoding,
+                decode_s=time.perf_counter() - t0, peak_mem_gb=peak_memory_gb(device))
+
+
+# -------- nearest: evaluate.py --memorization's exact search (metrics.nearest_neighbours) ---------------
+def add_nearest_args(p):
+    p.add_argument("--num-tiles", type=number_in(int, 1, 10 ** 8), default=2000, help="generated feature vectors")
+    p.add_argument("--num-train", type=number_in(int, 2, INF), default=100_000, help="training feature vectors")
+    p.add_argument("--dims", type=number_in(int, 1, 10 ** 5), default=1536, help="feature dimension (H-optimus-0)")
+    add_device_args(p, precision=False)
+
+
+def bench_nearest(args):
+    """Seconds of the exact search of --num-tiles feature vectors among --num-train (50 neighbours each)."""
+    from metrics import COPY_NEIGHBOURS, nearest_neighbours
+    device, gen = pick_device(args.device), torch.Generator().manual_seed(0)
+    train, queries = (torch.randn(n, args.dims, generator=gen) for n in (args.num_train, args.num_tiles))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    nearest_neighbours(queries, train, COPY_NEIGHBOURS, device)
+    sync()
+    seconds = time.perf_counter() - t0
+    return dict(device=device_name(device), num_tiles=args.num_tiles, num_train=args.num_train, dims=args.dims,
+                search_s=seconds, pairs_per_s=args.num_tiles * args.num_train / seconds)
+
+
 COMMANDS = {"train": (add_train_args, bench_train), "sample": (add_sample_args, bench_sample),
             "fd": (add_fd_args, bench_fd), "tiling": (add_tiling_args, bench_tiling),
-            "weights": (add_weights_args, bench_weights)}
+            "weights": (add_weights_args, bench_weights), "region": (add_region_args, bench_region),
+            "nearest": (add_nearest_args, bench_nearest)}
 
 
 def build_parser():

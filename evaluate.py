@@ -6,6 +6,7 @@
     python evaluate.py ... --ood sparc=SPARC_TILING_OUT --num-ood 50000                   # + Table 3
     python evaluate.py --generated MODEL_TILES --pairs PAIRS.csv --tiles TILING_OUT --out DIR   # Table 4
     python evaluate.py --compare DIR_A DIR_B ... --out DIR                                # runs side by side
+    python evaluate.py ... --memorization                          # + does any generated tile copy a training tile?
 
 1. Guidance: --num-guidance training tiles of the manifest (paper: 100 k), stratified by TSS, linked as
    DIR/guidance/000000.png ... (DIR/guidance.csv); their CLS features (the checkpoint's H0-mini) in cls.npy.
@@ -43,6 +44,9 @@ paper does, else each set is resized to the extractor's input on its own; report
 and val set that every run has, marked * (with a footnote) where its rows differ in a setting that changes
 the measurement (sampler, steps, cfg, guidance window, weights, preprocessing, extractor, sample counts).
 
+--memorization: each generated tile's nearest training tiles (DIR/train: the guidance tiles, then training rows
+up to --num-train), against val-in and val-out; DIR/memorization.md (support/memorization.py).
+
 Features are cached in DIR/features (keyed by content, extractor, weights and preprocessing): a rerun
 recomputes nothing finished. Left out: multi-GPU feature extraction, KID, --ood with --generated.
 """
@@ -75,6 +79,7 @@ from support.cli import (
     run,
 )
 from support.data import check_listed_tiles, list_images, read_manifest_rows
+from support.memorization import audit
 from support.outputs import check_output_folder, claim_output_folder, read_csv, save_csv, save_npy
 from support.reports import BASELINE, VAL_SETS, run_info, run_name, write_comparison, write_reports
 from support.tile_features import (
@@ -180,6 +185,15 @@ def read_pairs(args, train):
         count[guide] = count.get(guide, -1) + 1
         names.append(f"{index[guide]:06d}_{count[guide]:02d}" if guide else f"unpaired-{j:06d}")
     return guidance, dict(pairs=str(args.pairs), n_pairs=len(pairs), repeated_rows=repeats, names=names)
+
+
+def audit_tiles(args, guidance):
+    """--memorization's training tiles: the guidance tiles (they conditioned the samples), then training rows
+    stratified by TSS, up to --num-train in all."""
+    chosen = {r["path"] for r in guidance}
+    others = [r for r in manifest_rows(args.tiles) if r["split"] == "train" and r["path"] not in chosen]
+    n = min(len(others), args.num_train - len(guidance))
+    return guidance + (stratified(others, n, args.seed) if n > 0 else [])
 
 
 def link_folder(folder, named_paths):
@@ -404,6 +418,9 @@ def score_extractor(name, args, cohorts, device):
                     subsets=M.save_subsets(args.out, order=order))
             for val, (_, real, _) in refs.items():
                 score_set(adder(label, val, len(gen), **settings), real, gen, guide, args, device)
+    if args.memorization:  # each generated tile's nearest training tiles (support/memorization.py)
+        rows += audit(name, args, cohorts[0], measure, functools.partial(M.copy_distances, device=device),
+                      M.copying_test)
     note_resizes(name, seen, preps["val"])
     return rows
 
@@ -454,6 +471,9 @@ def main(argv=None):
             link_tiles(args, guidance, vals)
             for name, plan in ood.items():
                 write_ood(args, name, plan)
+            if args.memorization:  # the training tiles of the audit (support/memorization.py)
+                link_folder(args.out / "train", [(f"{i:06d}", r["path"]) for i, r in enumerate(audit_tiles(args,
+                                                                                                         guidance))])
         cohorts = [Cohort(None, str(args.tiles), args.out / "guidance", {v: args.out / v for v in vals}, {})]
         cohorts += [Cohort(name, plan["path"], args.out / "ood" / name / "guidance",
                            {name: args.out / "ood" / name / "reference"}, {}) for name, plan in ood.items()]
@@ -505,6 +525,10 @@ def build_parser():
     p.add_argument("--sample-batch-size", type=BATCH_SIZE, default=32, help="sample.py's --batch-size")
     p.add_argument("--extractors", type=comma_list(EXTRACTORS), default=PAPER_EXTRACTORS,
                    help=f"comma-separated: {', '.join(EXTRACTORS)}")
+    p.add_argument("--memorization", action="store_true", help="audit every generated tile against its nearest "
+                   "training tiles (DIR/memorization.md)")
+    p.add_argument("--num-train", type=number_in(int, 2, INF), default=1_000_000, help="--memorization: training "
+                   "tiles compared with, at most (the guidance tiles, then rows stratified by TSS)")
     M.add_metric_args(p)
     p.add_argument("--tracker", choices=TRACKERS, default=None, help="also log the numbers and Figure 4 to the "
                    "training run's TensorBoard or Weights & Biases run (with --ckpt)")

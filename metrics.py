@@ -16,13 +16,17 @@ Definitions:
     FLD    100 x [NLL(test | MoG centred on generated, variances fit on train) - train-split baseline]
            and its generalisation gap 100 x [NLL(train) - NLL(test)]           (Jiralerspong et al. 2023)
            fit as the authors' code fits it: fld.py
+    copy   per generated tile x: d1 = |x - nearest training tile|, d2 to the second nearest, and
+           ratio = d1 / (0.5 x mean distance to its 50 nearest); a copy when ratio < 1/3 (Carlini et al.
+           2023, §5) and d1 below the held-out tiles' 1st percentile; the whole audit:
+           support/memorization.py (evaluate.py --memorization)
 
 The whole benchmark (guidance, sampling, every extractor against val-in and val-out, Table 2's layout):
 evaluate.py.
 
 The definitions come first, then a short command line. The extractors and what each sees of a tile:
 extractors.py; tiles to features, preprocessed and cached: support/tile_features.py. Left out: KID, AuthPct,
-the C_T test; multi-GPU extraction.
+the C_T test (its whole-set form is in copying_test); approximate nearest-neighbour search; multi-GPU extraction.
 """
 import functools
 import hashlib
@@ -36,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg
+import scipy.stats
 import torch
 
 from extractors import EXTRACTORS, build_extractor, spec_record, weights_id
@@ -67,6 +72,10 @@ from support.tile_features import (
 from support.tiles import RESIZE_KERNELS
 
 PR_K = 3  # nearest neighbours that set a sample's radius (Kynkaanniemi et al. 2019)
+# Carlini et al. 2023 §5 (CIFAR-10): a generated image is extracted when its l2 distance to a training image is
+# below COPY_THRESHOLD times COPY_SCALE times its mean distance to its COPY_NEIGHBOURS nearest training images.
+COPY_NEIGHBOURS, COPY_SCALE, COPY_THRESHOLD = 50, 0.5, 1 / 3
+RERANK = 16  # candidates beyond k that the float32 search keeps for the exact float64 distances
 FD_GENERATED_SIZE = 50_000  # generated samples FD uses; Jiralerspong et al.'s FID code (the paper's) keeps 50k
 
 
@@ -221,6 +230,69 @@ def paired_cosine(real_stems, real, gen_stems, generated):
     a, b = real[ri].astype(np.float64), generated[fi].astype(np.float64)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     return float(cos.mean()), float(cos.std()), len(pairs)
+
+
+def row_cosines(a, b):
+    """Cosine similarity of each row of a with the same row of b -> (N,), in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def seam_scores(centre_synthetic, boundary_synthetic=None, centre_real=None, boundary_real=None):
+    """Do a region twin's windows show (sample.py --region)? Features of its tiles at the windows ("centre") and
+    across window boundaries ("boundary", support/region.py: seam_crops), and of the real region's tiles at the
+    same places -> fd_synthetic, FD(boundary tiles, centre tiles) of the twin; fd_real, the same for the real
+    region (the level that different places give without any seam); cosine_centre / cosine_boundary, the mean
+    paired cosine of twin and real tiles at the same place. Seams show as fd_synthetic above fd_real, and
+    cosine_boundary below cosine_centre. None where a set is missing or too small."""
+    def fd_of(a, b):
+        return None if a is None or b is None or min(len(a), len(b)) < 2 else \
+            fd(feature_stats(a), feature_stats(b))
+
+    def cosine(a, b):
+        return None if a is None or b is None else float(row_cosines(a, b).mean())
+    return dict(fd_synthetic=fd_of(boundary_synthetic, centre_synthetic), fd_real=fd_of(boundary_real, centre_real),
+                cosine_centre=cosine(centre_synthetic, centre_real), cosine_boundary=cosine(boundary_synthetic,
+                                                                                            boundary_real),
+                n_centre=len(centre_synthetic), n_boundary=0 if boundary_synthetic is None else len(boundary_synthetic))
+
+
+# -------- Memorisation: each generated tile's nearest training tiles ----------------------------
+def nearest_neighbours(queries, refs, k, device="cpu"):
+    """Exact l2 search: the k nearest rows of refs (M, D) for each row of queries (N, D) -> (distances (N, k)
+    float64, ascending; their row indices (N, k)). Chunks of queries against all refs, |q|^2 + |r|^2 - 2 q.r
+    in float32 on `device` (a GPU when there is one), keep k + RERANK candidates; their distances are then
+    computed again in float64 from the vectors, so an exact copy lies at 0 and rounding cannot reorder the k."""
+    q, r = (torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device) for a in (queries, refs))
+    k, pool = min(k, len(r)), min(k + RERANK, len(r))
+    r_sq = (r * r).sum(1)  # (M,)
+    dists, index = np.empty((len(q), k)), np.empty((len(q), k), np.int64)
+    for i, j in row_chunks(len(q), len(r)):
+        sq = (q[i:j] * q[i:j]).sum(1, keepdim=True) + r_sq - 2 * q[i:j] @ r.T  # (n, M) squared distances
+        candidates = sq.topk(pool, dim=1, largest=False).indices  # (n, pool)
+        exact = (q[i:j, None].double() - r[candidates].double()).norm(dim=2)  # (n, pool), float64
+        order = exact.argsort(dim=1)[:, :k]
+        dists[i:j], index[i:j] = exact.gather(1, order).cpu().numpy(), candidates.gather(1, order).cpu().numpy()
+    return dists, index
+
+
+def copy_distances(queries, train, device="cpu", n=COPY_NEIGHBOURS, scale=COPY_SCALE):
+    """Each query's nearest training rows -> {d1: distance to the nearest, d2: to the second (nan with one training
+    row), ratio: d1 / (scale x mean distance to its n nearest, the nearest included; Carlini et al. 2023 §5),
+    nearest: the nearest's index}. A query as near to n training rows as to one (duplicates) has ratio 0."""
+    dists, index = nearest_neighbours(queries, train, max(n, 2), device)
+    local = scale * dists[:, :n].mean(1)
+    ratio = np.divide(dists[:, 0], local, out=np.zeros(len(dists)), where=local > 0)
+    d2 = dists[:, 1] if dists.shape[1] > 1 else np.full(len(dists), np.nan)
+    return dict(d1=dists[:, 0], d2=d2, ratio=ratio, nearest=index[:, 0])
+
+
+def copying_test(generated_d1, heldout_d1):
+    """Meehan et al. 2020's data-copying test on the whole set: generated tiles nearer to the training set than
+    held-out real tiles are, by a Mann-Whitney U test -> {nearer_share: U / (n_gen n_heldout), the chance that a
+    generated tile is nearer than a held-out one (0.5: no copying), p_value: one-sided, generated nearer}."""
+    u, p = scipy.stats.mannwhitneyu(generated_d1, heldout_d1, alternative="less")
+    return dict(nearer_share=1 - float(u) / (len(generated_d1) * len(heldout_d1)), p_value=float(p))
 
 
 # -------- Command line -------------------------------------------------------------------------

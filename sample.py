@@ -7,6 +7,7 @@
     python sample.py --ckpt CKPT --cond-mean slide_tiles/ --n 8      # a slide's mean CLS (or --cond-mean cls.npy)
     python sample.py --ckpt CKPT --restain tiles/ --style s.png --strength 0.5   # one tile's stain on others
     python sample.py --ckpt CKPT --num-samples 64                    # unconditional (null embedding)
+    python sample.py --ckpt CKPT --region SLIDE --at X,Y --size 1024 --out twin    # a region's synthetic twin
     torchrun --nproc_per_node=8 sample.py --ckpt CKPT --features cls.npy --n 1 --out DIR   # 100k tiles
 
 Conditioning: the H0-mini CLS token of a 224 x 224 tile. Tiles must already be at 0.5 µm/px (20x), the
@@ -32,6 +33,12 @@ in. No non-finite image is ever written. From Python, with the released pipeline
     images = pipe(h0_mini_embeds=feats.mean(0, keepdims=True), num_images_per_prompt=8)["images"]  # --cond-mean
     images = pipe(h0_mini_embeds=style_cls, restain_from=[content_pil], strength=0.5)["images"]   # --restain
 
+A region's twin (--region SLIDE --at X,Y --size W[,H], or --cond-grid FILE.npy): one W x H latent sampled as a
+whole with MultiDiffusion (sampler.multidiffusion_velocity), each window of the model's tile size conditioned on
+the CLS of the real tile at its place (or on a row of the grid); its noise is image 0's stream of --seed, so a
+region one window large is sample.py's first image. Writes OUT.png, OUT/OUT.tiff (pyramidal, 0.5 µm/px, for
+OpenSlide and tiling.py), OUT_side_by_side.png (real | twin) and OUT/seams.json (support/region.py).
+
 Left out: PixCell-style multi-tile conditioning, metrics (metrics.py). --ckpt also takes an export on the hub,
 hf-hub:ORG/REPO[@REVISION] (support/hub.py); `python -m support.weights export --format diffusers` writes one that
 diffusers loads as LazySlide loads CytoSyn, with the same images.
@@ -47,7 +54,8 @@ from tqdm import tqdm
 
 from features import encoder_features, load_encoder, read_cls_names
 from repa_loss import interpolate
-from sampler import euler_maruyama_sampler, euler_sampler, standard_normal
+from sampler import euler_maruyama_sampler, euler_sampler, multidiffusion_velocity, standard_normal
+from support import region
 from support.cli import (
     BATCH_SIZE,
     SAMPLERS,
@@ -70,7 +78,7 @@ from support.cli import (
 )
 from support.data import check_finite_rows, list_tile_args
 from support.hub import hub_weights
-from support.outputs import check_output_folder, claim_output_folder, record_settings, save_png
+from support.outputs import check_output_folder, claim_output_folder, record_settings, save_json, save_png
 from support.sampling import (
     ArraySource,
     MeanSource,
@@ -282,12 +290,89 @@ def output_settings(args, step):
 
 
 #################################################################################
+#                          A region's synthetic twin                            #
+#################################################################################
+
+@torch.no_grad()
+def generate_region(pipe, cond, plan, settings, batch_size=32):
+    """(K, D) features, one per window of `plan` (support/region.py) -> the region's normalised latent (1, C, h, w),
+    sampled as one with MultiDiffusion. Its noise is image 0's stream of settings.seed, drawn as generate() draws an
+    image's (start, then Brownian increments), so a one-window region is sample.py's first image, bit for bit."""
+    gens = [torch.Generator(pipe.device).manual_seed(noise_seed(settings.seed, 0))]
+    shape = (1, pipe.sit.in_channels, plan.height // plan.factor, plan.width // plan.factor)
+    x = standard_normal(shape, gens, pipe.device)  # (1, C, h, w), the whole latent from one stream
+    velocity = multidiffusion_velocity(pipe.velocity, plan.starts_y, plan.starts_x, plan.window, batch_size)
+    guidance = dict(cond=cond.to(pipe.device)[None], num_steps=settings.num_sampling_steps,  # cond (1, K, D)
+                    cfg_scale=settings.cfg_scale, guidance_low=settings.guidance_low,
+                    guidance_high=settings.guidance_high)
+    with autocast(pipe.device, pipe.precision):
+        if settings.sampler == "sde":
+            return euler_maruyama_sampler(velocity, x, generator=gens, **guidance)
+        return euler_sampler(velocity, x, heun=settings.sampler == "heun", **guidance)
+
+
+def encode_crops(pipe, image, corners, size, batch_size):
+    """CLS features (N, D) of the tiles of `image` (uint8 (H, W, 3)) at the top-left `corners`."""
+    return torch.cat([pipe.encode_tiles(torch.from_numpy(region.crops(image, corners[i:i + batch_size], size)))
+                      for i in range(0, len(corners), batch_size)]).cpu()
+
+
+def measure_seams(pipe, plan, twin, real, batch_size):
+    """OUT/seams.json: metrics.seam_scores of tiles at window centres and across window boundaries (support/region.py:
+    seam_crops), in the space of the checkpoint's encoder (the conditioning's H0-mini)."""
+    from metrics import seam_scores  # the benchmark's code, loaded once a twin is scored
+
+    centres, boundaries = region.seam_crops(plan)
+    feats = {f"{where}_{which}": encode_crops(pipe, image, corners, plan.tile, batch_size).double().numpy()
+             for where, corners in (("centre", centres), ("boundary", boundaries))
+             for which, image in (("synthetic", twin), ("real", real)) if image is not None and corners}
+    return dict(seam_scores(**feats), extractor=pipe.encoder_name, tile=plan.tile,
+                window_stride=(plan.starts_x[1] - plan.starts_x[0]) * plan.factor if len(plan.starts_x) > 1 else None)
+
+
+def sample_region(args):
+    """--region / --cond-grid: one twin, every input checked before anything is sampled or written."""
+    settings = SamplingSettings.from_args(args)
+    with processes(args.device) as (_, world, device):
+        if world > 1:
+            raise InputError("--region samples one latent in one process: run it with python, not torchrun")
+        args.precision = resolve_precision(args.precision, device)
+        check_output_folder(args.out, {"--region": [args.region], "--cond-grid": [args.cond_grid]})
+        pipe = load_pipeline(args.ckpt, device, args.sit_weights, args.vae_weights, args.precision, args.compile)
+        grid = None if args.cond_grid is None else read_feature_array(args.cond_grid, "--cond-grid")
+        if grid is not None and (grid.ndim != 3 or grid.shape[2] != pipe.sit.cond_dim):
+            raise InputError(f"--cond-grid {args.cond_grid} has shape {grid.shape}; this model needs (rows, cols, "
+                             f"{pipe.sit.cond_dim}) CLS features, one per window")
+        plan = region.plan_region(args.region, args.at, args.size, pipe.vae.factor, pipe.sit.input_size,
+                                  pipe.vae.config, None if grid is None else grid.shape, args.slide_mpp)
+        claim_output_folder(args.out)
+        record_settings(args.out, dict(output_settings(args, pipe.step), region=args.region and os.path.abspath(
+            args.region), at=args.at, size=args.size, cond_grid=args.cond_grid and os.path.abspath(args.cond_grid),
+            slide_mpp=args.slide_mpp))
+        real = None if args.region is None else region.read_region(plan)
+        cond = (torch.from_numpy(np.array(grid, np.float32)).flatten(0, 1) if grid is not None  # (K, D)
+                else encode_crops(pipe, real, region.seam_crops(plan)[0], plan.tile, args.batch_size))  # windows
+        print(f"{args.size[0]} x {args.size[1]} px twin in {args.out}: {plan.grid[0]} x {plan.grid[1]} windows of "
+              f"{plan.tile} px, {args.sampler} {args.num_sampling_steps} steps, cfg {args.cfg_scale} on "
+              f"[{args.guidance_low}, {args.guidance_high}], {args.precision}", flush=True)
+        x = generate_region(pipe, cond, plan, settings, args.batch_size)
+        twin = region.decode_tiled(lambda z: pipe.decode(z, [0]), x, plan.factor)
+        written = region.write_twin(args.out, twin, real)
+        seams = measure_seams(pipe, plan, twin, real, args.batch_size)
+        save_json(seams, os.path.join(args.out, "seams.json"))
+        print(f"done: {', '.join(written)}; seams: {seams}", flush=True)
+    return 0
+
+
+#################################################################################
 #                                  main                                         #
 #################################################################################
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.size:  # a region's synthetic twin
+            return sample_region(args)
         return write_samples(args)
     except Unavailable as err:  # the encoder's hub weights: sample.py has no --random-weights, but takes features
         err.then = err.then and ("or condition on CLS features computed where the weights are (features.py): "
@@ -363,7 +448,8 @@ def parse_args(argv=None):
         raise InputError(f"--style {args.style}: give one tile file (it must exist)")
     if args.cond_mean and any(p.endswith(".npy") for p in args.cond_mean) and len(args.cond_mean) > 1:
         raise InputError("--cond-mean takes tiles (files or folders) or one .npy feature array, not both")
-    args.n = None if args.restain else (args.n or SAMPLES_PER_TILE)
+    region.check_region_args(args)
+    args.n = None if args.restain or args.size else (args.n or SAMPLES_PER_TILE)
     args.strength = (args.strength or STRENGTH) if args.restain else None
     check_guidance(args)
     return args
@@ -385,6 +471,15 @@ def build_parser():
                       "(files or folders, e.g. a slide's) or of an (N, 768) .npy feature array")
     what.add_argument("--restain", nargs="+", metavar="CONTENT", help="restain these tiles (files or folders) with "
                       "the stain of --style: SDEdit from t = --strength")
+    p.add_argument("--region", metavar="SLIDE", help="a synthetic twin of a region of this slide (any OpenSlide "
+                   "format), each window conditioned on the real tile at its place; with --at and --size")
+    p.add_argument("--at", metavar="X,Y", help="--region: the region's top-left corner in level-0 pixels")
+    p.add_argument("--size", metavar="W[,H]", help="--region / --cond-grid: the twin's size in pixels at "
+                   f"{TILE_MPP} µm/px, multiples of the VAE's factor (8)")
+    p.add_argument("--cond-grid", metavar="FILE.npy", help="condition a twin's windows on this (rows, cols, 768) "
+                   "grid of CLS features instead of the region's tiles (e.g. one interpolated between tissues)")
+    p.add_argument("--slide-mpp", type=number_in(float, 0, 100, open_low=True), default=None,
+                   help="--region: µm per level-0 pixel of the slide, overriding its metadata")
     p.add_argument("--style", metavar="STYLE_TILE", help="--restain: the tile whose stain (CLS) guides the result")
     p.add_argument("--strength", type=number_in(float, 0, 1, open_low=True), metavar="S", default=None,
                    help=f"--restain: the time the content is noised to, in (0, 1] (default {STRENGTH}); small S "

@@ -15,13 +15,18 @@ Both samplers can also start at t_start < 1, from an image noised along the same
 x_{t_start} = (1 - t_start) x + t_start eps: SDEdit (Meng et al., 2022, §3), which sample.py --restain uses.
 The grid keeps its N steps, squeezed onto [0, t_start]; t_start = 1 is the paper's sampler, bit for bit.
 
+A latent larger than the network's window (sample.py --region) is sampled as one with MultiDiffusion
+(Bar-Tal et al., 2023, §3): `multidiffusion_velocity` wraps the network so that each step's velocity is the mean of
+the velocities of the overlapping windows that cover a position; the samplers below run on it unchanged.
+
 The state is float64; the network gets x and the conditioning in `dtype` (cast inside `cfg_velocity`), so
 bf16 networks do not accumulate rounding error over 250 steps, and t in float32 (bf16 would merge steps).
 The time grid is a Python list of floats: the guidance window
 and the step sizes are decided on the host, so the loop never waits on the device.
 
 Left out: other paths (VP, cosine), other diffusion coefficients, adaptive ODE solvers, SiT's "last step"
-variants other than REPA-E's default (a plain Euler step from SDE_T_END to 0).
+variants other than REPA-E's default (a plain Euler step from SDE_T_END to 0); MultiDiffusion's weighted
+(non-uniform) averages and its region-based text prompts.
 """
 import math
 
@@ -142,3 +147,42 @@ def euler_maruyama_sampler(model, noise, cond=None, num_steps=250, cfg_scale=1.0
             xi = standard_normal(x.shape, generator, x.device)
             x = x + math.sqrt(w * abs(dt)) * xi  # Euler-Maruyama: dW ~ N(0, |dt|)
     return x
+
+
+def multidiffusion_velocity(model, starts_y, starts_x, window, batch_size=32):
+    """MultiDiffusion (Bar-Tal et al., 2023) with uniform weights: the velocity of a latent larger than the
+    network's window is, at each position, the mean of the velocities of the windows that cover it, each window's
+    computed by `model` on its crop of the shared latent.
+
+    MultiDiffusion averages the windows' denoised states after each step; every window starts the step from the
+    same crop, so for an Euler step that is this mean velocity times dt.
+
+    Returns a model for the samplers, v(x, t, cond, drop): x (B, C, H, W) whole latents, t (B,), cond (B, K, D)
+    with one row of features per window, windows in the order (top, left) for top in starts_y for left in
+    starts_x, and drop (B,) or None. The network sees at most `batch_size` windows per call. cfg_velocity calls
+    it on [x; x] with the second half dropped: the mean is linear, so guiding the means equals the mean of the
+    windows' guided velocities (guidance per window). With one window this is `model` itself, bit for bit."""
+    # NOTE: the SDE's noise is then drawn once for the whole latent, where MultiDiffusion's windows would each
+    # step with their own noise and average it (shrinking its variance where windows overlap).
+    windows = [(top, left) for top in starts_y for left in starts_x]
+    covered = {}  # (H, W) -> how many windows cover each position, computed once
+
+    def velocity(x, t, cond, drop=None):
+        B, (H, W) = x.shape[0], x.shape[-2:]
+        if (H, W) not in covered:
+            count = torch.zeros((H, W), dtype=torch.float32, device=x.device)
+            for top, left in windows:
+                count[top:top + window, left:left + window] += 1
+            covered[(H, W)] = count
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        jobs = [(b, k) for b in range(B) for k in range(len(windows))]
+        for i in range(0, len(jobs), batch_size):
+            rows, ks = map(list, zip(*jobs[i:i + batch_size]))
+            crops = torch.stack([x[b, :, windows[k][0]:windows[k][0] + window, windows[k][1]:windows[k][1] + window]
+                                 for b, k in zip(rows, ks)])  # (n, C, window, window)
+            v = model(crops, t[rows], None if cond is None else cond[rows, ks], None if drop is None else drop[rows])
+            for b, k, v_k in zip(rows, ks, v):
+                top, left = windows[k]
+                out[b, :, top:top + window, left:left + window] += v_k
+        return out / covered[(H, W)]  # (B, C, H, W): the mean over the windows at each position
+    return velocity

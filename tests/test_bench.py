@@ -49,7 +49,7 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         bench.measure(["--help"])
     out = capsys.readouterr().out
-    assert all(name in out for name in ("train", "sample", "fd", "tiling", "weights"))
+    assert all(name in out for name in ("train", "sample", "fd", "tiling", "weights", "region", "nearest"))
 
 
 def test_bench_tiling_runs_and_reads_identical_pixels(tmp_path, capsys):
@@ -95,3 +95,16 @@ def test_the_timed_step_is_train_step():
     for name, sd in states[0].items():
         assert all(torch.equal(sd[k], states[1][name][k]) for k in sd), name
     assert not torch.equal(states[0]["sit"]["final_layer.linear.weight"], before["final_layer.linear.weight"])
+
+
+def test_region_decodes_a_twin_in_tiles_and_whole():
+    tiled = bench.measure(["--out", "", "region", "--vae", "tiny", "--size", "640,96", "--device", "cpu"])
+    whole = bench.measure(["--out", "", "region", "--vae", "tiny", "--size", "640,96", "--device", "cpu", "--whole"])
+    assert tiled["decoding"] == "tiles of 512 px, 128 px overlap" and whole["decoding"] == "whole"
+    assert tiled["size"] == [640, 96] and tiled["decode_s"] > 0 and tiled["peak_mem_gb"] > 0
+
+
+def test_nearest_times_the_audits_search():
+    record = bench.measure(["--out", "", "nearest", "--num-tiles", "30", "--num-train", "200", "--dims", "8",
+                            "--device", "cpu"])
+    assert record["num_tiles"] * record["num_train"] / record["search_s"] == pytest.approx(record["pairs_per_s"])

@@ -89,6 +89,8 @@ TABLE = {
     ("evaluate.py", "--sample-batch-size"): [sample.build_parser().get_default("batch_size")],
     ("evaluate.py", "--extractors"): [evaluate.PAPER_EXTRACTORS],
     ("evaluate.py", "--device"): ["auto"], ("evaluate.py", "--precision"): ["auto"],
+    ("evaluate.py", "--num-train"): [doc("docs/memorization.md", r"up to\s+`--num-train` in all \(default ([\d,]+)\)",
+                                         lambda text: int(text.replace(",", "")))],
     # metrics.py
     ("metrics.py", "--extractors"): [["fid-inception"]],  # the paper's Inception (pytorch-fid), as evaluate.py
     ("metrics.py", "--metrics"): [["fd", "pr"]],
@@ -146,7 +148,7 @@ TABLE = {
 # docs/performance.md states the command it came from. Its sampling flags follow the table above.
 BENCH_OWN = {"--model", "--vae", "--encoder", "--image-size", "--batch-size", "--timed-steps", "--warmup", "--seed",
              "--num-vectors", "--dims", "--slides", "--resize-kernel", "--pyramid-px", "--rounds", "--device",
-             "--precision"}
+             "--precision", "--size", "--num-tiles", "--num-train"}
 WORKERS = "--num-workers"  # the machine's: checked by test_cli, not a constant
 
 

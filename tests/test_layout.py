@@ -272,6 +272,10 @@ MEANINGS = {
     "--num-guidance": "training tiles that guide the benchmark's samples",
     "--work-dir": "bench.py's scratch folder",
     "--tracker": "where the run's numbers also go, live: tensorboard or wandb",
+    "--slide-mpp": "µm per level-0 pixel of the slide(s), overriding their metadata",
+    "--size": "a region twin's size in pixels at 0.5 µm/px, W or W,H",
+    "--num-train": "training tiles (their features) each generated tile is compared with",
+    "--dims": "bench.py's feature dimension",
 }
 # One idea, one spelling: a flag that matches an idea's pattern must be that idea's flag (or one of them).
 IDEAS = {
