@@ -192,7 +192,7 @@ def run(main, argv=None):
         err = err if isinstance(err, Interrupted) else Interrupted()
         newline = "\n" if sys.stderr.isatty() else ""  # off the line of the terminal's ^C, or of a progress bar
         line, status = error_line(err), err.status
-    except (OSError, RuntimeError) as err:  # torch and h5py wrap the OSError
+    except Exception as err:  # torch, h5py and safetensors wrap the OSError, or keep only its text
         if full_disk_reason(err) is None:
             raise
         line, status = (f"error: could not write {getattr(err, 'filename', None) or 'a file'}: "
