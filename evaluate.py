@@ -9,50 +9,24 @@
     python evaluate.py ... --memorization                          # + does any generated tile copy a training tile?
 
 1. Guidance: --num-guidance training tiles of the manifest (paper: 100 k), stratified by TSS, linked as
-   DIR/guidance/000000.png ... (DIR/guidance.csv); their CLS features (the checkpoint's H0-mini) in cls.npy.
-2. One generated tile per guidance tile, by sample.py itself (`sample.main`): DIR/generated/SAMPLER-STEPS/
-   000000_00.png ...; sample.py splits the work over torchrun ranks, skips finished images and refuses
-   other settings in the same folder. Paper defaults: SDE, 250 steps, cfg 2.5 on t in [0, 0.75].
-3. For each extractor, against val-in and val-out (DIR/val_in, DIR/val_out link the manifest's tiles):
-   FD, FLD (train = the guidance tiles), precision / recall, the paired cosine of each generated tile with
-   the guidance tile that conditioned it (and a shuffled pairing, its chance level), the bootstrap of FD
-   (50 draws of half the samples, Table 5), and the "guidance vs val" baseline row (Table 2).
-4. DIR/report.md laid out like Table 2 (val-in / val-out in each cell), DIR/report.json with every setting
-   next to every number; several --num-sampling-steps / --sampler: DIR/fd_vs_steps.png (Figure 4) and
-   DIR/fd_vs_steps.json (its numbers, its val set, and what its axes show). Every random subset a number was
-   computed on (the bootstrap's draws, FLD's generated rows, fit order and baseline split, the shuffled
-   pairing) is kept in DIR/subsets/<digest>.npz, named by the row's settings.subsets: each number can be
+   DIR/guidance/000000.png ...; their CLS features (the checkpoint's H0-mini) in cls.npy.
+2. One generated tile per guidance tile, by sample.py itself (`sample.main`: torchrun ranks, resumable):
+   DIR/generated/SAMPLER-STEPS/. Paper defaults: SDE, 250 steps, cfg 2.5 on t in [0, 0.75].
+3. For each extractor, against val-in and val-out: FD, FLD (train: the guidance tiles), precision / recall,
+   the paired cosine of each generated tile with its guidance tile (and a shuffled pairing, its chance level),
+   the bootstrap of FD (Table 5), and the "guidance vs val" baseline row (Table 2).
+4. DIR/report.md laid out like Table 2, DIR/report.json with every setting next to every number, Figure 4
+   (fd_vs_steps.png and .json); every random subset behind a number in DIR/subsets/, so that each number can be
    recomputed from the features alone.
 
---ood NAME=PATH (repeatable; §4.2, Table 3): a tiling output (all its manifest rows) or a folder of tiles,
-split with --seed into a guidance half and a reference half: by slide where the manifest has slide_id (each
-slide, in a seeded order, goes whole to the half with fewer tiles: no slide is in both), else by tile; each
-half keeps at most --num-ood tiles (paper: 50k). DIR/ood/NAME/{guidance,reference,split.csv}; steps 2-3 on
-the guidance half, scored against the reference half (FLD's train: the guidance half), beside the baseline
-row guidance half vs reference half. report.md: Table 3 (the cohort beside val-out); report.json: the
-counts, the seed and the slides of each half.
-
---generated DIR (no --ckpt; §4.3, Table 4): every tile of DIR scored as in step 3, nothing sampled. The
-guidance set (baseline row, FLD's train) is the tiling output's training rows that --pairs names, or without
---pairs the --num-guidance rows of step 1 (same --seed, same rows). --pairs CSV (generated,guidance: paths
-relative to DIR and to TILING_OUT) gives the paired cosine; without it that row reads "no pairing". The
-§4.3 options (--crop, --jpeg-val / -guidance / -generated, --resize-kernel, --resize-to-input) apply to
-every set and are recorded beside each number; a 256 px model: --crop 224 centre-crops every set as the
-paper does, else each set is resized to the extractor's input on its own; report.md says which.
-
---compare RUN_DIR ...: DIR/compare.md and .json, a row per run and label, a column per metric, extractor
-and val set that every run has, marked * (with a footnote) where its rows differ in a setting that changes
-the measurement (sampler, steps, cfg, guidance window, weights, preprocessing, extractor, sample counts).
-
---memorization: each generated tile's nearest training tiles (DIR/train: the guidance tiles, then training rows
-up to --num-train), against val-in and val-out; DIR/memorization.md (support/memorization.py).
-
-Features are cached in DIR/features (keyed by content, extractor, weights and preprocessing): a rerun
-recomputes nothing finished. Left out: multi-GPU feature extraction, KID, --ood with --generated.
+--ood cohorts (Table 3) are split by support/tile_sets.py; --generated scores another model's tiles with the
+same recorded preprocessing (Table 4); --compare puts finished runs in one table (support/reports.py);
+--memorization audits the generated tiles against the training tiles (support/memorization.py). Features are
+cached in DIR/features: a rerun recomputes nothing finished. The whole benchmark: docs/evaluation.md.
+Left out: multi-GPU feature extraction, KID, --ood with --generated.
 """
 import functools
 import os
-import re
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -90,6 +64,7 @@ from support.tile_features import (
     resize_record,
     score_extractors,
 )
+from support.tile_sets import link_folder, parse_ood, plan_ood, write_ood
 from support.tiles import TILE_MPP
 from support.trackers import TRACKERS, log_benchmark, require, tracker_run
 
@@ -196,27 +171,6 @@ def audit_tiles(args, guidance):
     return guidance + (stratified(others, n, args.seed) if n > 0 else [])
 
 
-def link_folder(folder, named_paths):
-    """folder/<name><ext> -> the tile, as symbolic links (no copy of 100k tiles); an existing folder must
-    hold the same links and no other tile (a resumed run), else it is refused."""
-    folder.mkdir(parents=True, exist_ok=True)
-    wanted = set()
-    for name, path in named_paths:
-        link = folder / (name + Path(path).suffix)
-        target = os.path.abspath(path)
-        wanted.add(link.name)
-        if link.is_symlink() or link.exists():
-            if os.path.realpath(link) != os.path.realpath(target):
-                raise InputError(f"{link} points to {os.path.realpath(link)}, not {target}: {folder} is from another "
-                                 f"run; choose another --out")
-        else:
-            os.symlink(target, link)
-    extra = sorted(set(os.path.basename(p) for p in list_images(folder, recursive=False)) - wanted)
-    if extra:
-        raise InputError(f"{folder} holds {len(extra)} tile(s) of another run ({extra[0]} ...); choose another --out")
-    return folder
-
-
 def link_tiles(args, guidance, vals):
     """DIR/guidance (000000.png ...), DIR/val_in, DIR/val_out and DIR/guidance.csv."""
     link_folder(args.out / "guidance", [(f"{i:06d}", r["path"]) for i, r in enumerate(guidance)])
@@ -256,85 +210,6 @@ def generate_tiles(args, cls_path, folder, sampler, steps):
     print(f"\n$ python sample.py {' '.join(argv)}", flush=True)
     sample.main(argv)
     return folder
-
-
-# -------- Out-of-distribution cohorts (§4.2, Table 3) -------------------------------------------------
-def parse_ood(specs):
-    """--ood NAME=PATH ... -> {NAME: PATH}."""
-    cohorts = {}
-    for spec in specs or []:
-        name, sep, path = spec.partition("=")
-        if not sep or not path:
-            raise InputError(f"--ood {spec!r}: give NAME=PATH (a name for the report, then a tiling output or a "
-                             f"folder of tiles)")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or name in (*VAL_SETS, "guidance", *cohorts):
-            raise InputError(f"--ood {spec!r}: NAME must be letters, digits, '.', '_' or '-', not val_in, val_out or "
-                             f"guidance, and each cohort needs its own")
-        cohorts[name] = Path(path)
-    return cohorts
-
-
-def cohort_tiles(name, path):
-    """A cohort's tiles -> [{path, slide}]: a tiling output's rows (slide: their slide_id, if the manifest has
-    one), or every tile of a folder (slide None)."""
-    manifest = path / "manifest.csv" if path.is_dir() else path
-    if manifest.is_file() and manifest.suffix == ".csv":
-        column, rows = read_manifest_rows(manifest, split=None)
-        tiles = [dict(path=str(manifest.parent / r[column]), slide=r.get("slide_id")) for r in rows]
-        check_listed_tiles(manifest, [r[column] for r in rows], [t["path"] for t in tiles])
-    elif path.is_dir():
-        tiles = [dict(path=p, slide=None) for p in list_images(path)]
-    else:
-        raise MissingInput(f"--ood {name}={path}: neither a tiling output (manifest.csv) nor a folder of tiles")
-    return tiles  # a tile that is not there: refused by plan_ood's size check (its header)
-
-
-def split_cohort(tiles, seed, cap):
-    """A cohort -> (guidance half, reference half, "slide" or "tile"), seeded. By slide where every tile has
-    one: the slides, in a seeded order, each go whole to the half with fewer tiles so far, so no slide is in
-    both halves; else tile by tile. Each half then keeps `cap` tiles at most (seeded), sorted by path."""
-    rng = np.random.default_rng(seed)
-    by = "slide" if all(t["slide"] is not None for t in tiles) else "tile"
-    groups = {}
-    for t in tiles:
-        groups.setdefault(t["slide"] if by == "slide" else t["path"], []).append(t)
-    keys, halves = sorted(groups), ([], [])
-    for i in rng.permutation(len(keys)):
-        halves[len(halves[1]) < len(halves[0])].extend(groups[keys[i]])
-    kept = [[h[i] for i in sorted(rng.choice(len(h), min(cap, len(h)), replace=False))] for h in halves]
-    return *(sorted(h, key=lambda t: t["path"]) for h in kept), by
-
-
-def plan_ood(args):
-    """Every --ood cohort split and checked (count, one tile size, halves big enough); nothing written."""
-    plans = {}
-    for name, path in args.ood.items():
-        tiles = cohort_tiles(name, path)
-        if len(tiles) < 4:
-            raise InputError(f"--ood {name}={path} has {len(tiles)} tile(s); a guidance half and a reference half "
-                             f"need 4 at least")
-        check_one_size(f"--ood {name}={path}", [t["path"] for t in tiles],
-                         Preprocess(crop=args.crop, resize_to_input=args.resize_to_input))
-        guidance, reference, by = split_cohort(tiles, args.seed, args.num_ood)
-        if min(len(guidance), len(reference)) <= args.k:
-            raise InputError(f"--ood {name}={path}: split by {by}, a half has {min(len(guidance), len(reference))} "
-                             f"tiles; precision / recall (--k {args.k}) need more: add tiles or slides")
-        plans[name] = dict(path=str(path), split_by=by, seed=args.seed, num_ood=args.num_ood, n_tiles=len(tiles),
-                           n_guidance=len(guidance), n_reference=len(reference), list=f"ood/{name}/split.csv",
-                           slides={h: sorted({t["slide"] for t in half}) if by == "slide" else None
-                                   for h, half in (("guidance", guidance), ("reference", reference))},
-                           halves=dict(guidance=guidance, reference=reference))
-    return plans
-
-
-def write_ood(args, name, plan):
-    """DIR/ood/NAME/guidance, /reference (links 000000.png ...) and split.csv."""
-    folder = args.out / "ood" / name
-    for half, tiles in plan["halves"].items():
-        link_folder(folder / half, [(f"{i:06d}", t["path"]) for i, t in enumerate(tiles)])
-    save_csv([dict(half=half, name=f"{i:06d}", slide_id=t["slide"] or "", file=t["path"])
-              for half, tiles in plan["halves"].items() for i, t in enumerate(tiles)], folder / "split.csv",
-             ["half", "name", "slide_id", "file"])
 
 
 # -------- Scores -------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from PIL import Image
 import evaluate as E
 import sample
 from extractors import EXTRACTORS, spec_record
+from support import tile_sets
 from support.outputs import read_csv
 from support.tile_features import Preprocess, extract_features
 
@@ -191,16 +192,17 @@ def cohort(root, slide_sizes, size=64, manifest=True):
 
 def test_an_ood_cohort_is_split_by_slide_the_same_way_on_every_run():
     tiles = [dict(path=f"t{i:02d}.png", slide=f"S{i % 5}") for i in range(23)]
-    guidance, reference, by = E.split_cohort(tiles, seed=0, cap=100)
+    guidance, reference, by = tile_sets.split_cohort(tiles, seed=0, cap=100)
     slides = [{t["slide"] for t in half} for half in (guidance, reference)]
     assert by == "slide" and slides[0] and slides[1] and not slides[0] & slides[1]  # no slide in both halves
     assert sorted(t["path"] for t in guidance + reference) == sorted(t["path"] for t in tiles)
-    assert (guidance, reference) == E.split_cohort(tiles[::-1], 0, 100)[:2]  # a rerun, rows in any order
-    assert any(E.split_cohort(tiles, seed, 100)[0] != guidance for seed in range(1, 6))  # --seed deals the slides
-    capped = E.split_cohort(tiles, 0, 3)
+    assert (guidance, reference) == tile_sets.split_cohort(tiles[::-1], 0, 100)[:2]  # a rerun, rows in any order
+    deals = [tile_sets.split_cohort(tiles, seed, 100)[0] for seed in range(1, 6)]
+    assert any(d != guidance for d in deals)  # --seed deals the slides
+    capped = tile_sets.split_cohort(tiles, 0, 3)
     assert [len(h) for h in capped[:2]] == [3, 3] and all(t in full for h, full in zip(capped, (guidance, reference))
                                                           for t in h)
-    guidance, reference, by = E.split_cohort([dict(path=f"t{i}", slide=None) for i in range(9)], 0, 100)
+    guidance, reference, by = tile_sets.split_cohort([dict(path=f"t{i}", slide=None) for i in range(9)], 0, 100)
     assert by == "tile" and {len(guidance), len(reference)} == {4, 5}
 
 
@@ -432,7 +434,7 @@ def test_every_bad_input_is_one_line_and_writes_nothing(ckpt, tmp_path, one_line
     mixed = cohort(tmp_path / "mixed", [3, 3], manifest=False)
     Image.new("RGB", (80, 80), (200, 100, 150)).save(mixed / "big.png")
     assert "holds tiles of 2 sizes" in one_line_error(E.main, argv(ckpt, tiles, out, "--ood", f"mixed={mixed}"))
-    assert E.plan_ood(E.parse_args(argv(ckpt, tiles, out, "--ood", f"mixed={mixed}", "--crop", "64")))["mixed"]
+    assert tile_sets.plan_ood(E.parse_args(argv(ckpt, tiles, out, "--ood", f"mixed={mixed}", "--crop", "64")))["mixed"]
     assert "--ood 'sparc': give NAME=PATH" in one_line_error(E.main, argv(ckpt, tiles, out, "--ood", "sparc"))
     model, pairs = copies_of_guidance(tiles, tmp_path / "model")
     assert "--ckpt and --generated together: pass one of" in one_line_error(

@@ -242,8 +242,9 @@ def finished(folder):
     return sorted(p.name for p in Path(folder).glob("*.png") if ".tmp" not in p.name)
 
 
-def test_sigterm_stops_sampling_in_one_line_and_the_rerun_writes_the_straight_runs_images(ckpt, tmp_path):
-    argv = ["--ckpt", ckpt, "--num-samples", "16", "--num-sampling-steps", "30", "--batch-size", "1", "--device", "cpu"]
+def test_sigterm_stops_sampling_in_one_line_and_the_rerun_writes_the_straight_runs_images(ckpt_64px, tmp_path):
+    argv = ["--ckpt", ckpt_64px, "--num-samples", "16", "--num-sampling-steps", "30", "--batch-size", "1",
+            "--device", "cpu"]
     out, reference = tmp_path / "out", tmp_path / "straight"
     proc = interrupt_when([sys.executable, "sample.py", *argv, "--out", str(out)],
                           lambda: len(finished(out)) >= 2, signal.SIGTERM)

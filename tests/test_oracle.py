@@ -5,7 +5,7 @@ with a test extractor whose features are known: a function written here maps eac
 each set (training, val-in, val-out, an --ood cohort, another model's tiles, the checkpoint's samples) its own
 mean, scale and size. Then every number of report.json, compare.json, report.md, compare.md and
 fd_vs_steps.json is computed again from those vectors by code that imports nothing of the project:
-pytorch-fid's Fréchet distance, prdc's precision and recall, FLD written again below from Jiralerspong et al.'s
+pytorch-fid's Fréchet distance, prdc's precision and recall, FLD written again from Jiralerspong et al.'s
 definition, numpy's cosine, and the bootstrap from its definition over the draws the run recorded. Each number
 is checked against the set its row, column or title names, so a number of one set under another's name, or a
 statistic fitted on the wrong set, fails.
@@ -18,14 +18,13 @@ import re
 import zlib
 
 import numpy as np
-import prdc
 import pytest
 import torch
 from PIL import Image
-from pytorch_fid.fid_score import calculate_frechet_distance
 
 import evaluate
 import extractors
+import oracle_definitions as defs
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")  # pytorch-fid on SciPy 1.17
@@ -165,108 +164,6 @@ def runs(ckpt_64px, tmp_path_factory):
     return dict(root=root, manifest=manifest, cohort=cohort, pairs=pairs, a=a, b=b, c=c)
 
 
-# -------- The oracle: every metric from its definition, sharing no code with the project ------------------------
-def fid_fd(real, gen):
-    """pytorch-fid's FD of the two sets' Gaussians (float64 means and np.cov covariances, as pytorch-fid takes them)."""
-    real, gen = real.astype(np.float64), gen.astype(np.float64)
-    return float(calculate_frechet_distance(real.mean(0), np.cov(real, rowvar=False), gen.mean(0),
-                                            np.cov(gen, rowvar=False)))
-
-
-def prdc_pr(real, gen):
-    """prdc's improved precision and recall (Kynkäänniemi et al. 2019). prdc counts a sample inside a k-NN ball
-    with `<` (prdc/prdc.py, compute_prdc), the paper and the code under test with `<=`: the two differ only
-    where a distance equals a radius exactly, which continuous features never give."""
-    scores = prdc.compute_prdc(real_features=real, fake_features=gen, nearest_k=K)
-    return float(scores["precision"]), float(scores["recall"])
-
-
-def numpy_cosines(real, gen):
-    """Cosine of each row of gen with the same row of real -> (mean, std (ddof 0), n)."""
-    a, b = real.astype(np.float64), gen.astype(np.float64)
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return float(cos.mean()), float(cos.std()), len(cos)
-
-
-def bootstrap_by_definition(real, gen, drawn):
-    """Table 5 (§5): FD of the full real set against each drawn half of the generated set -> mean, std (ddof 1).
-    The draws are the run's, recorded as a (draws, N) mask; each must be a half of the generated set."""
-    assert drawn.shape == (DRAWS, len(gen)) and drawn.dtype == bool and (drawn.sum(1) == len(gen) // 2).all()
-    values = [fid_fd(real, gen[row]) for row in drawn]
-    return float(np.mean(values)), float(np.std(values, ddof=1)), values
-
-
-def log_normal(sq, logvar, dim):
-    """log N(x | c, exp(logvar) I) from the squared distance |x - c|^2."""
-    return -0.5 * sq * np.exp(-logvar) - 0.5 * dim * (logvar + np.log(2 * np.pi))
-
-
-def logsumexp(a):
-    top = a.max(1, keepdims=True)
-    return (top + np.log(np.exp(a - top).sum(1, keepdims=True)))[:, 0]
-
-
-def mog_nll(x, centres, logvar):
-    """Mean NLL per dimension of x under the equal-weight isotropic MoG on the centres."""
-    sq = ((x[:, None, :] - centres[None]) ** 2).sum(-1)  # (N, M)
-    return float(-logsumexp(log_normal(sq, logvar, x.shape[1]) - np.log(len(centres))).mean() / x.shape[1])
-
-
-def fit_logvars(x, centres):
-    """Jiralerspong et al.'s fit of the per-component log-variances to x, rows in the recorded order, written from
-    their definition in float64 with the gradient by hand: Adam (lr 0.5, betas 0.9 / 0.999, eps 1e-8), batches
-    of 10k, at most 50 epochs; initial log((min squared distance to a training point + 1e-3) / D); an extra
-    origin component (unweighted, its own log-variance from 0) at the training mean, its squared distances
-    x 0.81, during the fit only; log-variances clamped to [-40, 40] after each step; stop after epoch index 5
-    once the epoch's mean loss is within 5e-4 of each of the last 5 epoch means."""
-    (n, dim), m = x.shape, len(centres)
-    sq = np.concatenate([((x[:, None, :] - centres[None]) ** 2).sum(-1),
-                         0.81 * ((x - x.mean(0)) ** 2).sum(1, keepdims=True)], 1)  # (N, M + 1), origin last
-    params = np.append(np.log((sq[:, :m].min(0) + 1e-3) / dim), 0.0)
-    first, second, step, losses = np.zeros(m + 1), np.zeros(m + 1), 0, []
-    weights = np.append(np.full(m, -np.log(m)), 0.0)
-    for epoch in range(50):
-        batch_losses = []
-        for i in range(0, n, 10_000):
-            batch = sq[i:i + 10_000]
-            a = log_normal(batch, params, dim) + weights  # (b, M + 1)
-            lse = logsumexp(a)
-            batch_losses.append(-lse.mean() / dim)
-            resp = np.exp(a - lse[:, None])
-            grad = -(resp * (0.5 * batch * np.exp(-params) - 0.5 * dim)).sum(0) / (len(batch) * dim)
-            step += 1
-            first, second = 0.9 * first + 0.1 * grad, 0.999 * second + 0.001 * grad**2
-            params = params - 0.5 * (first / (1 - 0.9**step)) / (np.sqrt(second / (1 - 0.999**step)) + 1e-8)
-            params[:m] = np.clip(params[:m], -40, 40)
-        losses.append(float(np.mean(batch_losses)))
-        if epoch > 5 and max(abs(losses[-1] - past) for past in losses[-5:]) < 5e-4:
-            break
-    return params[:m], len(losses)
-
-
-def fld_by_definition(train, test, gen, subsets):
-    """FLD (Jiralerspong et al. 2023) from the rows the run recorded, each checked against the definition: every
-    set standardised with the test set's mean and std; the MoG centred on <= FLD_NUM_GENERATED generated
-    samples, fit on the training set; the baseline centred on min(n_gen, n_train / 2) training samples and fit
-    on the others; FLD = 100 (NLL_test - NLL_baseline), gap = 100 (NLL_train - NLL_test)."""
-    picked, order = subsets["generated"], subsets["fit_order"]
-    centres_b, order_b = subsets["baseline_centres"], subsets["baseline_fit_order"]
-    assert len(set(picked)) == len(picked) == min(len(gen), FLD_NUM_GENERATED) and set(picked) <= set(range(len(gen)))
-    assert sorted(order) == list(range(len(train)))
-    assert len(set(centres_b)) == len(centres_b) == min(len(picked), len(train) // 2)
-    assert sorted([*centres_b, *order_b]) == list(range(len(train)))  # the baseline fits on all the other rows
-    mean, std = test.astype(np.float64).mean(0), test.astype(np.float64).std(0, ddof=1)
-    keep = std > 0  # the code's NOTE: dims constant on the test set are dropped (none are here)
-    train, test, gen = ((x.astype(np.float64)[:, keep] - mean[keep]) / std[keep] for x in (train, test, gen))
-    logvar, epochs = fit_logvars(train[order], gen[picked])
-    logvar_b, epochs_b = fit_logvars(train[order_b], train[centres_b])
-    nll_test, nll_train = mog_nll(test, gen[picked], logvar), mog_nll(train, gen[picked], logvar)
-    nll_baseline = mog_nll(test, train[centres_b], logvar_b)
-    return dict(fld=100 * (nll_test - nll_baseline), fld_gap=100 * (nll_train - nll_test), nll_test=nll_test,
-                nll_train=nll_train, nll_baseline=nll_baseline, n_gen=len(picked), n_dims=int(keep.sum()),
-                fit_epochs=epochs, baseline_fit_epochs=epochs_b)
-
-
 # -------- What each run measured, read from its inputs, and what each number must be ---------------------------
 BASELINE = "guidance vs val"
 
@@ -359,25 +256,27 @@ def expected(run_dir, report, cohorts, sampled_runs):
                 echo = dict(num_sampling_steps=steps, cfg_scale=CFG, guidance_interval=list(WINDOW))
             for val, real in cohort["refs"].items():
                 counts = dict(base, **echo, n_val=len(real), n_generated=len(gen))
-                want[label, val, "fd"] = dict(value=fid_fd(real, gen), std=None, settings=counts)
+                want[label, val, "fd"] = dict(value=defs.fid_fd(real, gen), std=None, settings=counts)
                 drawn = load_subsets(run_dir, rows[label, val, "fd_bootstrap"])["bootstrap"]
-                mean, std, _ = bootstrap_by_definition(real, gen, drawn)
+                mean, std, _ = defs.bootstrap_by_definition(real, gen, drawn, DRAWS)
                 want[label, val, "fd_bootstrap"] = dict(value=mean, std=std, settings=dict(
                     counts, draws=DRAWS, size=len(gen) // 2))
-                precision, recall = prdc_pr(real, gen)
+                precision, recall = defs.prdc_pr(real, gen, K)
                 want[label, val, "precision"] = dict(value=precision, std=None, settings=dict(counts, k=K))
                 want[label, val, "recall"] = dict(value=recall, std=None, settings=dict(counts, k=K))
                 if train is not None:
-                    out = fld_by_definition(train, real, gen, load_subsets(run_dir, rows[label, val, "fld"]))
+                    out = defs.fld_by_definition(train, real, gen, load_subsets(run_dir, rows[label, val, "fld"]),
+                                                 FLD_NUM_GENERATED)
                     want[label, val, "fld"] = dict(value=out["fld"], std=None, settings=dict(counts, **out))
             if train is not None:
                 gen_rows, guide_rows = map(list, zip(*cohort["pairs"][label]))
                 counts = dict(base, **echo, n_generated=len(gen), n_pairs=len(gen_rows))
-                mean, std, _ = numpy_cosines(guide[guide_rows], gen[gen_rows])
+                mean, std, _ = defs.numpy_cosines(guide[guide_rows], gen[gen_rows])
                 want[label, cohort["name"], "cosine"] = dict(value=mean, std=std, settings=counts)
                 order = load_subsets(run_dir, rows[label, cohort["name"], "cosine_shuffled"])["order"]
                 assert sorted(order) == list(range(len(guide))) and (order != np.arange(len(guide))).all()
-                mean, std, _ = numpy_cosines(guide[order][guide_rows], gen[gen_rows])  # guidance row i -> row order[i]
+                # the shuffled pairing: guidance row i -> row order[i]
+                mean, std, _ = defs.numpy_cosines(guide[order][guide_rows], gen[gen_rows])
                 want[label, cohort["name"], "cosine_shuffled"] = dict(value=mean, std=std, settings=counts)
     return want
 
@@ -653,14 +552,15 @@ def test_every_number_of_metrics_json_equals_its_recomputation(runs, tmp_path, m
     used = np.load(out / rows["fd"]["settings"]["subsets"])["generated"]
     assert used.shape == (len(gen),) and used.sum() == budget  # the budget: 9 distinct generated tiles
     drawn = np.load(out / rows["fd_bootstrap"]["settings"]["subsets"])["bootstrap"]
-    mean, std, values = bootstrap_by_definition(real, gen, drawn)
-    precision, recall = prdc_pr(real, gen)
-    out_fld = fld_by_definition(train, real, gen, dict(np.load(out / rows["fld"]["settings"]["subsets"])))
+    mean, std, values = defs.bootstrap_by_definition(real, gen, drawn, DRAWS)
+    precision, recall = defs.prdc_pr(real, gen, K)
+    out_fld = defs.fld_by_definition(train, real, gen, dict(np.load(out / rows["fld"]["settings"]["subsets"])),
+                                    FLD_NUM_GENERATED)
     fld_settings = dict(counts, n_guidance=len(train), epochs=50, **out_fld)
-    want = dict(fd=(fid_fd(real, gen[used]), None, dict(counts, n_generated_used=budget)),
+    want = dict(fd=(defs.fid_fd(real, gen[used]), None, dict(counts, n_generated_used=budget)),
                 fd_bootstrap=(mean, std, dict(counts, draws=DRAWS, size=len(gen) // 2, values=values)),
                 precision=(precision, None, dict(counts, k=K)), recall=(recall, None, dict(counts, k=K)),
-                cosine=(*numpy_cosines(real, gen)[:2], dict(counts, n_pairs=len(gen))),
+                cosine=(*defs.numpy_cosines(real, gen)[:2], dict(counts, n_pairs=len(gen))),
                 fld=(out_fld["fld"], None, fld_settings), fld_gap=(out_fld["fld_gap"], None, fld_settings))
     paths = {}
     for i, r in enumerate(report["results"]):

@@ -252,3 +252,31 @@ def test_optical_density_and_stains_equal_scikit_images_colour_deconvolution():
                                rtol=1e-10, atol=1e-12)
     h, e = rgb2hed(image)[..., 0].mean(), rgb2hed(image)[..., 1].mean()
     assert stain.stain_balance(image)[0] == pytest.approx(h - e, rel=1e-10)
+
+
+def test_the_white_share_counts_pixels_by_their_mean_over_channels_above_the_glass_level():
+    """Half the pixels white, side by side with purple ones (a column split, so a mean over another axis than the
+    channels would mix them), and a pixel exactly at the glass level, which is not glass."""
+    purple, white = np.full((8, 4, 3), (100, 50, 150), np.uint8), np.full((8, 4, 3), 250, np.uint8)
+    assert stain.stain_balance(np.concatenate([purple, white], axis=1))[1] == 0.5
+    at_level = np.full((2, 2, 3), stain.WHITE, np.uint8)
+    assert stain.stain_balance(at_level)[1] == 0.0 and stain.stain_balance(at_level + 1)[1] == 1.0
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (8, 8, 4), (2, 8, 8)])
+def test_an_image_that_is_not_rgb_is_refused_in_one_line(shape):
+    with pytest.raises(stain.InputError, match="expected an RGB image"):
+        stain.grey(np.zeros(shape, np.uint8))
+
+
+def test_score_restained_prints_each_tile_and_the_mean_it_writes(tmp_path, capsys):
+    content, style = png(TILES[0]), png(TILES[5])
+    items = [("a", content, content, style), ("b", style, content, style)]
+    mean = stain.score_restained(items, 0.5, tmp_path / "r.json")
+    out = capsys.readouterr().out.splitlines()
+    a, b = (stain.restain_scores(r, c, s) for _, r, c, s in items)
+    assert out[0].startswith(f"a: content kept {a['content_kept']:+.3f}") and out[1].startswith("b: content kept")
+    assert out[2] == (f"mean of 2 tiles: content kept {mean['content_kept']:+.3f}, stain moved "
+                      f"{mean['stain_moved']:+.3f} (strength 0.5; {tmp_path / 'r.json'})")
+    assert mean["content_kept"] == pytest.approx((a["content_kept"] + b["content_kept"]) / 2)
+    assert json.loads((tmp_path / "r.json").read_text())["mean"] == pytest.approx(mean)
