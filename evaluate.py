@@ -52,7 +52,8 @@ from support.cli import (
     processes,
     run,
 )
-from support.data import check_listed_tiles, list_images, read_manifest_rows
+from support.data import list_images
+from support.manifests import check_listed_tiles, read_manifest_rows
 from support.memorization import audit
 from support.outputs import check_output_folder, claim_output_folder, read_csv, save_csv, save_npy
 from support.reports import BASELINE, VAL_SETS, run_info, run_name, write_comparison, write_reports

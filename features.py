@@ -41,8 +41,9 @@ from support.cli import (
     processes,
     run,
 )
-from support.data import SlideTiles, check_finite_rows, decode_tile, find_tiles, read_npy, tile_stem
+from support.data import SlideTiles, check_finite_rows, decode_tile, read_npy, tile_stem
 from support.hub import create_timm_model
+from support.manifests import find_tiles
 from support.outputs import atomic, save_npy
 from support.tiles import IMAGE_EXTENSIONS, TILE_SIZE
 from vae import latent_size, vae_models

@@ -55,8 +55,9 @@ from support.cli import (
     resolve_precision,
     run,
 )
-from support.data import feature_dim, find_tiles, first_tiles, training_batches
+from support.data import feature_dim, first_tiles, training_batches
 from support.logs import Logger, errors_to_log, save_training_grid
+from support.manifests import find_tiles
 from support.outputs import claim_output_folder
 from support.tiles import TILE_SIZE
 from support.trackers import TRACKERS, require

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from support.cli import InputError, MissingInput
-from support.data import check_listed_tiles, list_images, read_manifest_rows
+from support.data import list_images
+from support.manifests import check_listed_tiles, read_manifest_rows
 from support.outputs import save_csv
 from support.reports import VAL_SETS
 from support.tile_features import Preprocess, check_one_size

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from support import data
+from support import data, manifests
 
 REPO = Path(__file__).resolve().parents[1]
 TILES = REPO / "tests" / "data" / "tiles"
@@ -21,7 +21,7 @@ def write_png(path, colour, size=32):
 
 
 def test_real_tiles_decode_at_training_size():
-    kind, files = data.find_tiles(str(TILES))
+    kind, files = manifests.find_tiles(str(TILES))
     assert kind == "files" and len(files) >= 4
     tile = data.decode_tile(files[0], files[0], 224)
     assert tile.shape == (3, 224, 224) and tile.dtype == torch.uint8
@@ -55,7 +55,7 @@ def test_manifest_keeps_train_rows_only(tmp_path):
         writer.writerows({"slide_id": "s", "file": f"tiles/{n}.png", "split": s} for n, s in rows)
     for name, _ in rows:
         (tmp_path / "tiles" / f"{name}.png").write_bytes(b"")
-    kind, files = data.find_tiles(str(tmp_path / "manifest.csv"))
+    kind, files = manifests.find_tiles(str(tmp_path / "manifest.csv"))
     assert kind == "files" and files == [str(tmp_path / "tiles" / "a.png"), str(tmp_path / "tiles" / "d.png")]
 
 
@@ -68,17 +68,18 @@ def test_a_manifest_with_a_tile_twice_is_refused_before_anything_is_written(tmp_
     manifest = tmp_path / "manifest.csv"
     manifest.write_text(head + a + "train\n" + b + "train\n" + a + "val_in\n")
     with pytest.raises(data.InputError, match=r"lines 2 and 4 are the same tile \(file tiles/s/s_0_0.png\)"):
-        data.read_manifest_rows(manifest, split=None)
+        manifests.read_manifest_rows(manifest, split=None)
     with pytest.raises(data.InputError, match="lines 2 and 4"):  # the train rows alone would not show it
-        data.read_manifest_rows(manifest, split="train")
+        manifests.read_manifest_rows(manifest, split="train")
     manifest.write_text(head + a + "train\n" + "s,s.svs,0,0,0,1.0,224,tiles/s/copy.png,train\n")
     with pytest.raises(data.InputError, match=r"lines 2 and 3 are the same tile \(s.svs at x=0, y=0\)"):
-        data.read_manifest_rows(manifest)
+        manifests.read_manifest_rows(manifest)
     manifest.write_text(head + a + "train\n" + "s,s.svs,0,0,0,2.0,224,tiles/s/coarser.png,train\n")
-    assert len(data.read_manifest_rows(manifest)[1]) == 2  # the same corner at another scale: another tile
+    assert len(manifests.read_manifest_rows(manifest)[1]) == 2  # the same corner at another scale: another tile
     manifest.write_text(head + a + "train\n" + b + "train\n" + a + "train\n")
     capsys.readouterr()
-    assert [r["file"] for r in data.read_manifest_rows(manifest)[1]] == ["tiles/s/s_0_0.png", "tiles/s/s_224_0.png"]
+    rows = manifests.read_manifest_rows(manifest)[1]
+    assert [r["file"] for r in rows] == ["tiles/s/s_0_0.png", "tiles/s/s_224_0.png"]
     assert "1 repeated rows, identical to others, read once" in capsys.readouterr().out
     manifest.write_text("file,split\nt/a.png,train\nt/a.png,val_out\n")  # no slide columns: files alone
     argv = ["--tiles", str(manifest), "--out", str(tmp_path / "tokens"), "--encoder", "tiny", "--random-weights",
@@ -100,7 +101,7 @@ def test_tar_shards_split_between_ranks_without_overlap(tmp_path):
                 buf.seek(0)
                 tar.addfile(info, buf)
                 colours[k * 10] = k
-    kind, shards = data.find_tiles(str(tmp_path))
+    kind, shards = manifests.find_tiles(str(tmp_path))
     assert kind == "shards" and len(shards) == 4
     seen = []
     for rank in range(2):
@@ -143,12 +144,12 @@ def test_a_tiling_output_means_its_train_rows_and_its_tiles_folder_is_refused(tm
     write_png(out / "tiles" / "s1" / "b.png", (200, 100, 150))
     (out / "tiling.json").write_text("{}")
     (out / "manifest.csv").write_text("file,split\ntiles/s1/a.png,train\ntiles/s1/b.png,val_out\n")
-    assert data.find_tiles(str(out)) == ("files", [str(out / "tiles" / "s1" / "a.png")])  # not the val_out tile
+    assert manifests.find_tiles(str(out)) == ("files", [str(out / "tiles" / "s1" / "a.png")])  # not the val_out tile
     with pytest.raises(ValueError, match=rf"tiles folder of tiling.py's output {out}.*pass {out}"):
-        data.find_tiles(str(out / "tiles"))  # would also train on the held-out tiles
+        manifests.find_tiles(str(out / "tiles"))  # would also train on the held-out tiles
     (tmp_path / "empty.csv").write_text("file,split\n")
     with pytest.raises(ValueError, match="empty manifest"):
-        data.find_tiles(str(tmp_path / "empty.csv"))
+        manifests.find_tiles(str(tmp_path / "empty.csv"))
 
 
 def test_corrupt_tile_is_named(tmp_path):
@@ -225,11 +226,12 @@ def test_training_from_slides_gives_the_pixels_of_the_pngs(tmp_path):
     import tiling
     out = tmp_path / "tiles"
     assert tiling.main(["--slides", str(REPO / "tests" / "data"), "--out", str(out), "--max-tiles-per-slide", "6"]) == 0
-    kind, (rows, slides_dir, resample) = data.find_slide_tiles(str(out / "manifest.csv"), str(REPO / "tests" / "data"))
+    found = manifests.find_slide_tiles(str(out / "manifest.csv"), str(REPO / "tests" / "data"))
+    kind, (rows, slides_dir, resample) = found
     assert kind == "slides" and len(rows) == 6 and resample == "lanczos"
     dataset, batches = data.training_batches(
-        data.Tiles(kind, (rows, slides_dir, resample)), size=224, resize=None, features=None, tokens=0, rank=0, world=1,
-        local_batch=2, seed=0, num_workers=2, shuffle_buffer=1, start_step=0, pin_memory=False)
+        manifests.Tiles(kind, (rows, slides_dir, resample)), size=224, resize=None, features=None, tokens=0, rank=0,
+        world=1, local_batch=2, seed=0, num_workers=2, shuffle_buffer=1, start_step=0, pin_memory=False)
     png = {r["name"]: np.array(Image.open(out / r["file"]).convert("RGB")) for r in rows}
     seen = 0
     for _ in range(3):  # one epoch: 6 tiles in batches of 2, shuffled
@@ -243,10 +245,10 @@ def test_training_from_slides_gives_the_pixels_of_the_pngs(tmp_path):
 
 def test_slides_need_a_manifest_with_slide_columns_and_the_slides(tmp_path):
     with pytest.raises(ValueError, match="--tiles must be tiling.py's output folder or its manifest.csv"):
-        data.find_slide_tiles(str(TILES), str(tmp_path))
+        manifests.find_slide_tiles(str(TILES), str(tmp_path))
     (tmp_path / "m.csv").write_text("file,split\na.png,train\n")
     with pytest.raises(ValueError, match="no slide_file, x, y, level, scale, size column"):
-        data.find_slide_tiles(str(tmp_path / "m.csv"), str(tmp_path))
+        manifests.find_slide_tiles(str(tmp_path / "m.csv"), str(tmp_path))
     (tmp_path / "m.csv").write_text("file,split,slide_file,x,y,level,scale,size\na.png,train,gone.svs,0,0,0,1,224\n")
     with pytest.raises(FileNotFoundError, match="lacks 1 slide.*gone.svs"):
-        data.find_slide_tiles(str(tmp_path / "m.csv"), str(tmp_path))
+        manifests.find_slide_tiles(str(tmp_path / "m.csv"), str(tmp_path))

@@ -30,7 +30,7 @@ import sample
 import tiling
 import train
 from sit import SiT_models
-from support import data, weights
+from support import manifests, weights
 from support.logs import LOGGED_TERMS
 from vae import vae_models
 
@@ -351,7 +351,7 @@ def test_tiles_means_the_same_folder_in_every_tool(tmp_path):
         (out / "tiles" / f"{name}.png").write_bytes(b"")
     for parse in (train.parse_args, lambda a: features.build_parser().parse_args(a)):
         args = parse(["--tiles", str(out), "--out", str(tmp_path / "o")])
-        assert data.find_tiles(args.tiles).items == [str(out / "tiles" / "a.png"), str(out / "tiles" / "b.png")]
+        assert manifests.find_tiles(args.tiles).items == [str(out / "tiles" / "a.png"), str(out / "tiles" / "b.png")]
     args = evaluate.parse_args(["--ckpt", "c", "--tiles", str(out), "--out", str(tmp_path / "e"), "--num-guidance",
                                 "2"])
     guidance, _, vals = evaluate.select_tiles(args)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import train
-from support import data, weights
+from support import data, manifests, weights
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def step_setup(tmp_path):
     args = tiny_args(tmp_path)
     m = train.build_models(args, torch.device("cpu"), 1, None)
     opts = train.build_optimizers(args, m)
-    dataset = data.TileFolder(data.find_tiles(str(TILES)).items[:4], 32, resize="scale")
+    dataset = data.TileFolder(manifests.find_tiles(str(TILES)).items[:4], 32, resize="scale")
     images = torch.stack([dataset[i][0] for i in range(4)])
     cond, target = train.encoder_features(m.encoder, images, token_grid=m.sit.token_grid)
     x = images.float() / 127.5 - 1
