@@ -497,3 +497,34 @@ def test_command_line_rows_hold_precision_recall_fd_bootstrap_and_cosine_by_hand
     cos = (real[:6] * gen).sum(1) / np.linalg.norm(real[:6], axis=1) / np.linalg.norm(gen, axis=1)
     assert (rows["cosine"]["value"], rows["cosine"]["std"]) == (pytest.approx(cos.mean()), pytest.approx(cos.std()))
     assert rows["cosine"]["settings"]["n_pairs"] == 6
+
+
+@pytest.mark.parametrize("random_weights", [True, False])
+def test_the_command_line_builds_the_weights_it_records_and_batches_as_asked(tmp_path, monkeypatch, random_weights):
+    """metrics.py's wiring: --random-weights reaches the extractor it builds (and the weights each row records),
+    --seed its random weights, --batch-size the batches it sees, and --cache-dir the one cache: a rerun builds
+    nothing, --no-cache writes none."""
+    real, fake = write_tiles(tmp_path / "real", list("abcde")), write_tiles(tmp_path / "fake", list("vwxyz"))
+    built, batches = [], []
+
+    class Recorder:
+        def embed(self, x, bf16=False):
+            batches.append(len(x))
+            return torch.randn(len(x), F.EXTRACTORS["tiny"].dim, generator=torch.Generator().manual_seed(len(batches)))
+
+    def build(name, pretrained, device, seed):
+        built.append((name, pretrained, seed))
+        return Recorder()
+    monkeypatch.setattr(M, "build_extractor", build)
+    argv = ["--val", str(real), "--generated", str(fake), "--extractors", "tiny", "--metrics", "fd", "--seed", "7",
+            "--batch-size", "2", "--device", "cpu", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"),
+            *(["--random-weights"] if random_weights else [])]
+    M.main(argv + ["--out", str(tmp_path / "a")])
+    assert built == [("tiny", not random_weights, 7)] and batches == [2, 2, 1] * 2  # one build, both folders
+    weights = json.loads((tmp_path / "a" / "metrics.json").read_text())["results"][0]["settings"]["weights"]
+    assert weights == ("random(seed=7)" if random_weights else str(F.EXTRACTORS["tiny"].hub))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    M.main(argv + ["--out", str(tmp_path / "b")])  # the same folders again: both from the cache
+    assert len(built) == 1
+    M.main(argv + ["--no-cache", "--cache-dir", str(tmp_path / "none"), "--out", str(tmp_path / "c")])
+    assert len(built) == 2 and not (tmp_path / "none").exists()
