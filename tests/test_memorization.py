@@ -106,8 +106,9 @@ def test_planted_copies_and_only_they_are_flagged(planted, tmp_path, monkeypatch
     out = tmp_path / "audit"
     record = run_audit(planted, "generated", out, monkeypatch)
     tiles = read_csv(out / "memorization" / "thumbnail" / "tiles.csv")
+    assert {s: sum(t["set"] == s for t in tiles) for s in {t["set"] for t in tiles}} == {
+        "val_in": 30, "val_out": 40, "generated (--generated)": 42}  # every tile of every set, once
     generated = [t for t in tiles if t["set"] == "generated (--generated)"]
-    assert len(generated) == 42
     flagged = sorted(t["tile"].split("/")[-1] for t in generated if t["flagged"] == "True")
     planted_names = [f"copy_exact_{i}.png" for i in range(4)] + [f"copy_shifted_{i}.png" for i in range(4, 8)]
     assert flagged == sorted(planted_names + [f"copy_jpeg_{i}.png" for i in range(8, 12)])
@@ -125,9 +126,17 @@ def test_planted_copies_and_only_they_are_flagged(planted, tmp_path, monkeypatch
     np.testing.assert_allclose([float(t["d2"]) for t in tiles], dists[:, 1], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([float(t["ratio"]) for t in tiles], dists[:, 0] / (0.5 * dists[:, :50].mean(1)),
                                rtol=1e-5, atol=1e-6)
-    generated_row = next(r for r in json.loads((out / "report.json").read_text())["results"]
-                         if r["metric"] == "memorized")
+    generated_row, = [r for r in json.loads((out / "report.json").read_text())["results"] if r["metric"] == "memorized"]
     assert generated_row["value"] == pytest.approx(12 / 42) and generated_row["val"] == "train"
+    assert (generated_row["row"], generated_row["extractor"]) == ("generated (--generated)", "thumbnail")
+    settings = generated_row["settings"]
+    assert (settings["n"], settings["n_flagged"], settings["n_train"], settings["heldout"]) == (42, 12, 150, "val_out")
+    assert settings["d1_threshold"] == record["d1_threshold"]
+    assert [r["set"] for r in settings["heldout_rows"]] == ["val_in", "val_out"]
+    assert settings["heldout_rows"] == [s for s in record["sets"] if s["set"] in ("val_in", "val_out")]
+    d1s, ratios = (np.array([float(t[k]) for t in generated]) for k in ("d1", "ratio"))
+    assert settings["near"] == pytest.approx((d1s < record["d1_threshold"]).mean())
+    assert settings["low_ratio"] == pytest.approx((ratios < 1 / 3).mean()) and settings["low_ratio"] > 0
     assert (out / "memorization" / "thumbnail" / "nearest_pairs.png").is_file()
     plotted = json.loads((out / "memorization" / "thumbnail" / "histogram.json").read_text())
     assert sum(plotted["panels"]["d1"]["counts"]["val_out"]) == 40
@@ -150,6 +159,7 @@ def test_no_copies_no_flags_and_the_baselines_are_the_sets_they_name(planted, tm
         assert rows[name]["n"] == len(files)
         assert rows[name]["d1_median"] == pytest.approx(np.median(found[name][0]), rel=1e-5)
         assert rows[name]["ratio_median"] == pytest.approx(np.median(found[name][1]), rel=1e-5)
+        assert rows[name]["d1_p01"] == pytest.approx(np.percentile(found[name][0], 1), rel=1e-5)
     # the two held-out sets differ in size and in their d1 (another "slide" is further), so a swap shows above
     assert abs(np.median(found["val_out"][0]) - np.median(found["val_in"][0])) > 0.02
     assert record["heldout"] == "val_out"
@@ -157,9 +167,28 @@ def test_no_copies_no_flags_and_the_baselines_are_the_sets_they_name(planted, tm
     d1, ratio = found["novel (--generated)"]
     assert not ((d1 < record["d1_threshold"]) & (ratio < record["ratio_threshold"])).any()
     assert record["ratio_threshold"] == pytest.approx(1 / 3)
+    for name, (d1s, ratios) in found.items():  # the shares of each set, against the thresholds recorded
+        assert rows[name]["near"] == pytest.approx((d1s < record["d1_threshold"]).mean())
+        assert rows[name]["low_ratio"] == pytest.approx((ratios < 1 / 3).mean())
+    assert 0 < rows["val_out"]["near"] < rows["novel (--generated)"]["near"] < rows["val_in"]["near"] < 1
+    assert rows["val_in"]["copying_test"] is None is rows["val_out"]["copying_test"]  # only generated sets
     test = rows["novel (--generated)"]["copying_test"]
     u = sum((a < b) + 0.5 * (a == b) for a in d1 for b in found["val_out"][0])  # pairs where generated is nearer
     assert test["nearer_share"] == pytest.approx(u / (30 * 40), rel=1e-6)
+
+
+@pytest.mark.parametrize("val_sets", [["val_in"], ["val_out", "val_in"]])
+def test_the_threshold_comes_from_val_out_or_else_val_in(planted, tmp_path, monkeypatch, val_sets):
+    """The held-out tiles are val-out's when the run has them, in whatever order --val-sets names them, and
+    val-in's otherwise; the threshold is their d1's 1st percentile."""
+    out = tmp_path / "audit"
+    record = run_audit(planted, "novel", out, monkeypatch, "--val-sets", ",".join(val_sets))
+    heldout = "val_out" if "val_out" in val_sets else "val_in"
+    assert record["heldout"] == heldout and [s["set"] for s in record["sets"]] == [*val_sets, "novel (--generated)"]
+    train = thumbnails(sorted(str(p.resolve()) for p in (out / "train").iterdir()))
+    files = sorted(p for p in (planted / "tiling" / "tiles").iterdir() if p.name.startswith(heldout + "_"))
+    d1 = scipy.spatial.distance.cdist(thumbnails(files), train).min(1)
+    assert record["d1_threshold"] == pytest.approx(np.percentile(d1, 1), rel=1e-5)
 
 
 def test_the_search_is_exact_whatever_the_chunks(monkeypatch):

@@ -10,6 +10,7 @@ worked out by hand: the bootstrap's FD values are those of subsets of the genera
 cosine is that of a derangement, and each row of the command line's report equals its definition.
 """
 import json
+import os
 import re
 from itertools import combinations
 
@@ -206,6 +207,28 @@ def test_fld_ignores_dims_that_are_constant_on_the_test_set():
     assert out["n_dims"] == 7 and np.isfinite([out["fld"], out["fld_gap"]]).all()
 
 
+def test_fld_is_a_function_of_its_seed_alone():
+    """Every random choice (the generated rows kept when there are more than gen_size, the fit's batch order,
+    the baseline's split) comes from the seed: the same seed twice gives the same number and rows, another
+    seed other rows; the global random state plays no part. The translation and scale of the features do not
+    matter either (FLD standardises on the test set)."""
+    rng = np.random.default_rng(13)
+    train, test, gen = (rng.standard_normal((n, 6)) * s + m for n, s, m in ((120, 1, 0), (80, 1.5, 1), (90, 2, -1)))
+    torch.manual_seed(0)
+    first = M.fld(train, test, gen, gen_size=50, epochs=3, seed=4)
+    torch.manual_seed(1)
+    again = M.fld(train, test, gen, gen_size=50, epochs=3, seed=4)
+    moved = M.fld(train * 3 + 7, test * 3 + 7, gen * 3 + 7, gen_size=50, epochs=3, seed=4)
+    other = M.fld(train, test, gen, gen_size=50, epochs=3, seed=5)
+    assert first["fld"] == again["fld"] and first["fld_gap"] == again["fld_gap"]
+    assert first["fld"] == pytest.approx(moved["fld"], rel=1e-3, abs=1e-3)
+    for key, rows in first["subsets"].items():
+        assert np.array_equal(rows, again["subsets"][key]), key
+    assert len(first["subsets"]["generated"]) == 50 == len(set(first["subsets"]["generated"]))
+    assert not np.array_equal(first["subsets"]["generated"], other["subsets"]["generated"])
+    assert not np.array_equal(first["subsets"]["fit_order"], other["subsets"]["fit_order"])
+
+
 # ---------------------------------------------------------------------------------- extractors
 BIG = {"h-optimus-0", "uni2-h", "virchow2", "uni"}  # ViT-g / ViT-H / ViT-L: shapes on `meta`
 
@@ -380,7 +403,39 @@ def test_fid_inception_is_pytorch_fids_network_built_without_weights():
     feats = extractor.embed(x)
     assert feats.shape == (2, 2048) == (2, F.EXTRACTORS["fid-inception"].dim)
     assert torch.equal(feats, F.build_extractor("fid-inception", pretrained=False, seed=0).embed(x))
+    # pytorch-fid's network given our weights computes our features: the same blocks in the same places
+    # (FID's blocks pool without the padding, so a torchvision block in their place would differ here)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        # (random weights shrink the features to about 1e-8: compared relative to their size, not to 1e-5)
+        torch.testing.assert_close(reference.eval()(x)[0].flatten(1), model(x)[0].flatten(1), rtol=1e-4, atol=0)
     assert F.EXTRACTORS["fid-inception"].resize_inside and F.EXTRACTORS["fid-inception"].kernel == "bilinear"
+
+
+def test_fid_inception_with_the_fid_weights_in_the_hub_cache_is_the_network_built_without(tmp_path, monkeypatch):
+    """The users' path: pytorch-fid's FID weights already in TORCH_HOME (here a random file of that name and
+    layout, as pytorch-fid's fid_inception_v3 builds it) load offline into the network the random-weight path
+    builds: both give the same features from the same weights."""
+    pytest.importorskip("pytorch_fid")
+    from unittest import mock
+
+    from pytorch_fid import inception
+    with mock.patch("pytorch_fid.inception.load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch("torchvision.models.Inception3.load_state_dict", lambda *a, **k: None):
+        torch.manual_seed(3)
+        weights = inception.fid_inception_v3().state_dict()  # Inception3's keys, fc of 1008 classes
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(weights, tmp_path / "hub" / "checkpoints" / os.path.basename(inception.FID_WEIGHTS_URL))
+    monkeypatch.setattr(F, "reachable", lambda url: pytest.fail("the cached file must be enough"))
+    pretrained = F.build_extractor("fid-inception", pretrained=True)
+    model = pretrained.model
+    assert model.resize_input and model.normalize_input and model.output_blocks == [3]
+    assert torch.equal(model.blocks[0][0].conv.weight, weights["Conv2d_1a_3x3.conv.weight"])
+    built = F.build_extractor("fid-inception", pretrained=False, seed=0)
+    built.model.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 224, 224)
+    torch.testing.assert_close(pretrained.embed(x), built.embed(x), rtol=1e-4, atol=0)  # features ~1e-8
 
 
 # ---------------------------------------------------------------------------------- known answers, boundaries

@@ -1,5 +1,6 @@
 """Properties the definitions imply, on random inputs of random sizes (hypothesis), for the metrics (metrics.py:
-FD, precision / recall, the paired cosine, the bootstrap) and the restaining scores (support/stain.py).
+FD, precision / recall, the paired cosine, the bootstrap, the memorisation audit's distances), evaluate.py's
+stratified draw of the guidance tiles, and the restaining scores (support/stain.py).
 
 An example can agree with a buggy function by chance; a property holds for every input only if the definition
 is implemented. Each test says which kind of bug it rules out. The sets are drawn with different means, scales
@@ -88,6 +89,23 @@ def test_the_bootstrap_over_the_whole_set_is_fd(seed, n1, n2, d, draws):
     assert values == pytest.approx([fd_of(x, y)] * draws, rel=1e-9) and std == pytest.approx(0, abs=1e-9)
 
 
+@SETTINGS
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:FD from", "ignore:Matrix is singular")
+@given(seeds, st.integers(3, 40), st.integers(4, 40), st.integers(2, 4), st.integers(2, 5))
+def test_each_bootstrap_draw_is_pytorch_fids_fd_of_its_recorded_half(seed, n1, n2, d, draws):
+    """Without a size, a draw is half the generated samples (rounded down); each value is pytorch-fid's FD of
+    the real set against the draw's rows, and the std is numpy's sample std of those values. Rules out another
+    default size, draws with replacement, and a std that is 0 or the population std for a few draws."""
+    x, y = two_sets(seed, n1, n2, d)
+    mean, std, values, subsets = M.bootstrap_fd(M.feature_stats(x), y, draws, seed=seed % 1000)
+    assert subsets.shape == (draws, n2) and (subsets.sum(1) == n2 // 2).all()
+    stats = lambda a: (a.mean(0), np.atleast_2d(np.cov(a, rowvar=False)))  # noqa: E731
+    want = [calculate_frechet_distance(*stats(x), *stats(y[row])) for row in subsets]
+    assert values == pytest.approx(want, rel=1e-6, abs=1e-6)
+    assert mean == pytest.approx(np.mean(want), rel=1e-6, abs=1e-6)
+    assert std == pytest.approx(np.std(want, ddof=1), rel=1e-6, abs=1e-6)
+
+
 # -------- Precision and recall (Kynkäänniemi et al. 2019) -----------------------------------------------------
 @SETTINGS
 @given(seeds, st.integers(5, 40), st.integers(5, 40), st.integers(1, 5), st.integers(1, 4))
@@ -172,3 +190,55 @@ def test_the_optical_density_statistics_ignore_where_pixels_are(image):
     assert torch.allclose(stats, stain.optical_density_stats(shuffled.reshape(rgb.shape)), rtol=1e-12, atol=1e-12)
     od = -np.log10(np.maximum(rgb.reshape(-1, 3) / 255, 1e-6))
     np.testing.assert_allclose(stats.numpy(), np.concatenate([od.mean(0), od.std(0)]), rtol=1e-10, atol=1e-12)
+
+
+# -------- The guidance tiles' draw, stratified by site (evaluate.py) ---------------------------------------------
+@SETTINGS
+@given(seeds, st.lists(st.integers(1, 30), min_size=1, max_size=6), st.floats(0, 1))
+def test_each_site_gets_its_largest_remainder_share(seed, sizes, fraction):
+    """Hamilton's apportionment, written again: each site gets the floor of its share n x size / total, and the
+    sites with the largest remainders one more, until n; the rows are the site's own, drawn without
+    replacement. Rules out a remainder given to the smallest remainders, or counted twice, or not at all."""
+    import evaluate
+
+    rows = [dict(tss=f"site{k}", path=f"site{k}/{i:03d}") for k, size in enumerate(sizes) for i in range(size)]
+    n = round(fraction * len(rows))
+    picked = evaluate.stratified(rows, n, seed % 1000)
+    got = {f"site{k}": sum(r["tss"] == f"site{k}" for r in picked) for k in range(len(sizes))}
+    shares = {f"site{k}": n * size / len(rows) for k, size in enumerate(sizes)}
+    assert sum(got.values()) == n and len({r["path"] for r in picked}) == n
+    assert all(r["path"].startswith(r["tss"] + "/") for r in picked)
+    for site, share in shares.items():
+        assert got[site] in (np.floor(share), np.floor(share) + 1)
+    for a in shares:  # a site rounded up has a remainder at least that of every site rounded down
+        for b in shares:
+            if got[a] > np.floor(shares[a]) and got[b] == np.floor(shares[b]):
+                assert shares[a] % 1 >= shares[b] % 1 - 1e-9
+
+
+# -------- The memorisation audit's distances (metrics.copy_distances) ---------------------------------------------
+@SETTINGS
+@given(seeds, st.integers(1, 30), st.integers(1, 60), st.integers(1, 5), st.integers(1, 8), st.integers(0, 3))
+def test_copy_distances_are_scipys_sorted_distances(seed, n_queries, n_train, d, n, copies):
+    """d1, d2 and the ratio d1 / (scale x mean of the n nearest) from scipy's distance matrix, sorted; with one
+    training row d2 is nan; a query whose n nearest are all at distance 0 (a duplicated training tile) has
+    ratio 0. Rules out a neighbour dropped or counted twice, another scale, and a 0 / 0 left as nan."""
+    import scipy.spatial
+
+    rng = np.random.default_rng(seed)
+    train = rng.normal(size=(n_train, d)) * 3 + 1
+    if copies and n_train >= n:  # n copies of training row 0, and a query on it
+        train[-n:] = train[0]
+    queries = np.concatenate([train[:1], rng.normal(size=(n_queries, d)) * 2])
+    out = M.copy_distances(queries, train, n=n, scale=0.5)
+    dists = np.sort(scipy.spatial.distance.cdist(queries, train), axis=1)
+    np.testing.assert_allclose(out["d1"], dists[:, 0], rtol=1e-6, atol=1e-6)  # the search runs in float32
+    assert out["d1"][0] == 0 and (out["nearest"][0] == 0 or (train[out["nearest"][0]] == train[0]).all())
+    if n_train == 1:
+        assert np.isnan(out["d2"]).all()
+    else:
+        np.testing.assert_allclose(out["d2"], dists[:, 1], rtol=1e-6, atol=1e-6)
+    local = 0.5 * dists[:, :n].mean(1)
+    want = np.where(local > 1e-12, dists[:, 0] / np.where(local > 1e-12, local, 1), 0.0)
+    np.testing.assert_allclose(out["ratio"], want, rtol=1e-5, atol=1e-6)
+    assert not np.isnan(out["ratio"]).any()
