@@ -104,6 +104,8 @@ TABLE = {
     ("tiling.py", "--min-tissue"): [0.5], ("tiling.py", "--stratify"): ["none"],
     ("tiling.py", "--slide-processes"): [1], ("tiling.py", "--seed"): [0],
     ("tiling.py", "--no-ink-filter"): [True],  # pen ink is dropped unless asked
+    ("tiling.py", "--context"): [0], ("tiling.py", "--val-in"): [0.0],  # off unless asked (docs/tiling.md asks)
+    ("tiling.py", "--val-out-slides"): [0.0],
     # train.py: the paper's run (CytoSyn §3.3, REPA-E §3; docs/training.md)
     ("train.py", "--image-size"): [TILE_SIZE], ("train.py", "--model"): ["SiT-XL/2"], ("train.py", "--vae"): ["f8d4"],
     ("train.py", "--encoder"): [keyword(features.load_encoder, "name")],
@@ -168,7 +170,9 @@ def defaults():
     for tool, parser in parsers().items():
         for action in parser._actions:
             flag = next((o for o in action.option_strings if o.startswith("--")), None)
-            if flag and flag != "--help" and action.default not in (None, False) and flag != WORKERS:
+            # (`is`, not `in (None, False)`: 0 == False, and seed 0 or weight decay 0.0 is a default to check)
+            if flag and flag != "--help" and action.default is not None and action.default is not False \
+                    and flag != WORKERS:
                 found.append((tool, flag, action.default))
     return found
 
@@ -218,3 +222,12 @@ def test_restaining_and_samples_per_tile_resolve_to_the_documented_defaults():
     args = sample.parse_args(["--ckpt", "c", "--cond", tile])
     assert args.n == sample.SAMPLES_PER_TILE == stated_in_help(next(a for a in sample.build_parser()._actions
                                                                   if a.dest == "n"))
+
+
+def test_every_flag_the_table_places_still_has_a_default():
+    """The table drives the test above only through the flags that have a default: a flag whose default is
+    dropped (None) would leave it silently. Every flag placed must still be found with one."""
+    found = {(tool, flag) for tool, flag, _ in defaults()}
+    placed = set(TABLE) | {(tool, flag) for tool in ("sample.py", "evaluate.py", "bench.py sample") for flag in SAMPLING}
+    placed |= {(tool, flag) for tool in ("metrics.py", "evaluate.py") for flag in METRIC_API}
+    assert not placed - found, f"flags placed in the table that no longer have a default: {sorted(placed - found)}"
