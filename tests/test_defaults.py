@@ -228,6 +228,7 @@ def test_every_flag_the_table_places_still_has_a_default():
     """The table drives the test above only through the flags that have a default: a flag whose default is
     dropped (None) would leave it silently. Every flag placed must still be found with one."""
     found = {(tool, flag) for tool, flag, _ in defaults()}
-    placed = set(TABLE) | {(tool, flag) for tool in ("sample.py", "evaluate.py", "bench.py sample") for flag in SAMPLING}
+    placed = set(TABLE) | {(tool, flag) for tool in ("sample.py", "evaluate.py", "bench.py sample")
+                           for flag in SAMPLING}
     placed |= {(tool, flag) for tool in ("metrics.py", "evaluate.py") for flag in METRIC_API}
     assert not placed - found, f"flags placed in the table that no longer have a default: {sorted(placed - found)}"

@@ -163,6 +163,33 @@ def test_guidance_is_stratified_by_tss():
     assert picked == E.stratified(rows, 8, seed=0) and len({r["path"] for r in picked}) == 8
 
 
+def test_each_set_is_scored_with_the_flags_it_was_given(tmp_path):
+    """score_set passes --bootstrap-num-generated, --fld-num-generated, --k and --seed on: the recorded draws
+    hold the asked size, FLD keeps the asked number of generated rows, and the draws follow the seed (the same
+    seed twice: the same rows; another seed: others). A bootstrap is reported once a half holds 2 samples."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(5)
+    real, gen, train = rng.normal(size=(30, 3)), rng.normal(size=(20, 3)) + 1, rng.normal(size=(25, 3)) - 1
+
+    def scored(seed, generated=gen, size=5):
+        rows = {}
+        args = SimpleNamespace(bootstrap_draws=3, bootstrap_num_generated=size, seed=seed, k=2, fld_num_generated=10,
+                               out=tmp_path)
+        E.score_set(lambda metric, value, std=None, **settings: rows.setdefault(metric, settings), real, generated,
+                    train, args, "cpu")
+        return rows, {m: dict(np.load(tmp_path / r["subsets"])) for m, r in rows.items() if "subsets" in r}
+
+    rows, drawn = scored(1)
+    assert rows["fd_bootstrap"]["size"] == 5 and (drawn["fd_bootstrap"]["bootstrap"].sum(1) == 5).all()
+    assert len(drawn["fld"]["generated"]) == 10 and rows["precision"]["k"] == 2 == rows["recall"]["k"]
+    again, other = scored(1)[1], scored(2)[1]
+    for metric, key in (("fd_bootstrap", "bootstrap"), ("fld", "generated"), ("fld", "fit_order")):
+        assert np.array_equal(drawn[metric][key], again[metric][key])
+        assert not np.array_equal(drawn[metric][key], other[metric][key]), (metric, key)
+    assert "fd_bootstrap" in scored(1, gen[:4], size=None)[0] and "fd_bootstrap" not in scored(1, gen[:3], None)[0]
+
+
 def test_shuffled_pairing_never_pairs_a_tile_with_its_own_sample():
     stems = [f"{i:06d}" for i in range(7)]
     real = np.eye(7)  # orthogonal features: the true pairing has cosine 1, any other 0
