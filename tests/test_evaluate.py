@@ -161,6 +161,7 @@ def test_guidance_is_stratified_by_tss():
     picked = E.stratified(rows, 8, seed=0)
     assert sum(r["tss"] == "A" for r in picked) == 6 and sum(r["tss"] == "B" for r in picked) == 2
     assert picked == E.stratified(rows, 8, seed=0) and len({r["path"] for r in picked}) == 8
+    assert picked != E.stratified(rows, 8, seed=1)  # --seed chooses them
 
 
 def test_each_set_is_scored_with_the_flags_it_was_given(tmp_path):
