@@ -7,6 +7,7 @@ val-in and val-out rows are computed on those sets (they differ here: val-out is
 """
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,34 @@ def test_the_threshold_comes_from_val_out_or_else_val_in(planted, tmp_path, monk
     files = sorted(p for p in (planted / "tiling" / "tiles").iterdir() if p.name.startswith(heldout + "_"))
     d1 = scipy.spatial.distance.cdist(thumbnails(files), train).min(1)
     assert record["d1_threshold"] == pytest.approx(np.percentile(d1, 1), rel=1e-5)
+
+
+def test_the_report_holds_every_audited_extractor_and_links_its_pictures(tmp_path):
+    """memorization.md: a table per extractor that has an audit.json (one without is passed over, not the end),
+    each set's row with its numbers, and a link to each of its pictures."""
+    from support.memorization import write_report
+
+    sets = [dict(set="val_out", n=40, d1_median=0.5, d1_p01=0.125, ratio_median=0.75, near=0.025, low_ratio=0.0,
+                 flagged=0.0, n_flagged=0, copying_test=None),
+            dict(set="run (--generated)", n=42, d1_median=0.25, d1_p01=0.0, ratio_median=0.5, near=0.25,
+                 low_ratio=0.125, flagged=0.25, n_flagged=10, copying_test=dict(nearer_share=0.875, p_value=0.001))]
+    pictures_of = {"first": ["nearest_pairs.png"], "second": ["nearest_pairs_a.png", "nearest_pairs_b.png"]}
+    for name, pictures in pictures_of.items():
+        folder = tmp_path / "memorization" / name
+        folder.mkdir(parents=True)
+        (folder / "audit.json").write_text(json.dumps(dict(n_train=150, d1_threshold=0.125, heldout="val_out",
+                                                            heldout_percentile=1, ratio_threshold=1 / 3, sets=sets)))
+        for picture in pictures:
+            (folder / picture).write_bytes(b"")
+    write_report(tmp_path, ["missing", "first", "second"])
+    text = (tmp_path / "memorization.md").read_text()
+    assert "## missing" not in text and text.count("## first: 150 training tiles") == 1
+    assert text.count("## second: 150 training tiles") == 1
+    assert text.count("| run (--generated) | 42 | 0.25 | 0 | 0.500 | 0.250 | 0.125 | 0.250 (10) | 0.875 (0.001) |") == 2
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert links == ["memorization/first/histogram.png", "memorization/first/nearest_pairs.png",
+                     "memorization/second/histogram.png", "memorization/second/nearest_pairs_a.png",
+                     "memorization/second/nearest_pairs_b.png"]
 
 
 def test_the_search_is_exact_whatever_the_chunks(monkeypatch):

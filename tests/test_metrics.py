@@ -385,6 +385,24 @@ def test_same_tiles_are_a_degenerate_comparison_and_random_extractors_reproduce(
     assert values[0] == values[1] and values[0][0] > 0  # two runs, two caches: the same numbers
 
 
+def test_same_tiles_compares_the_bytes_not_only_the_names_and_sizes(tmp_path):
+    """Uncompressed TIFFs of one size have one byte count: folders alike in names and sizes but not in pixels
+    are not the same tiles; a byte copy under other names is."""
+    rng = np.random.default_rng(0)
+    for folder, seed in (("a", 0), ("b", 1)):
+        (tmp_path / folder).mkdir()
+        for i in range(3):
+            pixels = np.random.default_rng(seed * 10 + i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / folder / f"{i}.tif")
+    sizes = [sorted(p.stat().st_size for p in (tmp_path / f).iterdir()) for f in "ab"]
+    assert sizes[0] == sizes[1]  # the premise: only the contents differ
+    assert not T.same_tiles(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    for i, name in enumerate(rng.permutation(3)):
+        (tmp_path / "c" / f"copy_{name}.tif").write_bytes((tmp_path / "a" / f"{i}.tif").read_bytes())
+    assert T.same_tiles(tmp_path / "a", tmp_path / "c") and T.same_tiles(tmp_path / "a", tmp_path / "a")
+
+
 def test_fid_inception_is_pytorch_fids_network_built_without_weights():
     """The paper's Inception: pytorch-fid's FID blocks and 1008-class graph, 2048-d pool3, built offline."""
     pytest.importorskip("pytorch_fid")

@@ -288,9 +288,15 @@ def markdown_tables(text):
     return tables
 
 
+NUMBER = r"(-?\d+\.\d{3})"
+CELL = re.compile(rf"{NUMBER}|{NUMBER} ± {NUMBER}|{NUMBER} \(shuffled {NUMBER}\)")
+
+
 def shown(cell):
-    """'1.234', '1.234 ± 0.567' or '0.123 (shuffled 0.045)' -> its numbers."""
-    return [float(x) for x in re.findall(r"-?\d+\.\d+", cell)]
+    """'1.234', '1.234 ± 0.567' or '0.123 (shuffled 0.045)', nothing else around them -> its numbers."""
+    found = CELL.fullmatch(cell)
+    assert found, f"not a report cell: {cell!r}"
+    return [float(x) for x in found.groups() if x is not None]
 
 
 def check_cell(cell, want, key, checked):
