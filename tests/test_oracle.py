@@ -29,9 +29,9 @@ torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")  # pytorch-fid on SciPy 1.17
 
 COUNTS = {"train": 16, "val_in": 7, "val_out": 6}
-NUM_GUIDANCE, DRAWS, K, FLD_NUM_GENERATED, SEED = 12, 4, 2, 4, 0
+NUM_GUIDANCE, DRAWS, K, FLD_NUM_GENERATED, SEED = 12, 4, 2, 4, 3  # a seed other than the defaults' 0
 STEPS, SAMPLERS, CFG, WINDOW = (2, 3), ("ode", "sde"), 2.5, (0.0, 0.75)
-COHORT_SLIDES = (7, 4, 4, 3)  # split by slide (seed 0): 8 guidance / 10 reference tiles
+COHORT_SLIDES = (7, 4, 4, 3)  # split by slide: the halves are read from the run's split.csv
 NUM_OOD = 50  # more than either half: no cap
 
 
@@ -256,6 +256,12 @@ def test_every_number_of_report_json_equals_its_recomputation(runs, oracle, run)
     assert set(got) == set(paths), (sorted(set(got) - set(paths))[:5], sorted(set(paths) - set(got))[:5])
     wrong = [(k, got[k], w) for k, (w, metric) in paths.items() if not close(got[k], w, metric, k[-1])]
     assert not wrong, wrong[:5]
+    # and the words beside each number: the weights (random, seeded by --seed) and each set's preprocessing
+    # (nothing asked: as stored, the extractor's own resize kernel)
+    as_stored = dict(jpeg=None, crop=None, kernel=SPEC.kernel, resize_to_input=False)
+    for r in report["results"]:
+        assert r["settings"]["weights"] == f"random(seed={SEED})", r["settings"]["weights"]
+        assert r["settings"]["preprocess"] == dict.fromkeys(("val", "guidance", "generated"), as_stored)
 
 
 def test_the_sets_are_far_apart_so_that_a_swap_fails(oracle):
@@ -478,3 +484,9 @@ def test_every_number_of_metrics_json_equals_its_recomputation(runs, tmp_path, m
     assert set(got) == set(paths), (sorted(set(got) - set(paths))[:5], sorted(set(paths) - set(got))[:5])
     wrong = [(k, got[k], w) for k, (w, metric) in paths.items() if not close(got[k], w, metric, k[-1])]
     assert not wrong, wrong[:5]
+    # and the words beside each number: the weights (random, seeded by --seed) and each set's preprocessing
+    # (nothing asked: as stored, the extractor's own resize kernel)
+    as_stored = dict(jpeg=None, crop=None, kernel=SPEC.kernel, resize_to_input=False)
+    for r in report["results"]:
+        assert r["settings"]["weights"] == f"random(seed={SEED})", r["settings"]["weights"]
+        assert r["settings"]["preprocess"] == dict.fromkeys(("val", "guidance", "generated"), as_stored)
