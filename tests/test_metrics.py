@@ -385,6 +385,29 @@ def test_same_tiles_are_a_degenerate_comparison_and_random_extractors_reproduce(
     assert values[0] == values[1] and values[0][0] > 0  # two runs, two caches: the same numbers
 
 
+def test_an_odd_margin_crops_whole_pixels_and_each_set_reaches_the_size_its_extractor_takes(tmp_path):
+    """A 227 px tile cropped to 224 loses 1 px on the top and left and 2 on the bottom and right (whole pixels:
+    numpy's slice), not a resampled half pixel. An extractor that resizes inside (pytorch-fid's Inception) gets
+    each tile at its own size unless --resize-to-input asks; the others get their input size."""
+    pixels = np.random.default_rng(2).integers(0, 256, (227, 227, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "odd.png")
+    assert np.array_equal(T.preprocessed_tile(tmp_path / "odd.png", T.Preprocess(crop=224), None, "bicubic"),
+                          pixels[1:225, 1:225])
+    tiles = write_tiles(tmp_path / "tiles", ["a", "b", "c"], size=48)
+    seen = []
+
+    class Recorder:
+        def embed(self, x, bf16=False):
+            seen.append(tuple(x.shape[2:]))
+            return x.mean((2, 3))  # (B, 3)
+
+    for resize_inside, to_input, want in ((True, False, (48, 48)), (True, True, (32, 32)), (False, False, (32, 32))):
+        spec = F.ExtractorSpec(None, "recorder", input_size=32, dim=3, resize_inside=resize_inside)
+        seen.clear()
+        T.extract_features(tiles, spec, T.Preprocess(resize_to_input=to_input), Recorder, identity=dict(extractor="r"))
+        assert seen == [want], (resize_inside, to_input, seen)
+
+
 def test_same_tiles_compares_the_bytes_not_only_the_names_and_sizes(tmp_path):
     """Uncompressed TIFFs of one size have one byte count: folders alike in names and sizes but not in pixels
     are not the same tiles; a byte copy under other names is."""

@@ -192,6 +192,22 @@ def test_the_optical_density_statistics_ignore_where_pixels_are(image):
     np.testing.assert_allclose(stats.numpy(), np.concatenate([od.mean(0), od.std(0)]), rtol=1e-10, atol=1e-12)
 
 
+@SETTINGS
+@given(seeds, st.integers(5, 40), st.integers(5, 40), st.integers(1, 5), st.integers(1, 4), st.integers(1, 7))
+def test_precision_and_recall_in_chunks_are_prdcs(seed, n1, n2, d, k, rows_per_chunk):
+    """However few rows a chunk of the distance matrix holds, precision and recall are prdc's (the k-NN balls
+    counted with `<=` as in the paper; prdc's `<` differs only on a tie, which random data does not make).
+    Rules out a chunk whose count replaces the ones before it, or a chunk left out."""
+    from unittest import mock
+
+    from oracle_definitions import prdc_pr
+
+    x, y = two_sets(seed, n1, n2, d)
+    with mock.patch("fld.DIST_BUDGET", 4 * max(n1, n2) * rows_per_chunk):
+        got = M.precision_recall(x, y, k)
+    assert got == pytest.approx(prdc_pr(x, y, k), abs=1e-12)
+
+
 # -------- The guidance tiles' draw, stratified by site (evaluate.py) ---------------------------------------------
 @SETTINGS
 @given(seeds, st.lists(st.integers(1, 30), min_size=1, max_size=6), st.floats(0, 1))
