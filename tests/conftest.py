@@ -1,9 +1,12 @@
-"""Fixtures shared by the test modules: a tiny random train.py-format checkpoint, and the one-line error check.
+"""Fixtures shared by the test modules: a tiny random train.py-format checkpoint, the one-line error check, and a
+folder of random tiles.
 pytest runs the tests in one process per core (pytest-xdist, pytest.ini): each keeps torch to one thread."""
 import copy
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from features import load_encoder
 from sit import build_sit
@@ -71,3 +74,12 @@ def one_line_error(capsys):
         assert err.strip().splitlines()[-1] == errors[0]  # the last thing the user reads
         return errors[0]
     return error_of
+
+
+def write_tiles(folder, names, size=256, seed=0):
+    """Random-noise RGB tiles NAME.png of size px in folder (made if missing) -> folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    return folder

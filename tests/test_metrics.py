@@ -3,14 +3,11 @@
 FD is checked against an independent float64 formula (eigenvalues of the non-symmetric S1 S2), against
 Gaussians whose FD is known exactly, and for its invariants (self = 0, symmetry, N < d). Precision and
 recall run on point sets whose answer is fixed by construction, including a point exactly on a radius
-(`<=` counts it). FLD must punish a generator that copies its training set. Every registered extractor
-is built with random weights and must return its documented width; the ViT-g/H/L ones are built on the
-`meta` device, where the forward pass computes shapes only. What a user publishes is pinned on cases
+(`<=` counts it). FLD must punish a generator that copies its training set. What a user publishes is pinned on cases
 worked out by hand: the bootstrap's FD values are those of subsets of the generated set, the shuffled
 cosine is that of a derangement, and each row of the command line's report equals its definition.
 """
 import json
-import os
 import re
 from itertools import combinations
 
@@ -21,7 +18,7 @@ from PIL import Image
 
 import extractors as F
 import metrics as M
-from support import tile_features as T
+from conftest import write_tiles
 
 torch.set_num_threads(1)
 
@@ -229,86 +226,7 @@ def test_fld_is_a_function_of_its_seed_alone():
     assert not np.array_equal(first["subsets"]["fit_order"], other["subsets"]["fit_order"])
 
 
-# ---------------------------------------------------------------------------------- extractors
-BIG = {"h-optimus-0", "uni2-h", "virchow2", "uni"}  # ViT-g / ViT-H / ViT-L: shapes on `meta`
-
-
-@pytest.mark.parametrize("name", list(F.EXTRACTORS))
-def test_extractor_returns_documented_dim(name):
-    spec = F.EXTRACTORS[name]
-    if spec.backend == "none":
-        with pytest.raises(F.Unavailable, match=name):
-            F.build_extractor(name, pretrained=False)
-        return
-    device = "meta" if name in BIG else "cpu"
-    extractor = F.build_extractor(name, pretrained=False, device=device)
-    x = torch.rand(2, 3, spec.input_size, spec.input_size, device=device)
-    assert extractor.embed(x).shape == (2, spec.dim)
-
-
-def test_virchow_pooling_is_cls_and_patch_mean_without_registers():
-    cls, registers, patches = torch.tensor([[1.0, 1.0]]), torch.full((4, 2), 1e3), torch.tensor(
-        [[0.0, 2.0], [2.0, 0.0], [4.0, 4.0]])
-    tokens = torch.cat([cls, registers, patches])[None]  # (1, 8, 2)
-    assert F.pool_tokens(tokens, "cls+patch_mean", 5).tolist() == [[1.0, 1.0, 2.0, 2.0]]
-
-
-def test_unknown_extractor_and_missing_weights_give_one_clear_line():
-    with pytest.raises(ValueError, match="choose from"):
-        F.build_extractor("resnet")
-    with pytest.raises(F.Unavailable, match="--random-weights"):
-        F.build_extractor("tiny", pretrained=True)
-    with pytest.raises(F.Unavailable, match="phikon-v2: not available in this build: needs `transformers`"):
-        F.build_extractor("phikon-v2")
-
-
 # ---------------------------------------------------------------------------------- tiles, cache, CLI
-def write_tiles(folder, names, size=256, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in names:
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{name}.png")
-    return folder
-
-
-def test_preprocessing_crops_the_centre_and_jpeg_changes_pixels(tmp_path):
-    tile = np.zeros((256, 256, 3), np.uint8)
-    tile[16:240, 16:240] = 200  # the 224 tile inside a 256 one
-    Image.fromarray(tile).save(tmp_path / "t.png")
-    cropped = T.preprocessed_tile(tmp_path / "t.png", T.Preprocess(crop=224), 224, "bicubic")
-    assert cropped.shape == (224, 224, 3) and (cropped == 200).all()
-    write_tiles(tmp_path, ["noise"])
-    plain = T.preprocessed_tile(tmp_path / "noise.png", T.Preprocess(), 256, "bicubic")
-    jpeg = T.preprocessed_tile(tmp_path / "noise.png", T.Preprocess(jpeg=70), 256, "bicubic")
-    assert np.abs(plain.astype(int) - jpeg).mean() > 5
-    with pytest.raises(ValueError, match="smaller than the centre crop"):
-        T.preprocessed_tile(tmp_path / "t.png", T.Preprocess(crop=300), 224, "bicubic")
-    Image.fromarray(np.zeros((224, 672, 3), np.uint8)).save(tmp_path / "grid.png")  # a picture, not a tile
-    with pytest.raises(ValueError, match="not a square tile"):
-        T.preprocessed_tile(tmp_path / "grid.png", T.Preprocess(), 224, "bicubic")
-
-
-def test_feature_cache_is_keyed_by_content_and_preprocessing(tmp_path):
-    folder = write_tiles(tmp_path / "tiles", ["a", "b", "c"], size=224)
-    builds = []
-
-    def get():
-        builds.append(1)
-        return F.build_extractor("tiny", pretrained=False)
-
-    run = lambda prep: T.extract_features(folder, F.EXTRACTORS["tiny"], prep, get,  # noqa: E731
-                                         identity=dict(extractor="tiny", weights="random(seed=0)"),
-                                         cache_dir=tmp_path / "c")
-    stems, first = run(T.Preprocess())
-    _, again = run(T.Preprocess())
-    assert stems == ["a", "b", "c"] and first.shape == (3, 48) and len(builds) == 1
-    np.testing.assert_array_equal(first, again)
-    run(T.Preprocess(jpeg=70))  # other preprocessing: a miss
-    write_tiles(folder, ["c"], size=224, seed=1)  # new content for c: a miss
-    run(T.Preprocess())
-    assert len(builds) == 3
-
-
 @pytest.mark.filterwarnings("ignore:FD from 6 samples")  # 6 tiles, 48 dims: expected here
 def test_command_line_writes_every_setting_next_to_each_number(tmp_path):
     real = write_tiles(tmp_path / "real", ["t0", "t1", "t2", "t3", "t4", "t5"], seed=0)
@@ -385,100 +303,6 @@ def test_same_tiles_are_a_degenerate_comparison_and_random_extractors_reproduce(
     assert values[0] == values[1] and values[0][0] > 0  # two runs, two caches: the same numbers
 
 
-def test_an_odd_margin_crops_whole_pixels_and_each_set_reaches_the_size_its_extractor_takes(tmp_path):
-    """A 227 px tile cropped to 224 loses 1 px on the top and left and 2 on the bottom and right (whole pixels:
-    numpy's slice), not a resampled half pixel. An extractor that resizes inside (pytorch-fid's Inception) gets
-    each tile at its own size unless --resize-to-input asks; the others get their input size."""
-    pixels = np.random.default_rng(2).integers(0, 256, (227, 227, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(tmp_path / "odd.png")
-    assert np.array_equal(T.preprocessed_tile(tmp_path / "odd.png", T.Preprocess(crop=224), None, "bicubic"),
-                          pixels[1:225, 1:225])
-    tiles = write_tiles(tmp_path / "tiles", ["a", "b", "c"], size=48)
-    seen = []
-
-    class Recorder:
-        def embed(self, x, bf16=False):
-            seen.append(tuple(x.shape[2:]))
-            return x.mean((2, 3))  # (B, 3)
-
-    for resize_inside, to_input, want in ((True, False, (48, 48)), (True, True, (32, 32)), (False, False, (32, 32))):
-        spec = F.ExtractorSpec(None, "recorder", input_size=32, dim=3, resize_inside=resize_inside)
-        seen.clear()
-        T.extract_features(tiles, spec, T.Preprocess(resize_to_input=to_input), Recorder, identity=dict(extractor="r"))
-        assert seen == [want], (resize_inside, to_input, seen)
-
-
-def test_same_tiles_compares_the_bytes_not_only_the_names_and_sizes(tmp_path):
-    """Uncompressed TIFFs of one size have one byte count: folders alike in names and sizes but not in pixels
-    are not the same tiles; a byte copy under other names is."""
-    rng = np.random.default_rng(0)
-    for folder, seed in (("a", 0), ("b", 1)):
-        (tmp_path / folder).mkdir()
-        for i in range(3):
-            pixels = np.random.default_rng(seed * 10 + i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(tmp_path / folder / f"{i}.tif")
-    sizes = [sorted(p.stat().st_size for p in (tmp_path / f).iterdir()) for f in "ab"]
-    assert sizes[0] == sizes[1]  # the premise: only the contents differ
-    assert not T.same_tiles(tmp_path / "a", tmp_path / "b")
-    (tmp_path / "c").mkdir()
-    for i, name in enumerate(rng.permutation(3)):
-        (tmp_path / "c" / f"copy_{name}.tif").write_bytes((tmp_path / "a" / f"{i}.tif").read_bytes())
-    assert T.same_tiles(tmp_path / "a", tmp_path / "c") and T.same_tiles(tmp_path / "a", tmp_path / "a")
-
-
-def test_fid_inception_is_pytorch_fids_network_built_without_weights():
-    """The paper's Inception: pytorch-fid's FID blocks and 1008-class graph, 2048-d pool3, built offline."""
-    pytest.importorskip("pytorch_fid")
-    from pytorch_fid.inception import FIDInceptionA, FIDInceptionE_2, InceptionV3
-    extractor = F.build_extractor("fid-inception", pretrained=False, seed=0)
-    model = extractor.model
-    assert isinstance(model, InceptionV3) and model.resize_input and model.normalize_input
-    from unittest import mock  # pytest-fid's own build (its weight download skipped): the same tensors
-    with mock.patch("pytorch_fid.inception.load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch("torchvision.models.Inception3.load_state_dict", lambda *a, **k: None):
-        reference = InceptionV3([3], resize_input=True, normalize_input=True)
-    assert ({k: v.shape for k, v in model.state_dict().items()}
-            == {k: v.shape for k, v in reference.state_dict().items()})
-    assert isinstance(model.blocks[2][0], FIDInceptionA) and isinstance(model.blocks[3][2], FIDInceptionE_2)
-    x = torch.rand(2, 3, 224, 224)  # a tile at its own size: the network resizes to 299 itself
-    feats = extractor.embed(x)
-    assert feats.shape == (2, 2048) == (2, F.EXTRACTORS["fid-inception"].dim)
-    assert torch.equal(feats, F.build_extractor("fid-inception", pretrained=False, seed=0).embed(x))
-    # pytorch-fid's network given our weights computes our features: the same blocks in the same places
-    # (FID's blocks pool without the padding, so a torchvision block in their place would differ here)
-    reference.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        # (random weights shrink the features to about 1e-8: compared relative to their size, not to 1e-5)
-        torch.testing.assert_close(reference.eval()(x)[0].flatten(1), model(x)[0].flatten(1), rtol=1e-4, atol=0)
-    assert F.EXTRACTORS["fid-inception"].resize_inside and F.EXTRACTORS["fid-inception"].kernel == "bilinear"
-
-
-def test_fid_inception_with_the_fid_weights_in_the_hub_cache_is_the_network_built_without(tmp_path, monkeypatch):
-    """The users' path: pytorch-fid's FID weights already in TORCH_HOME (here a random file of that name and
-    layout, as pytorch-fid's fid_inception_v3 builds it) load offline into the network the random-weight path
-    builds: both give the same features from the same weights."""
-    pytest.importorskip("pytorch_fid")
-    from unittest import mock
-
-    from pytorch_fid import inception
-    with mock.patch("pytorch_fid.inception.load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch("torchvision.models.Inception3.load_state_dict", lambda *a, **k: None):
-        torch.manual_seed(3)
-        weights = inception.fid_inception_v3().state_dict()  # Inception3's keys, fc of 1008 classes
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(weights, tmp_path / "hub" / "checkpoints" / os.path.basename(inception.FID_WEIGHTS_URL))
-    monkeypatch.setattr(F, "reachable", lambda url: pytest.fail("the cached file must be enough"))
-    pretrained = F.build_extractor("fid-inception", pretrained=True)
-    model = pretrained.model
-    assert model.resize_input and model.normalize_input and model.output_blocks == [3]
-    assert torch.equal(model.blocks[0][0].conv.weight, weights["Conv2d_1a_3x3.conv.weight"])
-    built = F.build_extractor("fid-inception", pretrained=False, seed=0)
-    built.model.load_state_dict(model.state_dict())
-    x = torch.rand(2, 3, 224, 224)
-    torch.testing.assert_close(pretrained.embed(x), built.embed(x), rtol=1e-4, atol=0)  # features ~1e-8
-
-
 # ---------------------------------------------------------------------------------- known answers, boundaries
 def test_precision_recall_and_cosine_known_values():
     real = np.array([[0.0], [1.0], [2.0], [3.0]])  # k = 1: every real radius is 1
@@ -488,23 +312,6 @@ def test_precision_recall_and_cosine_known_values():
                                    np.array([[1.0, 1.0], [0.0, -1.0]]))
     cosines = np.array([1 / np.sqrt(2), -1.0])
     assert n == 2 and mean == pytest.approx(cosines.mean()) and std == pytest.approx(cosines.std())
-
-
-def test_extractors_receive_the_decoded_tile_in_0_1(tmp_path):
-    """What crosses from the tile decoder to an extractor: the PNG's pixels / 255, nothing else."""
-    pixels = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(tmp_path / "t.png")
-    seen = []
-
-    class Recorder:
-        def embed(self, x, bf16=False):
-            seen.append(x)
-            return torch.zeros(len(x), F.EXTRACTORS["tiny"].dim)
-
-    T.extract_features(tmp_path, F.EXTRACTORS["tiny"], T.Preprocess(), lambda: Recorder(),
-                       identity=dict(extractor="tiny", weights="test"))
-    expected = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
-    assert torch.equal(seen[0], expected)
 
 
 # ---------------------------------------------------------------------------------- pinned by hand
