@@ -234,8 +234,8 @@ def test_each_site_gets_its_largest_remainder_share(seed, sizes, fraction):
 
 # -------- The memorisation audit's distances (metrics.copy_distances) ---------------------------------------------
 @SETTINGS
-@given(seeds, st.integers(1, 30), st.integers(1, 60), st.integers(1, 5), st.integers(1, 8), st.integers(0, 3))
-def test_copy_distances_are_scipys_sorted_distances(seed, n_queries, n_train, d, n, copies):
+@given(seeds, st.integers(1, 30), st.integers(1, 60), st.integers(1, 5), st.integers(1, 8), st.booleans())
+def test_copy_distances_are_scipys_sorted_distances(seed, n_queries, n_train, d, n, duplicated):
     """d1, d2 and the ratio d1 / (scale x mean of the n nearest) from scipy's distance matrix, sorted; with one
     training row d2 is nan; a query whose n nearest are all at distance 0 (a duplicated training tile) has
     ratio 0. Rules out a neighbour dropped or counted twice, another scale, and a 0 / 0 left as nan."""
@@ -243,7 +243,7 @@ def test_copy_distances_are_scipys_sorted_distances(seed, n_queries, n_train, d,
 
     rng = np.random.default_rng(seed)
     train = rng.normal(size=(n_train, d)) * 3 + 1
-    if copies and n_train >= n:  # n copies of training row 0, and a query on it
+    if duplicated and n_train >= n:  # n copies of training row 0 (the query below sits on it)
         train[-n:] = train[0]
     queries = np.concatenate([train[:1], rng.normal(size=(n_queries, d)) * 2])
     out = M.copy_distances(queries, train, n=n, scale=0.5)
